@@ -1,0 +1,39 @@
+"""dtr: Dynamic Tensor Rematerialization for PyTorch.
+
+    import dtr
+    with dtr.budget("2GB") as session:
+        loss = model(x).sum()
+        loss.backward()
+    print(session.stats)
+"""
+import torch  # noqa: F401  (before the C++ extension)
+
+from . import _ext  # noqa: F401  (warns once when dtr._C is missing)
+from . import measure, policies, testing
+from .errors import (BudgetExceededError, DTRError, RecomputeError, StaleInputError,
+                     UnsupportedOpError)
+from .policies import SearchOptions
+from .runtime import Stats
+from .session import Session, budget, parse_budget
+from .tensor import DTRTensor, is_dtr_tensor, unwrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "budget",
+    "Session",
+    "Stats",
+    "SearchOptions",
+    "parse_budget",
+    "unwrap",
+    "is_dtr_tensor",
+    "DTRTensor",
+    "policies",
+    "measure",
+    "testing",
+    "DTRError",
+    "BudgetExceededError",
+    "StaleInputError",
+    "UnsupportedOpError",
+    "RecomputeError",
+]

@@ -1,0 +1,95 @@
+"""What the runtime needs to know about each aten operator, computed once per overload."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+aten = torch.ops.aten
+
+# Note [Hidden running-stat updates]
+# BatchNorm in training updates running_mean/running_var in place. Some
+# overloads (native_batch_norm) do not even mark those arguments as written.
+# A recompute must not update them again: it gets a scratch copy instead.
+# Value: positions of (running_mean, running_var) and of the `training` flag
+# (None when the overload always trains).
+_RUNNING_STATS: Dict[object, Tuple[Tuple[int, int], Optional[int]]] = {}
+
+
+def _register_running_stats():
+    table = [
+        ("native_batch_norm", "default", (3, 4), 5),
+        ("_native_batch_norm_legit", "default", (3, 4), 5),
+        ("_batch_norm_with_update", "default", (3, 4), None),
+        ("cudnn_batch_norm", "default", (3, 4), 5),
+        ("miopen_batch_norm", "default", (3, 4), 5),
+        ("batch_norm_update_stats", "default", (1, 2), None),
+    ]
+    for name, overload, stats, training in table:
+        packet = getattr(aten, name, None)
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is not None:
+            _RUNNING_STATS[op] = (stats, training)
+
+
+_register_running_stats()
+
+# Ops that change a tensor's metadata or storage in place; a wrapper's
+# metadata is fixed, so these cannot be supported on dtr tensors.
+_UNSUPPORTED_NAMES = {"resize_", "resize_as_", "set_", "_resize_output_"}
+
+
+class OpInfo:
+    __slots__ = (
+        "name",
+        "is_view",
+        "mutated",
+        "seeded",
+        "returns_tensor",
+        "running_stats",
+        "unsupported",
+        "alias_ok",
+    )
+
+    def __init__(self, func):
+        schema = func._schema
+        self.name = str(func)
+        self.is_view = bool(func.is_view)
+        # (position, name) of every argument the schema marks as written.
+        self.mutated: List[Tuple[int, str]] = [
+            (i, a.name)
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ]
+        tags = func.tags
+        self.seeded = torch.Tag.nondeterministic_seeded in tags
+        self.returns_tensor = any(
+            "Tensor" in str(r.type) for r in schema.returns
+        )
+        self.running_stats = _RUNNING_STATS.get(func)
+        if self.running_stats is not None:
+            # The running stats are handled as scratch inputs, not as mutations.
+            stat_pos = set(self.running_stats[0])
+            self.mutated = [m for m in self.mutated if m[0] not in stat_pos]
+        self.unsupported = (
+            torch.Tag.inplace_view in tags
+            or schema.name.split("::")[-1] in _UNSUPPORTED_NAMES
+        )
+        # detach/alias: the output is the same value; it shares the input's cell.
+        self.alias_ok = func in (aten.detach.default, aten.alias.default)
+
+
+_CACHE: Dict[object, OpInfo] = {}
+
+
+def op_info(func) -> OpInfo:
+    info = _CACHE.get(func)
+    if info is None:
+        info = _CACHE[func] = OpInfo(func)
+    return info
+
+
+def arg_at(args, kwargs, pos: int, name: str):
+    if pos < len(args):
+        return args[pos]
+    return kwargs.get(name) if kwargs else None

@@ -1,0 +1,441 @@
+"""Eviction policies: scoring functions by name, the registry, and the Python pool.
+
+The pool knows nothing about tensors. It holds one entry per *storage* (the
+unit of eviction), identified by an integer id chosen by the caller, with its
+bytes, compute cost, last access time, lock count, residency and its dataflow
+neighbours. The runtime (``dtr.runtime``) and the simulator (``dtr.sim``) both
+drive the same pool through this interface, so they cannot disagree about
+which storage is evicted. ``dtr._C`` (when built) provides a pool with the
+same interface; see ``make_pool``.
+
+Scores follow ``docs/DTR.md``: the candidate with the *lowest* score is
+evicted. Ties are broken by the smallest id, so that two implementations that
+agree on the scores agree on the victim.
+"""
+from __future__ import annotations
+
+import math
+import random as _random
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+from .errors import DTRError
+
+__all__ = [
+    "Entry",
+    "PythonPool",
+    "register",
+    "get",
+    "available",
+    "make_pool",
+    "SearchOptions",
+]
+
+# Staleness of an entry touched at this very instant. It must be positive so
+# that scores stay finite; any value far below one op's cost works.
+_MIN_STALENESS = 1e-12
+
+
+class Entry:
+    """What the pool knows about one storage."""
+
+    __slots__ = (
+        "sid",
+        "nbytes",
+        "cost",
+        "last_access",
+        "locks",
+        "resident",
+        "evictable",
+        "parents",
+        "children",
+        "uf_node",
+    )
+
+    def __init__(self, sid: int, nbytes: int, cost: float, now: float, evictable: bool):
+        self.sid = sid
+        self.nbytes = nbytes
+        self.cost = cost
+        self.last_access = now
+        self.locks = 0
+        self.resident = True
+        self.evictable = evictable
+        self.parents: List[int] = []
+        self.children: List[int] = []
+        self.uf_node: Optional[_UFNode] = None
+
+    def staleness(self, now: float) -> float:
+        return max(now - self.last_access, _MIN_STALENESS)
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(sid={self.sid}, nbytes={self.nbytes}, cost={self.cost:.3g}, "
+            f"resident={self.resident}, evictable={self.evictable}, locks={self.locks})"
+        )
+
+
+class _UFNode:
+    """Union-find node for ``dtr_eq``: the root carries the class's summed cost."""
+
+    __slots__ = ("parent", "cost")
+
+    def __init__(self, cost: float):
+        self.parent = self
+        self.cost = cost
+
+    def find(self) -> "_UFNode":
+        node = self
+        while node.parent is not node:
+            node.parent = node.parent.parent  # path halving
+            node = node.parent
+        return node
+
+
+def _union(a: _UFNode, b: _UFNode) -> _UFNode:
+    ra, rb = a.find(), b.find()
+    if ra is rb:
+        return ra
+    rb.parent = ra
+    ra.cost += rb.cost
+    return ra
+
+
+# --------------------------------------------------------------------------
+# Scores. Signature: score(entry, pool, now) -> float; lowest is evicted.
+# --------------------------------------------------------------------------
+
+ScoreFn = Callable[[Entry, "PythonPool", float], float]
+
+
+def _evicted_neighbours(pool: "PythonPool", e: Entry) -> Iterable[Entry]:
+    entries = pool.entries
+    for sid in e.parents:
+        n = entries.get(sid)
+        if n is not None and not n.resident:
+            yield n
+    for sid in e.children:
+        n = entries.get(sid)
+        if n is not None and not n.resident:
+            yield n
+
+
+def evicted_neighbourhood_cost(pool: "PythonPool", e: Entry) -> float:
+    """Summed cost of e*(t): the connected evicted storages adjacent to e."""
+    seen = {e.sid}
+    stack = list(_evicted_neighbours(pool, e))
+    total = 0.0
+    while stack:
+        n = stack.pop()
+        if n.sid in seen:
+            continue
+        seen.add(n.sid)
+        total += n.cost
+        stack.extend(m for m in _evicted_neighbours(pool, n) if m.sid not in seen)
+    return total
+
+
+def evicted_ancestor_cost(pool: "PythonPool", e: Entry) -> float:
+    """Summed cost of the evicted ancestors that recomputing e would need."""
+    entries = pool.entries
+    seen = {e.sid}
+    stack = list(e.parents)
+    total = 0.0
+    while stack:
+        sid = stack.pop()
+        if sid in seen:
+            continue
+        seen.add(sid)
+        n = entries.get(sid)
+        if n is None or n.resident:
+            continue
+        total += n.cost
+        stack.extend(n.parents)
+    return total
+
+
+def equivalence_class_cost(pool: "PythonPool", e: Entry) -> float:
+    """dtr_eq's approximation of the evicted neighbourhood's cost."""
+    roots = []
+    for n in _evicted_neighbours(pool, e):
+        if n.uf_node is not None:
+            r = n.uf_node.find()
+            if not any(r is q for q in roots):
+                roots.append(r)
+    return sum(r.cost for r in roots)
+
+
+def score_dtr_eq(e: Entry, pool: "PythonPool", now: float) -> float:
+    return (e.cost + equivalence_class_cost(pool, e)) / (e.nbytes * e.staleness(now))
+
+
+def score_dtr(e: Entry, pool: "PythonPool", now: float) -> float:
+    return (e.cost + evicted_neighbourhood_cost(pool, e)) / (e.nbytes * e.staleness(now))
+
+
+def score_dtr_local(e: Entry, pool: "PythonPool", now: float) -> float:
+    return e.cost / (e.nbytes * e.staleness(now))
+
+
+def score_msps(e: Entry, pool: "PythonPool", now: float) -> float:
+    return (e.cost + evicted_ancestor_cost(pool, e)) / e.nbytes
+
+
+def score_lru(e: Entry, pool: "PythonPool", now: float) -> float:
+    return 1.0 / e.staleness(now)
+
+
+def score_largest(e: Entry, pool: "PythonPool", now: float) -> float:
+    return 1.0 / e.nbytes
+
+
+def score_random(e: Entry, pool: "PythonPool", now: float) -> float:
+    return pool.rng.random()
+
+
+_REGISTRY: Dict[str, ScoreFn] = {}
+
+
+def register(name: str, score: ScoreFn, *, replace: bool = False) -> None:
+    """Add a policy: ``score(entry, pool, now) -> float``; the lowest is evicted."""
+    if not callable(score):
+        raise TypeError(f"dtr: policy {name!r} must be callable, got {type(score).__name__}")
+    if name in _REGISTRY and not replace:
+        raise DTRError(
+            f"dtr: a policy named {name!r} is already registered ({_REGISTRY[name]!r}); "
+            "pass replace=True to override it"
+        )
+    _REGISTRY[name] = score
+
+
+def available() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get(policy) -> ScoreFn:
+    """Resolve a policy given by name or as a callable."""
+    if callable(policy):
+        return policy
+    if isinstance(policy, str) and policy in _REGISTRY:
+        return _REGISTRY[policy]
+    raise ValueError(
+        f"dtr: unknown eviction policy {policy!r}; valid names are {', '.join(available())}, "
+        "or pass a callable score(entry, pool, now) -> float (lowest is evicted)"
+    )
+
+
+def name_of(policy) -> Optional[str]:
+    """The registered name of a policy, or None for an unregistered callable."""
+    if isinstance(policy, str):
+        return policy
+    for k, v in _REGISTRY.items():
+        if v is policy:
+            return k
+    return None
+
+
+for _name, _fn in [
+    ("dtr_eq", score_dtr_eq),
+    ("dtr", score_dtr),
+    ("dtr_local", score_dtr_local),
+    ("msps", score_msps),
+    ("lru", score_lru),
+    ("largest", score_largest),
+    ("random", score_random),
+]:
+    register(_name, _fn)
+
+
+# --------------------------------------------------------------------------
+# The pool.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How the victim search looks at candidates.
+
+    ``sample_above``: with more candidates than this, score about sqrt(n) of
+    them chosen at random instead of all (None: always scan all).
+    ``min_evictable_fraction``: when sampling, skip candidates smaller than
+    this fraction of the mean candidate size.
+    """
+
+    sample_above: Optional[int] = None
+    min_evictable_fraction: float = 0.0
+    seed: int = 0
+
+
+class PythonPool:
+    """The reference pool. Every method is O(1) except ``choose_victim``."""
+
+    def __init__(self, policy="dtr_eq", search: SearchOptions = SearchOptions()):
+        self.score = get(policy)
+        self.search = search
+        self.rng = _random.Random(search.seed)
+        self.entries: Dict[int, Entry] = {}
+        # Resident, evictable entries (locked ones are skipped at search time).
+        self.candidates: Dict[int, Entry] = {}
+        self.candidate_bytes = 0
+
+    # -- lifecycle -------------------------------------------------------
+    def add(self, sid: int, nbytes: int, cost: float, now: float, evictable: bool,
+            parents: Iterable[int] = ()) -> None:
+        if sid in self.entries:
+            raise DTRError(f"dtr: internal error: storage id {sid} added twice")
+        e = Entry(sid, nbytes, cost, now, evictable)
+        entries = self.entries
+        for p in parents:
+            pe = entries.get(p)
+            if pe is not None and p != sid and p not in e.parents:
+                e.parents.append(p)
+                pe.children.append(sid)
+        entries[sid] = e
+        if evictable and nbytes > 0:
+            self.candidates[sid] = e
+            self.candidate_bytes += nbytes
+
+    def remove(self, sid: int) -> None:
+        """The storage is gone for good (no value, no recipe refers to it)."""
+        e = self.entries.pop(sid, None)
+        if e is None:
+            return
+        self._drop_candidate(e)
+        if e.uf_node is not None:
+            # It leaves its class, as a rematerialized member does.
+            e.uf_node.find().cost -= e.cost
+            e.uf_node = None
+        entries = self.entries
+        for p in e.parents:
+            pe = entries.get(p)
+            if pe is not None:
+                pe.children.remove(sid)
+        for c in e.children:
+            ce = entries.get(c)
+            if ce is not None:
+                ce.parents.remove(sid)
+
+    def _drop_candidate(self, e: Entry) -> None:
+        if self.candidates.pop(e.sid, None) is not None:
+            self.candidate_bytes -= e.nbytes
+
+    def _maybe_candidate(self, e: Entry) -> None:
+        if e.evictable and e.resident and e.nbytes > 0 and e.sid not in self.candidates:
+            self.candidates[e.sid] = e
+            self.candidate_bytes += e.nbytes
+
+    # -- per-op updates --------------------------------------------------
+    def touch(self, sid: int, now: float) -> None:
+        e = self.entries.get(sid)
+        if e is not None:
+            e.last_access = now
+
+    def add_cost(self, sid: int, cost: float) -> None:
+        self.entries[sid].cost += cost
+
+    def lock(self, sid: int) -> None:
+        self.entries[sid].locks += 1
+
+    def unlock(self, sid: int) -> None:
+        e = self.entries[sid]
+        if e.locks <= 0:
+            raise DTRError(f"dtr: internal error: unlock of unlocked storage {sid}")
+        e.locks -= 1
+
+    def unlocked_candidates(self) -> List[int]:
+        """Ids of every storage that could be evicted right now."""
+        return [sid for sid, e in self.candidates.items() if not e.locks]
+
+    def locks(self, sid: int) -> int:
+        e = self.entries.get(sid)
+        return e.locks if e is not None else 0
+
+    def cost(self, sid: int) -> float:
+        e = self.entries.get(sid)
+        return e.cost if e is not None else 0.0
+
+    def pin(self, sid: int) -> None:
+        """Make a storage unevictable for the rest of its life."""
+        e = self.entries.get(sid)
+        if e is not None:
+            e.evictable = False
+            self._drop_candidate(e)
+
+    def evicted(self, sid: int) -> None:
+        e = self.entries.get(sid)
+        if e is None or not e.resident:
+            return
+        e.resident = False
+        self._drop_candidate(e)
+        node = _UFNode(e.cost)
+        for n in _evicted_neighbours(self, e):
+            if n.uf_node is not None:
+                node = _union(node, n.uf_node)
+        e.uf_node = node if e.uf_node is None else _union(e.uf_node, node)
+
+    def rematerialized(self, sid: int, now: float) -> None:
+        e = self.entries[sid]
+        if e.resident:
+            return
+        e.resident = True
+        e.last_access = now
+        if e.uf_node is not None:
+            e.uf_node.find().cost -= e.cost
+            e.uf_node = None
+        self._maybe_candidate(e)
+
+    # -- the search ------------------------------------------------------
+    def choose_victim(self, now: float) -> Optional[int]:
+        """The unlocked candidate with the lowest score (ties: smallest id)."""
+        cands = self.candidates
+        n = len(cands)
+        if n == 0:
+            return None
+        # A snapshot: a storage may die (and leave the pool) while we score.
+        pool_iter: Iterable[Entry] = list(cands.values())
+        full = pool_iter
+        s = self.search
+        if s.sample_above is not None and n > s.sample_above:
+            k = max(1, int(math.isqrt(n)))
+            pool_iter = self.rng.sample(full, k)
+            if s.min_evictable_fraction > 0:
+                floor = s.min_evictable_fraction * self.candidate_bytes / n
+                big = [e for e in pool_iter if e.nbytes >= floor]
+                pool_iter = big or pool_iter
+        best = self._scan(pool_iter, now)
+        if best is None and pool_iter is not full:
+            # Every sampled candidate was locked: fall back to a full scan.
+            best = self._scan(full, now)
+        return None if best is None else best.sid
+
+    def _scan(self, entries: Iterable[Entry], now: float) -> Optional[Entry]:
+        score = self.score
+        best: Optional[Entry] = None
+        best_score = math.inf
+        for e in entries:
+            if e.locks:
+                continue
+            sc = score(e, self, now)
+            if best is None or sc < best_score or (sc == best_score and e.sid < best.sid):
+                best, best_score = e, sc
+        return best
+
+    # -- introspection ---------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def make_pool(policy="dtr_eq", search: SearchOptions = SearchOptions(), impl: str = "auto"):
+    """A pool for ``policy``: the C++ one when built and the policy is native."""
+    if impl not in ("auto", "python", "cpp"):
+        raise ValueError(f"dtr: unknown pool implementation {impl!r}; use 'auto', 'python' or 'cpp'")
+    if impl != "python":
+        from . import _ext
+
+        if _ext.available() and isinstance(policy, str) and policy in _ext.native_policies():
+            return _ext.CppPool(policy, search)
+        if impl == "cpp":
+            raise DTRError(
+                "dtr: the C++ pool was requested but dtr._C is not built or does not implement "
+                f"policy {policy!r}; build it with `pip install --no-build-isolation -e .`"
+            )
+    return PythonPool(policy, search)

@@ -1,0 +1,190 @@
+"""Storage records, cells and recompute recipes.
+
+See Note [Ownership] in docs/design.md. In short: strong references run from a
+wrapper to its cell, from a cell to its storage record and its recipe, and from
+a recipe to its *input* cells. Nothing points strongly from an input to the
+values computed from it, so a value nobody can reach is collected by Python's
+reference counting, and its storage record tells the runtime when that happens.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional
+
+import torch
+
+
+class Slot:
+    """Placeholder for the i-th tensor input inside an argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"<in{self.i}>"
+
+
+def flatten_args(args, kwargs):
+    """Split an aten call into a template (tensors replaced by Slots) and the tensors."""
+    tensors: List[torch.Tensor] = []
+
+    def leaf(a):
+        if isinstance(a, torch.Tensor):
+            tensors.append(a)
+            return Slot(len(tensors) - 1)
+        if type(a) in (list, tuple):
+            for x in a:
+                if isinstance(x, torch.Tensor):
+                    return type(a)(leaf(y) for y in a)
+        return a
+
+    targs = [leaf(a) for a in args]
+    tkwargs = {k: leaf(v) for k, v in kwargs.items()} if kwargs else {}
+    return targs, tkwargs, tensors
+
+
+def _fill_one(a, vals):
+    t = type(a)
+    if t is Slot:
+        return vals[a.i]
+    if t is list or t is tuple:
+        if a and any(type(x) is Slot for x in a):
+            return t(vals[x.i] if type(x) is Slot else x for x in a)
+    return a
+
+
+def fill_args(targs, tkwargs, vals):
+    args = [_fill_one(a, vals) for a in targs]
+    kwargs = {k: _fill_one(v, vals) for k, v in tkwargs.items()} if tkwargs else {}
+    return args, kwargs
+
+
+def slots_in(a) -> List[int]:
+    """Indices of the tensor inputs that a template entry refers to."""
+    if type(a) is Slot:
+        return [a.i]
+    if type(a) in (list, tuple):
+        return [x.i for x in a if type(x) is Slot]
+    return []
+
+
+class PlainInput:
+    """A tensor made outside the runtime, as a recipe input, with its version when recorded."""
+
+    __slots__ = ("tensor", "version", "scratch")
+
+    def __init__(self, tensor: torch.Tensor, scratch: bool = False):
+        self.tensor = tensor
+        self.version = tensor._version
+        # A scratch input is only written by the op (BatchNorm's running stats in
+        # training): recompute passes a copy so the real one is not updated twice.
+        self.scratch = scratch
+
+
+class Recipe:
+    """How to recompute the outputs of one op call.
+
+    ``inputs`` holds Cells and PlainInputs (strongly: a recipe keeps its inputs'
+    recipes alive, never their values). ``outputs`` holds weak references to
+    the cells it fills. ``mutation`` (in-place ops) lists, per written
+    argument, the input index of the old base cell and the chain of view
+    recipes from that base to the written view: recompute clones the base and
+    writes into the clone, never into the old value.
+    """
+
+    __slots__ = (
+        "func",
+        "targs",
+        "tkwargs",
+        "inputs",
+        "rng",
+        "cost",
+        "outputs",
+        "out_bytes",
+        "is_view",
+        "out_index",
+        "mutation",
+        "__weakref__",
+    )
+
+    def __init__(self, func, targs, tkwargs, inputs, rng, cost: float, is_view: bool = False,
+                 out_index: Optional[int] = None, mutation=None):
+        self.func = func
+        self.targs = targs
+        self.tkwargs = tkwargs
+        self.inputs = inputs
+        self.rng = rng
+        self.cost = cost
+        self.outputs: List[Optional[weakref.ref]] = []
+        self.out_bytes = 0
+        self.is_view = is_view
+        self.out_index = out_index
+        self.mutation = mutation
+
+    def __repr__(self) -> str:
+        return f"Recipe({self.func}, {len(self.inputs)} inputs)"
+
+
+class StorageRecord:
+    """One unit of eviction: a storage and every cell (view) that lives in it."""
+
+    __slots__ = (
+        "sid",
+        "nbytes",
+        "runtime",
+        "cells",
+        "resident",
+        "pinned",
+        "escaped",
+        "nwrappers",
+        "wrappers",
+        "__weakref__",
+    )
+
+    def __init__(self, runtime, sid: int, nbytes: int, pinned: bool):
+        self.runtime = runtime
+        self.sid = sid
+        self.nbytes = nbytes
+        self.cells: List[weakref.ref] = []  # cells currently holding a value
+        self.resident = True
+        self.pinned = pinned  # never evicted (no recipe, or escaped)
+        self.escaped = False  # handed out as a plain tensor; counted as plain memory
+        self.nwrappers = 0
+        self.wrappers: List[weakref.ref] = []
+
+    def __del__(self):
+        rt = self.runtime
+        if rt is not None:
+            rt._storage_died(self)
+
+    def __repr__(self) -> str:
+        return (f"StorageRecord(sid={self.sid}, nbytes={self.nbytes}, resident={self.resident}, "
+                f"pinned={self.pinned}, wrappers={self.nwrappers})")
+
+
+class Cell:
+    """One tensor value: its concrete tensor when resident, and how to recompute it."""
+
+    __slots__ = ("value", "recipe", "index", "storage", "__weakref__")
+
+    def __init__(self, value: Optional[torch.Tensor], recipe: Optional[Recipe], index: int,
+                 storage: StorageRecord):
+        self.value = value
+        self.recipe = recipe
+        self.index = index
+        self.storage = storage
+
+    def view_parent(self) -> Optional["Cell"]:
+        r = self.recipe
+        if r is not None and r.is_view:
+            p = r.inputs[0]
+            if isinstance(p, Cell) and p.storage is self.storage:
+                return p
+        return None
+
+    def __repr__(self) -> str:
+        state = "resident" if self.value is not None else "evicted"
+        return f"Cell({state}, {self.recipe!r}, sid={self.storage.sid})"
+

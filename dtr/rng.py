@@ -1,0 +1,66 @@
+"""Capture and replay of random-number state, so a recomputed random op draws the same numbers.
+
+Note [RNG replay]
+A seeded op (``torch.Tag.nondeterministic_seeded``: dropout's ``bernoulli_``,
+``randn_like``, ...) is recorded with the state of the generator it will
+draw from: the ``generator=`` argument when given, else the default generator
+of its device (on CUDA that state holds the Philox seed and offset). A
+recompute sets that state, runs the op, and puts the current state back, so
+the global stream is left exactly where eager leaves it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class RNGState:
+    __slots__ = ("generator", "device", "state")
+
+    def __init__(self, generator: Optional[torch.Generator], device: torch.device, state):
+        self.generator = generator
+        self.device = device
+        self.state = state
+
+
+def _get(generator, device):
+    if generator is not None:
+        return generator.get_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set(generator, device, state):
+    if generator is not None:
+        generator.set_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def capture(generator: Optional[torch.Generator], device: torch.device) -> RNGState:
+    return RNGState(generator, device, _get(generator, device))
+
+
+class replay:
+    """Context manager: run with the captured state, then restore the current one."""
+
+    __slots__ = ("rng", "saved")
+
+    def __init__(self, rng: Optional[RNGState]):
+        self.rng = rng
+
+    def __enter__(self):
+        r = self.rng
+        if r is not None:
+            self.saved = _get(r.generator, r.device)
+            _set(r.generator, r.device, r.state)
+
+    def __exit__(self, *exc):
+        r = self.rng
+        if r is not None:
+            _set(r.generator, r.device, self.saved)
+        return False

@@ -1,0 +1,784 @@
+"""The runtime: materialize inputs -> make room -> run -> record. The only place
+where eviction policy meets tensors.
+
+Each intercepted op goes through ``Runtime.dispatch``. See docs/design.md for
+the objects; the notes below explain the less obvious decisions.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field, asdict
+from typing import Dict, List, Optional
+
+import torch
+
+from . import rng as _rng
+from .cost import estimate_from_bytes, perf_counter
+from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
+from .ops import arg_at, op_info
+from .policies import SearchOptions, make_pool
+from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
+
+_MIN_RECURSION = 20000
+
+
+@dataclass
+class Stats:
+    """Counters of one session; readable while it runs and after it ends."""
+
+    budget_bytes: Optional[int] = None
+    policy: str = "dtr_eq"
+    ops: int = 0
+    evictions: int = 0
+    eager_evictions: int = 0
+    rematerializations: int = 0
+    remat_seconds: float = 0.0
+    search_seconds: float = 0.0
+    op_seconds: float = 0.0
+    peak_bytes: int = 0
+    tracked_bytes: int = 0
+    unplanned_ops: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def _storage_nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+class Runtime:
+    """One pool of evictable values under one memory limit."""
+
+    def __init__(self, budget_bytes: Optional[int], policy="dtr_eq",
+                 search: SearchOptions = SearchOptions(), evict_all: bool = False,
+                 pool_impl: str = "auto"):
+        self.limit = budget_bytes
+        self.policy = policy
+        self.pool = make_pool(policy, search, pool_impl)
+        self.stats = Stats(budget_bytes=budget_bytes,
+                           policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"))
+        self.evict_all = evict_all
+        self.lock = threading.RLock()
+        self.clock = 0.0
+        self._next_sid = 0
+        self._records: Dict[int, weakref.ref] = {}
+        self.pool_bytes = 0  # resident, non-escaped storages
+        self.plain_bytes = 0  # plain tensors the step touched, while alive
+        self._plain: Dict[tuple, tuple] = {}
+        self._size_cache: Dict[tuple, Optional[int]] = {}
+        self._depth = 0
+        self._closed_over = weakref.ref(self)
+
+    # ------------------------------------------------------------------
+    # Accounting
+    # ------------------------------------------------------------------
+    @property
+    def tracked_bytes(self) -> int:
+        return self.pool_bytes + self.plain_bytes
+
+    def _note_peak(self) -> None:
+        t = self.pool_bytes + self.plain_bytes
+        st = self.stats
+        st.tracked_bytes = t
+        if t > st.peak_bytes:
+            st.peak_bytes = t
+
+    def count_plain(self, t: torch.Tensor) -> None:
+        """Count a plain tensor's storage while it is alive (see PITFALLS 15)."""
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr == 0:
+            return
+        key = (ptr, t.device.type, t.device.index)
+        if key in self._plain:
+            return
+        nb = st.nbytes()
+        me = self._closed_over
+
+        def died(_ref, key=key, nb=nb):
+            rt = me()
+            if rt is not None:
+                entry = rt._plain.get(key)
+                if entry is not None and entry[0] is _ref:
+                    del rt._plain[key]
+                    rt.plain_bytes -= nb
+
+        self._plain[key] = (weakref.ref(st, died), nb)
+        self.plain_bytes += nb
+        self._note_peak()
+
+    def _new_storage(self, nbytes: int, cost: float, pinned: bool, parents) -> StorageRecord:
+        sid = self._next_sid
+        self._next_sid += 1
+        rec = StorageRecord(self, sid, nbytes, pinned)
+        self._records[sid] = weakref.ref(rec)
+        self.pool.add(sid, nbytes, cost, self.clock, not pinned, parents)
+        self.pool_bytes += nbytes
+        return rec
+
+    def _storage_died(self, rec: StorageRecord) -> None:
+        with self.lock:
+            self._records.pop(rec.sid, None)
+            self.pool.remove(rec.sid)
+            if rec.resident and not rec.escaped:
+                self.pool_bytes -= rec.nbytes
+
+    # ------------------------------------------------------------------
+    # Wrappers (see tensor.py) report to their storage record
+    # ------------------------------------------------------------------
+    def attach(self, rec: StorageRecord, wrapper) -> None:
+        rec.nwrappers += 1
+        rec.wrappers.append(weakref.ref(wrapper))
+
+    def detach_wrapper(self, rec: StorageRecord) -> None:
+        """A wrapper of ``rec`` died or was rebound elsewhere."""
+        with self.lock:
+            rec.nwrappers -= 1
+            if rec.nwrappers == 0:
+                rec.wrappers.clear()
+                self._maybe_banish(rec)
+
+    def _maybe_banish(self, rec: StorageRecord) -> None:
+        # Note [Eager eviction]
+        # A storage no wrapper refers to is only needed by recipes: free its
+        # memory now and keep the recipes (the paper's eager eviction).
+        if rec.nwrappers == 0 and rec.resident and not rec.pinned:
+            if not self.pool.locks(rec.sid):
+                self._evict(rec)
+                self.stats.eager_evictions += 1
+                self.stats.evictions -= 1  # _evict counted it as a pressure eviction
+
+    # ------------------------------------------------------------------
+    # Eviction and recomputation
+    # ------------------------------------------------------------------
+    def _evict(self, rec: StorageRecord) -> None:
+        for ref in rec.cells:
+            c = ref()
+            if c is not None:
+                c.value = None
+        rec.cells.clear()
+        rec.resident = False
+        self.pool.evicted(rec.sid)
+        self.pool_bytes -= rec.nbytes
+        self.stats.evictions += 1
+
+    def _set_value(self, cell: Cell, value: torch.Tensor) -> None:
+        cell.value = value
+        rec = cell.storage
+        rec.cells.append(weakref.ref(cell))
+        if not rec.resident:
+            rec.resident = True
+            self.pool.rematerialized(rec.sid, self.clock)
+            self.pool_bytes += rec.nbytes
+            self._note_peak()
+
+    def make_room(self, need: int, opname: str, working: int) -> None:
+        limit = self.limit
+        if limit is None:
+            return
+        if self.pool_bytes + self.plain_bytes + need <= limit:
+            return
+        t0 = perf_counter()
+        records = self._records
+        try:
+            while self.pool_bytes + self.plain_bytes + need > limit:
+                sid = self.pool.choose_victim(self.clock)
+                if sid is None:
+                    self._raise_budget(need, opname, working)
+                rec = records[sid]()
+                if rec is None:  # pragma: no cover - records are removed when they die
+                    self.pool.remove(sid)
+                    continue
+                self._evict(rec)
+        finally:
+            self.stats.search_seconds += perf_counter() - t0
+
+    def _raise_budget(self, need: int, opname: str, working: int):
+        pinned = self.pool_bytes + self.plain_bytes
+        smallest = pinned + need
+        raise BudgetExceededError(
+            f"dtr: budget of {_fmt(self.limit)} cannot be met at op {opname}: it needs "
+            f"{_fmt(need)} for its outputs on top of {_fmt(pinned)} that cannot be evicted "
+            f"(plain tensors such as parameters, inputs and gradients: {_fmt(self.plain_bytes)}; "
+            f"locked inputs and unrecomputable values: {_fmt(self.pool_bytes)}). "
+            f"The op's own working set is {_fmt(working)}. The smallest budget that would have "
+            f"worked here is at least {_fmt(smallest)}: retry the step with "
+            f"dtr.budget({smallest}) or more.",
+            op=opname, needed_bytes=need, pinned_bytes=pinned, budget_bytes=self.limit,
+            smallest_feasible_bytes=smallest,
+        )
+
+    def materialize(self, cell: Cell) -> torch.Tensor:
+        v = cell.value
+        if v is not None:
+            return v
+        self._depth += 1
+        try:
+            if self._depth > sys.getrecursionlimit() // 4:
+                sys.setrecursionlimit(max(_MIN_RECURSION, 8 * self._depth))
+            self._recompute(cell.recipe, cell)
+        finally:
+            self._depth -= 1
+        if cell.value is None:  # pragma: no cover - guarded by _recompute
+            raise RecomputeError(f"dtr: recomputing {cell.recipe} did not produce its value")
+        return cell.value
+
+    def _recompute(self, recipe: Recipe, want: Cell) -> None:
+        if recipe is None:
+            raise RecomputeError(
+                "dtr: internal error: an unrecomputable value was evicted; please report this")
+        pool = self.pool
+        locked: List[StorageRecord] = []
+        t0 = perf_counter()
+        try:
+            vals = []
+            for inp in recipe.inputs:
+                if type(inp) is Cell:
+                    v = self.materialize(inp)
+                    rec = inp.storage
+                    pool.lock(rec.sid)
+                    locked.append(rec)
+                    vals.append(v)
+                else:
+                    vals.append(self._plain_value(inp, recipe))
+            if recipe.out_bytes:
+                self.make_room(recipe.out_bytes, str(recipe.func), recipe.out_bytes)
+            outs = self._run_recipe(recipe, vals)
+            for ref, out in zip(recipe.outputs, outs):
+                c = ref() if ref is not None else None
+                if c is None or c.value is not None or out is None:
+                    continue
+                self._set_value(c, out)
+                pool.touch(c.storage.sid, self.clock)
+            self.stats.rematerializations += 1
+        finally:
+            for rec in locked:
+                pool.unlock(rec.sid)
+                # The storage of the wanted value (a view recomputed from its own
+                # storage) is still needed by our caller, who locks it next.
+                if rec.nwrappers == 0 and rec is not want.storage:
+                    self._maybe_banish(rec)
+            self.stats.remat_seconds += perf_counter() - t0
+
+    def _plain_value(self, inp: PlainInput, recipe: Recipe) -> torch.Tensor:
+        t = inp.tensor
+        if inp.scratch:
+            return t.clone()
+        if t._version != inp.version:
+            raise StaleInputError(
+                f"dtr: cannot recompute {recipe.func}: one of its inputs, a tensor made outside "
+                f"the dtr block (shape {tuple(t.shape)}, {t.dtype}), was modified in place after "
+                f"the value was computed (version {inp.version} -> {t._version}), so recomputing "
+                "would give a different result. Read the values you need (loss.item(), ...) "
+                "before changing its inputs in place (for example before optimizer.step()), or "
+                "use a larger budget so the value is not evicted.")
+        return t
+
+    def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+        mutation = recipe.mutation
+        if mutation is not None:
+            bases = []
+            for slot, base_idx, chain in mutation:
+                base = vals[base_idx].clone()
+                vals[slot] = _replay_chain(chain, base)
+                bases.append(base)
+            args, kwargs = fill_args(recipe.targs, recipe.tkwargs, vals)
+            with _rng.replay(recipe.rng):
+                recipe.func(*args, **kwargs)
+            return bases
+        args, kwargs = fill_args(recipe.targs, recipe.tkwargs, vals)
+        with _rng.replay(recipe.rng):
+            out = recipe.func(*args, **kwargs)
+        if recipe.is_view and recipe.out_index is not None:
+            return [out[recipe.out_index]]
+        return _flat_outputs(out)
+
+    # ------------------------------------------------------------------
+    # Escapes
+    # ------------------------------------------------------------------
+    def escape(self, cell: Cell) -> torch.Tensor:
+        """Hand the value out as a plain tensor: its storage is never evicted again."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with self.lock, _disable_current_modes():
+            v = self.materialize(cell)
+            rec = cell.storage
+            if not rec.escaped:
+                if not rec.pinned:
+                    rec.pinned = True
+                    self.pool.pin(rec.sid)
+                rec.escaped = True
+                self.pool_bytes -= rec.nbytes
+                self.count_plain(v)
+            return v
+
+    # ------------------------------------------------------------------
+    # The per-op path
+    # ------------------------------------------------------------------
+    def dispatch(self, func, args, kwargs, wrap_plain: bool):
+        """Run ``func``. ``wrap_plain``: wrap outputs even if no input is a dtr tensor."""
+        from .tensor import DTRTensor
+
+        info = op_info(func)
+        targs, tkwargs, tensors = flatten_args(args, kwargs or {})
+        if info.unsupported:
+            raise UnsupportedOpError(
+                f"dtr: {info.name} changes a tensor's shape or storage in place, which dtr cannot "
+                "track; use the out-of-place form (for example x = x.unsqueeze(0) instead of "
+                "x.unsqueeze_(0)) or call it outside the dtr block")
+        with self.lock:
+            return self._dispatch(func, info, targs, tkwargs, tensors, DTRTensor)
+
+    def _dispatch(self, func, info, targs, tkwargs, tensors, DTRTensor):
+        pool = self.pool
+        stats = self.stats
+        stats.ops += 1
+        # 1. Inputs: cells of our wrappers, plain tensors otherwise.
+        cells: List[Optional[Cell]] = []
+        locked: List[StorageRecord] = []
+        vals: List[torch.Tensor] = []
+        working = 0
+        try:
+            for t in tensors:
+                if type(t) is DTRTensor:
+                    c = t._cell
+                    if c.storage.runtime is not self:
+                        # A tensor of another (finished or outer) session: use its value as a
+                        # plain input.
+                        v = c.storage.runtime.escape(c)
+                        cells.append(None)
+                        vals.append(v)
+                        self.count_plain(v)
+                        continue
+                    v = self.materialize(c)
+                    rec = c.storage
+                    pool.lock(rec.sid)
+                    locked.append(rec)
+                    cells.append(c)
+                    vals.append(v)
+                    working += rec.nbytes
+                else:
+                    cells.append(None)
+                    vals.append(t)
+                    self.count_plain(t)
+                    if t.requires_grad and t.is_leaf:
+                        _hook_leaf(t)
+            # 2. Make room for the outputs before running.
+            mutated_slots = self._mutated_slots(info, targs, tkwargs)
+            need = self._output_bytes(func, info, targs, tkwargs, vals, cells, mutated_slots)
+            unplanned = need is None
+            if unplanned:
+                stats.unplanned_ops += 1
+                need = 0
+            working += need
+            self.make_room(need, info.name, working)
+            # 3. Run.
+            if mutated_slots and any(cells[i] is not None for i in mutated_slots):
+                return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,
+                                          mutated_slots, DTRTensor)
+            return self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
+                                        mutated_slots, DTRTensor, unplanned)
+        finally:
+            for rec in locked:
+                pool.unlock(rec.sid)
+                if rec.nwrappers == 0:
+                    self._maybe_banish(rec)
+            if self.evict_all:
+                self.evict_everything()
+            elif self.limit is not None and self.pool_bytes + self.plain_bytes > self.limit:
+                # Only an op whose output size could not be planned gets here.
+                try:
+                    self.make_room(0, info.name, 0)
+                except BudgetExceededError:
+                    pass
+
+    @staticmethod
+    def _mutated_slots(info, targs, tkwargs) -> List[int]:
+        if not info.mutated:
+            return []
+        out: List[int] = []
+        for pos, name in info.mutated:
+            out.extend(slots_in(arg_at(targs, tkwargs, pos, name)))
+        return out
+
+    def _output_bytes(self, func, info, targs, tkwargs, vals, cells, mutated_slots):
+        """Bytes of new storage the op will allocate, planned before it runs."""
+        if not info.returns_tensor and not mutated_slots:
+            return 0
+        if info.is_view or info.alias_ok:
+            return 0
+        if mutated_slots:
+            # In place: no new storage, except the copy taken of an unevictable target.
+            return sum(cells[i].storage.nbytes for i in mutated_slots
+                       if cells[i] is not None and cells[i].storage.pinned)
+        key = _size_key(func, targs, tkwargs, vals)
+        try:
+            return self._size_cache[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable argument
+            return _meta_output_bytes(func, targs, tkwargs, vals)
+        nb = self._size_cache[key] = _meta_output_bytes(func, targs, tkwargs, vals)
+        return nb
+
+    def _run_functional(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
+                        DTRTensor, unplanned):
+        args, kwargs = fill_args(targs, tkwargs, vals)
+        device = _device_of(vals)
+        rng = None
+        if info.seeded:
+            gen = kwargs.get("generator")
+            rng = _rng.capture(gen, device)
+        t0 = perf_counter()
+        out = func(*args, **kwargs)
+        cost = perf_counter() - t0
+        self.stats.op_seconds += cost
+        if device is not None and device.type == "cuda":
+            cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
+        self.clock += cost
+        now = self.clock
+        for c in cells:
+            if c is not None:
+                self.pool.touch(c.storage.sid, now)
+
+        if mutated_slots or not info.returns_tensor:
+            # Writes into plain tensors only (running stats, accumulated gradients):
+            # the outputs are those plain tensors.
+            return out
+        if not any(c is not None for c in cells) and not _wrap_plain_outputs(info):
+            return out
+
+        # Outputs that are one of the (plain) inputs written in place are returned as is.
+        outs = _flat_outputs(out)
+        if not any(isinstance(o, torch.Tensor) for o in outs):
+            return out
+        inputs = []
+        for i, (c, v) in enumerate(zip(cells, vals)):
+            if c is not None:
+                inputs.append(c)
+            else:
+                inputs.append(PlainInput(tensors[i] if type(tensors[i]) is not DTRTensor else v))
+        if info.running_stats is not None:
+            (im, iv), itrain = info.running_stats
+            training = True if itrain is None else bool(arg_at(targs, tkwargs, itrain, "training"))
+            if training:
+                for pos in (im, iv):
+                    for s in slots_in(arg_at(targs, tkwargs, pos, "")):
+                        inputs[s] = PlainInput(vals[s], scratch=True)
+        # An output that shares storage with an input is a view of it.
+        alias_of = _alias_map(info, outs, vals, cells)
+        recipe = Recipe(func, targs, tkwargs, inputs, rng, cost)
+        parents = [c.storage.sid for c in cells if c is not None]
+        results = []
+        new_bytes = 0
+        for k, o in enumerate(outs):
+            if not isinstance(o, torch.Tensor):
+                results.append(o)
+                recipe.outputs.append(None)
+                continue
+            src = alias_of[k]
+            if src is not None and info.alias_ok:
+                # detach/alias: the same value, a new wrapper.
+                results.append(DTRTensor._from_cell(cells[src], o))
+                recipe.outputs.append(None)
+                continue
+            if src is not None:
+                parent = cells[src]
+                vrec = Recipe(func, targs, tkwargs, [parent] + [x for j, x in enumerate(inputs) if j != src],
+                              None, cost, is_view=True,
+                              out_index=k if len(outs) > 1 or isinstance(out, (list, tuple)) else None)
+                # The view recipe reads its parent as input 0: remap the template.
+                vrec.targs, vrec.tkwargs = _move_slot_first(targs, tkwargs, src)
+                cell = Cell(o, vrec, 0, parent.storage)
+                vrec.outputs.append(weakref.ref(cell))
+                parent.storage.cells.append(weakref.ref(cell))
+                self.pool.add_cost(parent.storage.sid, cost)
+                results.append(DTRTensor._from_cell(cell, o))
+                recipe.outputs.append(None)
+                continue
+            nb = _storage_nbytes(o)
+            new_bytes += nb
+            rec = self._new_storage(nb, cost, False, parents)
+            cell = Cell(o, recipe, k, rec)
+            rec.cells.append(weakref.ref(cell))
+            recipe.outputs.append(weakref.ref(cell))
+            results.append(DTRTensor._from_cell(cell, o))
+        recipe.out_bytes = new_bytes
+        self._note_peak()
+        if isinstance(out, (list, tuple)):
+            return type(out)(results) if isinstance(out, tuple) else results
+        return results[0]
+
+    def _run_mutation(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
+                      DTRTensor):
+        # Note [In-place ops]
+        # An in-place op on a dtr tensor runs for real on its value, as in eager.
+        # The old storage then no longer holds the old value, so it is marked
+        # evicted (its recipes can recompute the old value when someone needs
+        # it) and the mutated value becomes a *new* storage whose recipe is
+        # "clone the old base, replay the view chain, apply the op". Every live
+        # wrapper of the old storage (the base and all its views, detached
+        # aliases included) is rebound to the matching cell of the new one.
+        # An unevictable target cannot lose its old value: it is copied first.
+        pool = self.pool
+        targets = []  # (slot, old cell, base cell, chain, stolen)
+        seen = set()
+        for s in mutated_slots:
+            c = cells[s]
+            if c is None:
+                continue
+            if c.storage.sid in seen:
+                raise UnsupportedOpError(
+                    f"dtr: {info.name} writes to two views of the same storage at once; "
+                    "dtr cannot preserve that aliasing. Run it outside the dtr block.")
+            seen.add(c.storage.sid)
+            chain = []
+            base = c
+            while True:
+                p = base.view_parent()
+                if p is None:
+                    break
+                chain.append(base.recipe)
+                base = p
+            chain.reverse()
+            self.materialize(base)
+            stolen = not c.storage.pinned
+            if not stolen:
+                copy = base.value.clone()
+                vals[s] = _replay_chain(chain, copy)
+                base_value = copy
+            else:
+                base_value = base.value
+            targets.append((s, c, base, chain, stolen, base_value))
+        args, kwargs = fill_args(targs, tkwargs, vals)
+        device = _device_of(vals)
+        rng = _rng.capture(kwargs.get("generator"), device) if info.seeded else None
+        t0 = perf_counter()
+        out = func(*args, **kwargs)
+        cost = perf_counter() - t0
+        self.stats.op_seconds += cost
+        if device is not None and device.type == "cuda":
+            cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
+        self.clock += cost
+
+        # The recipe's inputs: every input as recorded, plus each target's old base.
+        inputs = []
+        for i, (c, v) in enumerate(zip(cells, vals)):
+            inputs.append(c if c is not None else PlainInput(v))
+        mutation = []
+        for s, c, base, chain, stolen, _ in targets:
+            inputs.append(base)
+            mutation.append((s, len(inputs) - 1, chain))
+        recipe = Recipe(func, targs, tkwargs, inputs, rng, cost, mutation=mutation)
+        parents = [c.storage.sid for c in cells if c is not None]
+        replaced = {}
+        for s, c, base, chain, stolen, base_value in targets:
+            old = c.storage
+            nb = old.nbytes
+            if stolen:
+                # Transfer: the memory now belongs to the new storage.
+                self._evict(old)
+                self.stats.evictions -= 1
+            new = self._new_storage(nb, cost + pool.cost(old.sid), False, parents)
+            nbase = Cell(None, recipe, len(recipe.outputs), new)
+            recipe.outputs.append(weakref.ref(nbase))
+            self._set_value_fresh(nbase, base_value)
+            recipe.out_bytes += nb
+            self._rebind(old, base, nbase, new, DTRTensor)
+            replaced[id(vals[s])] = tensors[s]
+        self._note_peak()
+        # Return what eager returns: the written arguments themselves.
+        if isinstance(out, torch.Tensor):
+            return replaced.get(id(out), out)
+        if isinstance(out, (list, tuple)):
+            return type(out)(replaced.get(id(o), o) if isinstance(o, torch.Tensor) else o
+                             for o in out)
+        return out
+
+    def _set_value_fresh(self, cell: Cell, value: torch.Tensor) -> None:
+        cell.value = value
+        cell.storage.cells.append(weakref.ref(cell))
+
+    def _rebind(self, old: StorageRecord, old_base: Cell, new_base: Cell, new: StorageRecord,
+                DTRTensor) -> None:
+        memo = {id(old_base): new_base}
+
+        def translate(cell: Cell) -> Cell:
+            got = memo.get(id(cell))
+            if got is not None:
+                return got
+            parent = cell.view_parent()
+            if parent is None:  # a cell of the old storage not derived from its base
+                parent = old_base
+            np_ = translate(parent)
+            r = cell.recipe
+            nr = Recipe(r.func, r.targs, r.tkwargs, [np_] + list(r.inputs[1:]), None, r.cost,
+                        is_view=True, out_index=r.out_index)
+            nc = Cell(None, nr, 0, new)
+            nr.outputs.append(weakref.ref(nc))
+            memo[id(cell)] = nc
+            return nc
+
+        for ref in list(old.wrappers):
+            w = ref()
+            if w is None or w._cell.storage is not old:
+                continue
+            nc = translate(w._cell)
+            w._rebind(nc)
+
+    # ------------------------------------------------------------------
+    def evict_everything(self) -> None:
+        """Evict every resident, unlocked, evictable storage (testing aid)."""
+        for sid in self.pool.unlocked_candidates():
+            ref = self._records.get(sid)
+            rec = ref() if ref is not None else None
+            if rec is not None and rec.resident:
+                self._evict(rec)
+
+
+def _device_of(vals) -> Optional[torch.device]:
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return None
+
+
+def _flat_outputs(out) -> List:
+    if isinstance(out, (list, tuple)):
+        return list(out)
+    return [out]
+
+
+def _wrap_plain_outputs(info) -> bool:
+    # Note [What gets wrapped]
+    # With only plain inputs, an op's outputs become evictable values when
+    # autograd is recording (activations computed from parameters and inputs).
+    # Under no_grad (optimizers) and for ops writing into plain tensors
+    # (running stats, accumulated gradients) nothing is wrapped, so optimizer
+    # state and parameters stay plain (PITFALLS 10).
+    # Views of plain tensors stay plain: they hold no memory of their own.
+    return torch.is_grad_enabled() and not info.is_view and not info.alias_ok
+
+
+def _alias_map(info, outs, vals, cells) -> List[Optional[int]]:
+    """For each output, the index of the dtr-tensor input it shares storage with."""
+    res: List[Optional[int]] = [None] * len(outs)
+    if not any(c is not None for c in cells):
+        return res
+    if info.is_view or info.alias_ok:
+        # View ops alias their first tensor argument (self).
+        if cells[0] is not None:
+            return [0 if isinstance(o, torch.Tensor) else None for o in outs]
+        return res
+    ptrs = {}
+    for i, (c, v) in enumerate(zip(cells, vals)):
+        if c is not None and isinstance(v, torch.Tensor):
+            p = v.untyped_storage().data_ptr()
+            if p:
+                ptrs.setdefault(p, i)
+    for k, o in enumerate(outs):
+        if isinstance(o, torch.Tensor):
+            p = o.untyped_storage().data_ptr()
+            if p and p in ptrs:
+                res[k] = ptrs[p]
+    return res
+
+
+def _move_slot_first(targs, tkwargs, src):
+    """Renumber template slots so that input ``src`` becomes input 0."""
+    def renum(a):
+        t = type(a)
+        if t is Slot:
+            i = a.i
+            return Slot(0 if i == src else (i + 1 if i < src else i))
+        if t in (list, tuple):
+            return t(renum(x) for x in a)
+        return a
+    return [renum(a) for a in targs], {k: renum(v) for k, v in tkwargs.items()}
+
+
+def _replay_chain(chain, base: torch.Tensor) -> torch.Tensor:
+    x = base
+    for r in chain:
+        vals = [x]
+        for inp in r.inputs[1:]:
+            vals.append(inp.value if type(inp) is Cell else inp.tensor)
+        args, kwargs = fill_args(r.targs, r.tkwargs, vals)
+        out = r.func(*args, **kwargs)
+        x = out[r.out_index] if r.out_index is not None else out
+    return x
+
+
+def _size_key(func, targs, tkwargs, vals):
+    parts = [func]
+    for v in vals:
+        parts.append((tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else None)
+    for a in targs:
+        parts.append(_hashable(a))
+    for k, v in tkwargs.items():
+        parts.append((k, _hashable(v)))
+    return tuple(parts)
+
+
+def _hashable(a):
+    t = type(a)
+    if t is Slot:
+        return "T"
+    if t is list or t is tuple:
+        return tuple(_hashable(x) for x in a)
+    if isinstance(a, torch.Generator):
+        return "G"
+    return a
+
+
+def _meta_output_bytes(func, targs, tkwargs, vals) -> Optional[int]:
+    """Output bytes from running the op on meta tensors; None when that fails."""
+    try:
+        metas = [
+            torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+            if isinstance(v, torch.Tensor) else v
+            for v in vals
+        ]
+        args, kwargs = fill_args(targs, tkwargs, metas)
+        if "generator" in kwargs:
+            kwargs["generator"] = None
+        if "device" in kwargs:
+            kwargs["device"] = "meta"
+        out = func(*args, **kwargs)
+    except Exception:
+        return None
+    total = 0
+    for o in _flat_outputs(out):
+        if isinstance(o, torch.Tensor):
+            total += o.untyped_storage().nbytes()
+    return total
+
+
+def _hook_leaf(t: torch.Tensor) -> None:
+    # Note [Plain gradients]
+    # AccumulateGrad would store a dtr tensor as the .grad of a plain leaf; an
+    # optimizer could then read a value recomputed after it changed the
+    # parameters (PITFALLS 9). Once accumulated, the gradient is escaped:
+    # materialized, pinned, and stored as a plain tensor.
+    if getattr(t, "_dtr_grad_hook", False):
+        return
+    t._dtr_grad_hook = True
+    t.register_post_accumulate_grad_hook(_make_grad_plain)
+
+
+def _make_grad_plain(p: torch.Tensor) -> None:
+    from .tensor import DTRTensor
+
+    g = p.grad
+    if type(g) is DTRTensor:
+        p.grad = g._cell.storage.runtime.escape(g._cell)

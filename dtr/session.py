@@ -1,0 +1,156 @@
+"""``dtr.budget``: parse the limit, open a session, push the mode.
+
+Note [Sessions]
+A Session owns one Runtime. The runtime outlives the ``with`` block: tensors
+that leave it keep their session, and ops on them (``loss.backward()`` after
+the block, ``loss.item()``) still run under its budget. The session is freed
+when the last of its tensors is.
+
+Nesting: a ``dtr.budget`` opened while another is active on the same thread
+joins the outer session (the tensors are shared) and tightens its limit to
+the smaller of the two until the inner block ends; ``as`` gives the outer
+session. Threads: the dispatch mode is per thread, so each thread opens its
+own session; a session's runtime is guarded by a lock, so tensors may be used
+from several threads. Exceptions: an op that raises leaves the runtime
+consistent (locks released, nothing recorded); the block is closed normally
+and the exception propagates unchanged.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from typing import Optional, Union
+
+import torch
+
+from . import policies as _policies
+from .mode import DTRMode
+from .policies import SearchOptions
+from .runtime import Runtime, Stats
+
+__all__ = ["budget", "Session", "parse_budget"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_FORMS = ('an int of bytes, or a string such as "8GB", "800MB", "512MiB", "1.5GiB" '
+          "(units B, KB, MB, GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024)")
+
+
+def parse_budget(limit: Union[int, str, None]) -> Optional[int]:
+    """Bytes from an int or a string like "512MiB"; None means no limit."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, str)):
+        raise TypeError(f"dtr: budget must be {_FORMS}; got {limit!r} of type {type(limit).__name__}")
+    if isinstance(limit, int):
+        n = limit
+    else:
+        m = _BUDGET_RE.match(limit)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"dtr: cannot parse budget {limit!r}: expected {_FORMS}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"dtr: budget must be positive, got {limit!r} ({n} bytes); expected {_FORMS}")
+    return n
+
+
+def _check_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"dtr: unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"dtr: budget on device {device!r}, but CUDA is not available here; "
+                             "use device='cpu' or run on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"dtr: budget on device {device!r}, but only "
+                             f"{torch.cuda.device_count()} CUDA devices exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"dtr: budgets are supported on 'cpu' and 'cuda' devices, got {device!r}")
+    return dev
+
+
+_active = threading.local()
+
+
+def _stack():
+    s = getattr(_active, "stack", None)
+    if s is None:
+        s = _active.stack = []
+    return s
+
+
+class Session:
+    """One dtr runtime and its statistics. Returned by ``dtr.budget``."""
+
+    def __init__(self, limit, policy="dtr_eq", *, device=None, search: Optional[SearchOptions] = None,
+                 pool: str = "auto", _evict_all: bool = False):
+        self.budget_bytes = parse_budget(limit)
+        _policies.get(policy)  # validates the name
+        self.device = _check_device(device)
+        self.runtime = Runtime(self.budget_bytes, policy, search or SearchOptions(),
+                               evict_all=_evict_all, pool_impl=pool)
+        self._mode: Optional[DTRMode] = None
+        self._outer: Optional["Session"] = None
+        self._saved = None
+
+    @property
+    def stats(self) -> Stats:
+        return self.runtime.stats
+
+    @property
+    def policy(self):
+        return self.runtime.policy
+
+    def __enter__(self) -> "Session":
+        stack = _stack()
+        if stack:
+            # Nested: join the outer session with the tighter limit.
+            outer = stack[-1]
+            rt = outer.runtime
+            self._outer = outer
+            self._saved = (rt.limit, rt.evict_all)
+            if self.budget_bytes is not None:
+                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+            rt.evict_all = rt.evict_all or self.runtime.evict_all
+            stack.append(outer)
+            return outer
+        self._mode = DTRMode(self.runtime)
+        self._mode.__enter__()
+        stack.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        stack = _stack()
+        stack.pop()
+        if self._outer is not None:
+            rt = self._outer.runtime
+            rt.limit, rt.evict_all = self._saved
+            self._outer = None
+            return False
+        mode, self._mode = self._mode, None
+        mode.__exit__(exc_type, exc, tb)
+        return False
+
+    def __repr__(self) -> str:
+        return f"Session(budget_bytes={self.budget_bytes}, policy={self.runtime.stats.policy!r})"
+
+
+def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
+           search: Optional[SearchOptions] = None, pool: str = "auto") -> Session:
+    """Run the block under a memory limit, evicting and recomputing values as needed.
+
+    ``limit``: bytes as an int, or a string such as "8GB" or "512MiB"; None tracks
+    without a limit. ``policy``: a registered name (see ``dtr.policies.available()``)
+    or a callable ``score(entry, pool, now)``. ``device``: checked to exist; on CUDA
+    the allocator's own count is respected too.
+    """
+    return Session(limit, policy, device=device, search=search, pool=pool)

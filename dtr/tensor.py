@@ -1,0 +1,122 @@
+"""The wrapper tensor subclass: what user code holds in place of an evictable value.
+
+A ``DTRTensor`` carries the metadata of its value (shape, strides, dtype,
+device) and a reference to its ``Cell``; the data lives in the cell, which the
+runtime may evict and recompute at any time. Autograd works on the wrappers.
+"""
+from __future__ import annotations
+
+import torch
+
+from .records import Cell
+
+__all__ = ["DTRTensor", "unwrap", "is_dtr_tensor"]
+
+
+class DTRTensor(torch.Tensor):
+    # Torch functions go straight to dispatch, where the runtime sees aten ops.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    _cell: Cell
+
+    @staticmethod
+    def _from_cell(cell: Cell, value: torch.Tensor) -> "DTRTensor":
+        r = torch.Tensor._make_wrapper_subclass(
+            DTRTensor,
+            value.size(),
+            strides=value.stride(),
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            layout=value.layout,
+            device=value.device,
+            requires_grad=False,
+        )
+        r._cell = cell
+        rec = cell.storage
+        rec.runtime.attach(rec, r)
+        return r
+
+    def _rebind(self, cell: Cell) -> None:
+        old = self._cell.storage
+        self._cell = cell
+        cell.storage.runtime.attach(cell.storage, self)
+        old.runtime.detach_wrapper(old)
+
+    def __del__(self):
+        cell = self.__dict__.get("_cell")
+        if cell is not None:
+            rec = cell.storage
+            rec.runtime.detach_wrapper(rec)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached when no dtr block is active on this thread: the tensor's own
+        # session runs the op (the runtime outlives its block, PITFALLS 4).
+        for t in types:
+            if t is not DTRTensor and issubclass(t, torch.Tensor) and t is not torch.Tensor:
+                return NotImplemented
+        rt = _runtime_of(args, kwargs)
+        return rt.dispatch(func, args, kwargs or {}, wrap_plain=False)
+
+    # Note [Escapes]
+    # Tensors that leave the block stay DTRTensors and keep working through
+    # their session. Whatever must see real memory (numpy, tolist, data_ptr,
+    # torch.save) gets the materialized value, whose storage is then pinned:
+    # it is never evicted again, so a pointer or array handed out stays valid.
+    def numpy(self, *, force: bool = False):
+        return unwrap(self).numpy(force=force)
+
+    def tolist(self):
+        return unwrap(self).tolist()
+
+    def data_ptr(self) -> int:
+        return unwrap(self).data_ptr()
+
+    def untyped_storage(self):
+        return unwrap(self).untyped_storage()
+
+    def __reduce_ex__(self, proto):
+        # torch.save / pickle / deepcopy store a plain tensor.
+        value = unwrap(self).detach()
+        if self.requires_grad:
+            value.requires_grad_(True)
+        return value.__reduce_ex__(proto)
+
+    def __deepcopy__(self, memo):
+        value = unwrap(self).detach().clone()
+        if self.requires_grad:
+            value.requires_grad_(True)
+        memo[id(self)] = value
+        return value
+
+    def __repr__(self, *, tensor_contents=None):
+        value = unwrap(self)
+        grad = f", grad_fn=<{type(self.grad_fn).__name__}>" if self.grad_fn is not None else ""
+        return f"DTRTensor({value!r}{grad})"
+
+
+def _runtime_of(args, kwargs):
+    for a in list(args) + list((kwargs or {}).values()):
+        if type(a) is DTRTensor:
+            return a._cell.storage.runtime
+        if type(a) in (list, tuple):
+            for x in a:
+                if type(x) is DTRTensor:
+                    return x._cell.storage.runtime
+    raise RuntimeError("dtr: internal error: no dtr tensor among the arguments")
+
+
+def is_dtr_tensor(t) -> bool:
+    return type(t) is DTRTensor
+
+
+def unwrap(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``t``'s value (``t`` itself when it is not a dtr tensor).
+
+    The value is materialized and its storage pinned (never evicted again), so the
+    returned tensor stays valid. It shares memory with ``t``.
+    """
+    if type(t) is not DTRTensor:
+        return t
+    cell = t._cell
+    return cell.storage.runtime.escape(cell)
