@@ -1,0 +1,45 @@
+"""Builds the `torch-dtr` distribution (import name `dtr`) and its C++ core `dtr._C`.
+
+Install with `pip install --no-build-isolation -e .` so the extension is built
+against the torch already installed (build isolation would fetch another one).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+cmdclass = {}
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+if sources and os.environ.get("DTR_NO_EXTENSION") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            "dtr._C",
+            sources,
+            extra_compile_args=["-O3", "-std=c++17"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    name="torch-dtr",
+    version="0.1.0",
+    description="Dynamic Tensor Rematerialization for PyTorch: train under a memory budget",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dtr", "dtr.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.13"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "numpy"],
+        "bench": ["matplotlib", "tqdm", "numpy", "scipy"],
+        "sim": ["matplotlib", "tqdm", "numpy", "scipy"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={
+        "torch_dynamo_backends": [],
+    },
+)
