@@ -106,11 +106,15 @@ class Recipe:
         "is_view",
         "out_index",
         "mutation",
+        "grad_enabled",
         "__weakref__",
     )
 
     def __init__(self, func, targs, tkwargs, inputs, rng, cost: float, is_view: bool = False,
                  out_index: Optional[int] = None, mutation=None):
+        # Some kernels behave differently with grad mode on (mkldnn_rnn_layer returns
+        # its workspace only then): recompute under the mode the op first ran in.
+        self.grad_enabled = torch.is_grad_enabled()
         self.func = func
         self.targs = targs
         self.tkwargs = tkwargs
@@ -140,6 +144,7 @@ class StorageRecord:
         "escaped",
         "nwrappers",
         "wrappers",
+        "banish_pending",
         "__weakref__",
     )
 
@@ -153,6 +158,7 @@ class StorageRecord:
         self.escaped = False  # handed out as a plain tensor; counted as plain memory
         self.nwrappers = 0
         self.wrappers: List[weakref.ref] = []
+        self.banish_pending = False  # its last wrapper died while it was locked
 
     def __del__(self):
         rt = self.runtime

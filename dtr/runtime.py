@@ -150,10 +150,16 @@ class Runtime:
 
     def _maybe_banish(self, rec: StorageRecord) -> None:
         # Note [Eager eviction]
-        # A storage no wrapper refers to is only needed by recipes: free its
-        # memory now and keep the recipes (the paper's eager eviction).
+        # When the last wrapper of a storage dies, the value is only needed by
+        # recipes: free its memory now and keep the recipes (the paper's eager
+        # eviction). Values recomputed for a recipe have no wrapper either, but
+        # they are not banished: they stay until memory pressure evicts them,
+        # so that the next op needing them does not recompute them again.
+        rec.banish_pending = False
         if rec.nwrappers == 0 and rec.resident and not rec.pinned:
-            if not self.pool.locks(rec.sid):
+            if self.pool.locks(rec.sid):
+                rec.banish_pending = True
+            else:
                 self._evict(rec)
                 self.stats.eager_evictions += 1
                 self.stats.evictions -= 1  # _evict counted it as a pressure eviction
@@ -223,12 +229,16 @@ class Runtime:
         if v is not None:
             return v
         self._depth += 1
+        outermost = self._depth == 1
+        t0 = perf_counter() if outermost else 0.0
         try:
             if self._depth > sys.getrecursionlimit() // 4:
                 sys.setrecursionlimit(max(_MIN_RECURSION, 8 * self._depth))
             self._recompute(cell.recipe, cell)
         finally:
             self._depth -= 1
+            if outermost:
+                self.stats.remat_seconds += perf_counter() - t0
         if cell.value is None:  # pragma: no cover - guarded by _recompute
             raise RecomputeError(f"dtr: recomputing {cell.recipe} did not produce its value")
         return cell.value
@@ -239,7 +249,6 @@ class Runtime:
                 "dtr: internal error: an unrecomputable value was evicted; please report this")
         pool = self.pool
         locked: List[StorageRecord] = []
-        t0 = perf_counter()
         try:
             vals = []
             for inp in recipe.inputs:
@@ -264,11 +273,8 @@ class Runtime:
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)
-                # The storage of the wanted value (a view recomputed from its own
-                # storage) is still needed by our caller, who locks it next.
-                if rec.nwrappers == 0 and rec is not want.storage:
+                if rec.banish_pending:
                     self._maybe_banish(rec)
-            self.stats.remat_seconds += perf_counter() - t0
 
     def _plain_value(self, inp: PlainInput, recipe: Recipe) -> torch.Tensor:
         t = inp.tensor
@@ -285,6 +291,16 @@ class Runtime:
         return t
 
     def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+        prev = torch.is_grad_enabled()
+        if prev != recipe.grad_enabled:
+            torch._C._set_grad_enabled(recipe.grad_enabled)
+            try:
+                return self._run_recipe_in_mode(recipe, vals)
+            finally:
+                torch._C._set_grad_enabled(prev)
+        return self._run_recipe_in_mode(recipe, vals)
+
+    def _run_recipe_in_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
         mutation = recipe.mutation
         if mutation is not None:
             bases = []
@@ -391,7 +407,7 @@ class Runtime:
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)
-                if rec.nwrappers == 0:
+                if rec.banish_pending:
                     self._maybe_banish(rec)
             if self.evict_all:
                 self.evict_everything()
