@@ -391,7 +391,8 @@ class Runtime:
                         _hook_leaf(t)
             # 2. Make room for the outputs before running.
             mutated_slots = self._mutated_slots(info, targs, tkwargs)
-            need = self._output_bytes(func, info, targs, tkwargs, vals, cells, mutated_slots)
+            need, size_key = self._output_bytes(func, info, targs, tkwargs, vals, cells,
+                                                mutated_slots)
             unplanned = need is None
             if unplanned:
                 stats.unplanned_ops += 1
@@ -403,7 +404,7 @@ class Runtime:
                 return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,
                                           mutated_slots, DTRTensor)
             return self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
-                                        mutated_slots, DTRTensor, unplanned)
+                                        mutated_slots, DTRTensor, size_key, need)
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)
@@ -428,27 +429,33 @@ class Runtime:
         return out
 
     def _output_bytes(self, func, info, targs, tkwargs, vals, cells, mutated_slots):
-        """Bytes of new storage the op will allocate, planned before it runs."""
+        """(bytes of new storage the op will allocate, the key it is cached under).
+
+        Planned before the op runs: from a cache keyed by the op and its inputs'
+        metadata, filled by running the op on meta tensors and corrected by the
+        sizes actually observed (some meta kernels differ, e.g. RNN workspaces).
+        """
         if not info.returns_tensor and not mutated_slots:
-            return 0
+            return 0, None
         if info.is_view or info.alias_ok:
-            return 0
+            return 0, None
         if mutated_slots:
             # In place: no new storage, except the copy taken of an unevictable target.
             return sum(cells[i].storage.nbytes for i in mutated_slots
-                       if cells[i] is not None and cells[i].storage.pinned)
+                       if cells[i] is not None and cells[i].storage.pinned), None
         key = _size_key(func, targs, tkwargs, vals)
+        cache = self._size_cache
         try:
-            return self._size_cache[key]
+            return cache[key], key
         except KeyError:
             pass
         except TypeError:  # unhashable argument
-            return _meta_output_bytes(func, targs, tkwargs, vals)
-        nb = self._size_cache[key] = _meta_output_bytes(func, targs, tkwargs, vals)
-        return nb
+            return _meta_output_bytes(func, targs, tkwargs, vals), None
+        nb = cache[key] = _meta_output_bytes(func, targs, tkwargs, vals)
+        return nb, key
 
     def _run_functional(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
-                        DTRTensor, unplanned):
+                        DTRTensor, size_key, planned):
         args, kwargs = fill_args(targs, tkwargs, vals)
         device = _device_of(vals)
         rng = None
@@ -530,6 +537,8 @@ class Runtime:
             recipe.outputs.append(weakref.ref(cell))
             results.append(DTRTensor._from_cell(cell, o))
         recipe.out_bytes = new_bytes
+        if size_key is not None and new_bytes != planned:
+            self._size_cache[size_key] = new_bytes
         self._note_peak()
         if isinstance(out, (list, tuple)):
             return type(out)(results) if isinstance(out, tuple) else results

@@ -154,7 +154,7 @@ def parse_lines(lines: Iterable[str], start: bool = True) -> List[Instr]:
             results = tuple(_need(o, "RESULT", lineno))
             sizes, aliases = [], []
             for r in results:
-                if i + 1 >= n + 0 and i >= n:
+                if i >= n:
                     raise TraceError(f"trace line {lineno}: CALL result {r} lacks MEMORY/ALIAS lines")
                 ln_m, m = objs[i]
                 if m["INSTRUCTION"] != "MEMORY" or m.get("NAME") != r:
