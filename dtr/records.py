@@ -26,22 +26,25 @@ class Slot:
         return f"<in{self.i}>"
 
 
+def _leaf(a, tensors: List[torch.Tensor]):
+    # Not a closure: a recursive closure is a reference cycle that would keep
+    # `tensors` (and the memory of every input) alive until the next GC pass.
+    if isinstance(a, torch.Tensor):
+        tensors.append(a)
+        return Slot(len(tensors) - 1)
+    t = type(a)
+    if t is list or t is tuple:
+        for x in a:
+            if isinstance(x, torch.Tensor):
+                return t(_leaf(y, tensors) for y in a)
+    return a
+
+
 def flatten_args(args, kwargs):
     """Split an aten call into a template (tensors replaced by Slots) and the tensors."""
     tensors: List[torch.Tensor] = []
-
-    def leaf(a):
-        if isinstance(a, torch.Tensor):
-            tensors.append(a)
-            return Slot(len(tensors) - 1)
-        if type(a) in (list, tuple):
-            for x in a:
-                if isinstance(x, torch.Tensor):
-                    return type(a)(leaf(y) for y in a)
-        return a
-
-    targs = [leaf(a) for a in args]
-    tkwargs = {k: leaf(v) for k, v in kwargs.items()} if kwargs else {}
+    targs = [_leaf(a, tensors) for a in args]
+    tkwargs = {k: _leaf(v, tensors) for k, v in kwargs.items()} if kwargs else {}
     return targs, tkwargs, tensors
 
 

@@ -719,17 +719,19 @@ def _alias_map(info, outs, vals, cells) -> List[Optional[int]]:
     return res
 
 
+def _renumber(a, src: int):
+    t = type(a)
+    if t is Slot:
+        i = a.i
+        return Slot(0 if i == src else (i + 1 if i < src else i))
+    if t is list or t is tuple:
+        return t(_renumber(x, src) for x in a)
+    return a
+
+
 def _move_slot_first(targs, tkwargs, src):
     """Renumber template slots so that input ``src`` becomes input 0."""
-    def renum(a):
-        t = type(a)
-        if t is Slot:
-            i = a.i
-            return Slot(0 if i == src else (i + 1 if i < src else i))
-        if t in (list, tuple):
-            return t(renum(x) for x in a)
-        return a
-    return [renum(a) for a in targs], {k: renum(v) for k, v in tkwargs.items()}
+    return [_renumber(a, src) for a in targs], {k: _renumber(v, src) for k, v in tkwargs.items()}
 
 
 def _replay_chain(chain, base: torch.Tensor) -> torch.Tensor:
