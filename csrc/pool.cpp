@@ -1,0 +1,497 @@
+// The eviction pool. See Note [What the pool is] in pool.h.
+#include "pool.h"
+
+#include <c10/util/Exception.h>
+#include <patchlevel.h>  // PY_VERSION_HEX: which float summation sum() uses
+
+#include <algorithm>
+#include <cmath>
+
+namespace dtr {
+
+namespace {
+
+// Staleness of an entry touched at this very instant (dtr.policies._MIN_STALENESS).
+constexpr double kMinStaleness = 1e-12;
+
+inline double staleness(const Entry& e, double now) {
+  double s = now - e.last_access;
+  // Python's max(s, 1e-12) keeps s unless 1e-12 > s.
+  return (kMinStaleness > s) ? kMinStaleness : s;
+}
+
+// Python's built-in sum() over floats, starting from the int 0: the same
+// additions in the same order, so that the scores are bit-identical.
+class PySum {
+ public:
+  void add(double x) {
+#if PY_VERSION_HEX >= 0x030C0000
+    // CPython 3.12+: Neumaier's compensated summation.
+    if (!started_) {
+      total_ = 0.0 + x;
+      started_ = true;
+      return;
+    }
+    double t = total_ + x;
+    if (std::fabs(total_) >= std::fabs(x)) {
+      c_ += (total_ - t) + x;
+    } else {
+      c_ += (x - t) + total_;
+    }
+    total_ = t;
+#else
+    total_ += x;
+#endif
+  }
+  double value() const {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (c_ != 0.0 && std::isfinite(c_)) return total_ + c_;
+#endif
+    return total_;
+  }
+
+ private:
+  double total_ = 0.0;
+  double c_ = 0.0;
+  bool started_ = false;
+};
+
+void erase_first(std::vector<Entry*>& v, const Entry* x) {
+  auto it = std::find(v.begin(), v.end(), x);
+  TORCH_INTERNAL_ASSERT(it != v.end(), "dtr: pool neighbour lists out of sync");
+  v.erase(it);  // keeps the order, like list.remove
+}
+
+}  // namespace
+
+const std::vector<std::string>& native_policy_names() {
+  static const std::vector<std::string> names = {"dtr_eq", "dtr",     "dtr_local", "msps",
+                                                 "lru",    "largest", "random"};
+  return names;
+}
+
+Policy policy_from_name(const std::string& name) {
+  const auto& names = native_policy_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == name) return static_cast<Policy>(i);
+  }
+  std::string valid;
+  for (const auto& n : names) valid += (valid.empty() ? "" : ", ") + n;
+  TORCH_CHECK(false, "dtr: the C++ pool does not implement policy '", name, "'; native policies are ",
+              valid, " (use the Python pool for other policies: make_pool(..., impl='python'))");
+}
+
+Pool::Pool(Policy policy, SearchOptions search)
+    : policy_(policy), search_(search), rng_(search.seed) {
+  TORCH_CHECK(search.min_evictable_fraction >= 0.0,
+              "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
+              search.min_evictable_fraction);
+  entries_.reserve(1024);
+  cands_.reserve(1024);
+}
+
+// ---------------------------------------------------------------------------
+// Lookup
+// ---------------------------------------------------------------------------
+
+Entry* Pool::lookup(int64_t sid) {
+  auto it = entries_.find(sid);
+  return it == entries_.end() ? nullptr : &it->second;
+}
+
+const Entry* Pool::find(int64_t sid) const {
+  auto it = entries_.find(sid);
+  return it == entries_.end() ? nullptr : &it->second;
+}
+
+Entry& Pool::get(int64_t sid, const char* what) {
+  auto it = entries_.find(sid);
+  TORCH_CHECK(it != entries_.end(), "dtr: internal error: ", what, " of unknown storage id ", sid,
+              " (it was never added to the pool or was already removed)");
+  return it->second;
+}
+
+// ---------------------------------------------------------------------------
+// Candidates: an array with swap-with-last removal (PythonPool does the same).
+// ---------------------------------------------------------------------------
+
+void Pool::drop_candidate(Entry& e) {
+  if (e.cand_pos == kNotCandidate) return;
+  int64_t pos = e.cand_pos;
+  Entry* last = cands_.back();
+  cands_.pop_back();
+  if (last != &e) {
+    cands_[pos] = last;
+    last->cand_pos = pos;
+  }
+  e.cand_pos = kNotCandidate;
+  candidate_bytes_ -= e.nbytes;
+}
+
+void Pool::maybe_candidate(Entry& e) {
+  if (e.evictable && e.resident && e.nbytes > 0 && e.cand_pos == kNotCandidate) {
+    e.cand_pos = static_cast<int64_t>(cands_.size());
+    cands_.push_back(&e);
+    candidate_bytes_ += e.nbytes;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Union-find nodes. See Note [dtr_eq's union-find] in pool.h.
+// ---------------------------------------------------------------------------
+
+uint32_t Pool::new_node(double cost) {
+  uint32_t n;
+  if (!free_nodes_.empty()) {
+    n = free_nodes_.back();
+    free_nodes_.pop_back();
+  } else {
+    TORCH_CHECK(nodes_.size() < kNoNode, "dtr: too many evicted storages for the union-find");
+    n = static_cast<uint32_t>(nodes_.size());
+    nodes_.push_back(Node{});
+  }
+  nodes_[n] = Node{n, 1, cost};  // one reference: the entry that creates it
+  return n;
+}
+
+void Pool::decref(uint32_t n) {
+  while (true) {
+    Node& node = nodes_[n];
+    TORCH_INTERNAL_ASSERT(node.refs > 0, "dtr: union-find reference count underflow");
+    if (--node.refs > 0) return;
+    uint32_t parent = node.parent;
+    free_nodes_.push_back(n);
+    if (parent == n) return;
+    n = parent;  // it no longer points at its parent
+  }
+}
+
+uint32_t Pool::find_root(uint32_t n) {
+  // Path halving, as _UFNode.find: node.parent = node.parent.parent.
+  while (nodes_[n].parent != n) {
+    uint32_t p = nodes_[n].parent;
+    uint32_t gp = nodes_[p].parent;
+    if (gp != p) {
+      nodes_[n].parent = gp;
+      incref(gp);
+      decref(p);  // p is still referenced by whatever else points at it, or freed
+    }
+    n = gp;
+  }
+  return n;
+}
+
+void Pool::leave_class(Entry& e) {
+  if (e.uf == kNoNode) return;
+  nodes_[find_root(e.uf)].cost -= e.cost;
+  decref(e.uf);
+  e.uf = kNoNode;
+}
+
+// ---------------------------------------------------------------------------
+// Lifecycle
+// ---------------------------------------------------------------------------
+
+void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+               const std::vector<int64_t>& parents) {
+  TORCH_CHECK(nbytes >= 0, "dtr: storage ", sid, " added with negative size ", nbytes);
+  auto [it, inserted] = entries_.try_emplace(sid);
+  TORCH_CHECK(inserted, "dtr: internal error: storage id ", sid, " added twice");
+  Entry& e = it->second;
+  e.sid = sid;
+  e.nbytes = nbytes;
+  e.cost = cost;
+  e.last_access = now;
+  e.evictable = evictable;
+  for (int64_t p : parents) {
+    if (p == sid) continue;
+    Entry* pe = lookup(p);
+    if (pe == nullptr) continue;
+    if (std::find(e.parents.begin(), e.parents.end(), pe) != e.parents.end()) continue;
+    e.parents.push_back(pe);
+    pe->children.push_back(&e);
+  }
+  maybe_candidate(e);
+}
+
+void Pool::remove(int64_t sid) {
+  auto it = entries_.find(sid);
+  if (it == entries_.end()) return;
+  Entry& e = it->second;
+  drop_candidate(e);
+  leave_class(e);  // it leaves its class, as a rematerialized member does
+  for (Entry* p : e.parents) erase_first(p->children, &e);
+  for (Entry* c : e.children) erase_first(c->parents, &e);
+  entries_.erase(it);
+}
+
+// ---------------------------------------------------------------------------
+// Per-op updates
+// ---------------------------------------------------------------------------
+
+void Pool::touch(int64_t sid, double now) {
+  Entry* e = lookup(sid);
+  if (e != nullptr) e->last_access = now;
+}
+
+void Pool::add_cost(int64_t sid, double cost) { get(sid, "add_cost").cost += cost; }
+
+void Pool::lock(int64_t sid) { ++get(sid, "lock").locks; }
+
+void Pool::unlock(int64_t sid) {
+  Entry& e = get(sid, "unlock");
+  TORCH_CHECK(e.locks > 0, "dtr: internal error: unlock of unlocked storage ", sid);
+  --e.locks;
+}
+
+int64_t Pool::locks(int64_t sid) const {
+  const Entry* e = find(sid);
+  return e == nullptr ? 0 : e->locks;
+}
+
+double Pool::cost(int64_t sid) const {
+  const Entry* e = find(sid);
+  return e == nullptr ? 0.0 : e->cost;
+}
+
+void Pool::pin(int64_t sid) {
+  Entry* e = lookup(sid);
+  if (e == nullptr) return;
+  e->evictable = false;
+  drop_candidate(*e);
+}
+
+void Pool::evicted(int64_t sid) {
+  Entry* ep = lookup(sid);
+  if (ep == nullptr || !ep->resident) return;
+  Entry& e = *ep;
+  e.resident = false;
+  drop_candidate(e);
+  TORCH_INTERNAL_ASSERT(e.uf == kNoNode, "dtr: a resident storage belongs to an evicted class");
+  // The new node stays the root and absorbs the classes of the evicted
+  // neighbours (parents first, then children), as PythonPool.evicted.
+  uint32_t node = new_node(e.cost);
+  auto absorb = [&](Entry* n) {
+    if (n->resident || n->uf == kNoNode) return;
+    uint32_t rb = find_root(n->uf);
+    if (rb == node) return;
+    nodes_[rb].parent = node;
+    incref(node);
+    nodes_[node].cost += nodes_[rb].cost;
+  };
+  for (Entry* n : e.parents) absorb(n);
+  for (Entry* n : e.children) absorb(n);
+  e.uf = node;
+}
+
+void Pool::rematerialized(int64_t sid, double now) {
+  Entry& e = get(sid, "rematerialized");
+  if (e.resident) return;
+  e.resident = true;
+  e.last_access = now;
+  leave_class(e);
+  maybe_candidate(e);
+}
+
+// ---------------------------------------------------------------------------
+// Scores. Each mirrors the function of the same name in dtr/policies.py.
+// ---------------------------------------------------------------------------
+
+double Pool::equivalence_class_cost(Entry& e) {
+  roots_.clear();
+  auto visit = [&](Entry* n) {
+    if (n->resident || n->uf == kNoNode) return;
+    uint32_t r = find_root(n->uf);
+    if (std::find(roots_.begin(), roots_.end(), r) == roots_.end()) roots_.push_back(r);
+  };
+  for (Entry* n : e.parents) visit(n);
+  for (Entry* n : e.children) visit(n);
+  PySum total;
+  for (uint32_t r : roots_) total.add(nodes_[r].cost);
+  return total.value();
+}
+
+double Pool::evicted_neighbourhood_cost(Entry& e) {
+  // Depth-first over evicted neighbours with an explicit stack, visiting in
+  // exactly the order of the Python generator-based walk.
+  uint64_t seen = ++epoch_;
+  e.mark = seen;
+  stack_.clear();
+  auto push_evicted_neighbours = [&](Entry& x) {
+    for (Entry* n : x.parents)
+      if (!n->resident && n->mark != seen) stack_.push_back(n);
+    for (Entry* n : x.children)
+      if (!n->resident && n->mark != seen) stack_.push_back(n);
+  };
+  // The first expansion does not filter on seen in Python, but only e is seen then.
+  push_evicted_neighbours(e);
+  double total = 0.0;
+  while (!stack_.empty()) {
+    Entry* n = stack_.back();
+    stack_.pop_back();
+    if (n->mark == seen) continue;
+    n->mark = seen;
+    total += n->cost;
+    push_evicted_neighbours(*n);
+  }
+  return total;
+}
+
+double Pool::evicted_ancestor_cost(Entry& e) {
+  uint64_t seen = ++epoch_;
+  e.mark = seen;
+  stack_.assign(e.parents.begin(), e.parents.end());
+  double total = 0.0;
+  while (!stack_.empty()) {
+    Entry* n = stack_.back();
+    stack_.pop_back();
+    if (n->mark == seen) continue;
+    n->mark = seen;
+    if (n->resident) continue;
+    total += n->cost;
+    stack_.insert(stack_.end(), n->parents.begin(), n->parents.end());
+  }
+  return total;
+}
+
+double Pool::score(Entry& e, double now) {
+  switch (policy_) {
+    case Policy::DtrEq:
+      return (e.cost + equivalence_class_cost(e)) /
+             (static_cast<double>(e.nbytes) * staleness(e, now));
+    case Policy::Dtr:
+      return (e.cost + evicted_neighbourhood_cost(e)) /
+             (static_cast<double>(e.nbytes) * staleness(e, now));
+    case Policy::DtrLocal:
+      return e.cost / (static_cast<double>(e.nbytes) * staleness(e, now));
+    case Policy::Msps:
+      return (e.cost + evicted_ancestor_cost(e)) / static_cast<double>(e.nbytes);
+    case Policy::Lru:
+      return 1.0 / staleness(e, now);
+    case Policy::Largest:
+      return 1.0 / static_cast<double>(e.nbytes);
+    case Policy::Random:
+      return rng_.uniform();
+  }
+  TORCH_INTERNAL_ASSERT(false, "dtr: unknown policy");
+}
+
+// ---------------------------------------------------------------------------
+// The search
+// ---------------------------------------------------------------------------
+
+const Entry* Pool::scan(const std::vector<Entry*>& entries, double now) {
+  const Entry* best = nullptr;
+  double best_score = std::numeric_limits<double>::infinity();
+  for (Entry* e : entries) {
+    if (e->locks) continue;
+    double sc = score(*e, now);
+    if (best == nullptr || sc < best_score || (sc == best_score && e->sid < best->sid)) {
+      best = e;
+      best_score = sc;
+    }
+  }
+  return best;
+}
+
+const Entry* Pool::choose_victim(double now) {
+  const size_t n = cands_.size();
+  if (n == 0) return nullptr;
+  if (search_.sample_above < 0 || n <= static_cast<size_t>(search_.sample_above)) {
+    return scan(cands_, now);
+  }
+  // Note [Sampling]
+  // k = isqrt(n) candidates at a random offset and a fixed stride n / k, so
+  // they are distinct; one draw of the generator per search. PythonPool
+  // samples the same way, so the two still agree.
+  size_t k = static_cast<size_t>(std::sqrt(static_cast<double>(n)));
+  while (k * k > n) --k;
+  while ((k + 1) * (k + 1) <= n) ++k;
+  k = std::max<size_t>(k, 1);
+  const size_t stride = n / k;
+  const size_t start = static_cast<size_t>(rng_.next() % n);
+  sample_.clear();
+  for (size_t i = 0; i < k; ++i) sample_.push_back(cands_[(start + i * stride) % n]);
+  const std::vector<Entry*>* pick = &sample_;
+  if (search_.min_evictable_fraction > 0) {
+    const double floor =
+        search_.min_evictable_fraction * static_cast<double>(candidate_bytes_) / static_cast<double>(n);
+    big_.clear();
+    for (Entry* e : sample_)
+      if (static_cast<double>(e->nbytes) >= floor) big_.push_back(e);
+    if (!big_.empty()) pick = &big_;
+  }
+  const Entry* best = scan(*pick, now);
+  if (best == nullptr) best = scan(cands_, now);  // every sampled one was locked
+  return best;
+}
+
+std::vector<int64_t> Pool::unlocked_candidates() const {
+  std::vector<int64_t> out;
+  out.reserve(cands_.size());
+  for (const Entry* e : cands_)
+    if (!e->locks) out.push_back(e->sid);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Introspection
+// ---------------------------------------------------------------------------
+
+uint32_t Pool::class_root(int64_t sid) {
+  Entry* e = lookup(sid);
+  if (e == nullptr || e->uf == kNoNode) return kNoNode;
+  return find_root(e->uf);
+}
+
+double Pool::class_cost(int64_t sid) {
+  uint32_t r = class_root(sid);
+  return r == kNoNode ? std::nan("") : nodes_[r].cost;
+}
+
+void Pool::check_invariants() {
+  int64_t bytes = 0;
+  for (size_t i = 0; i < cands_.size(); ++i) {
+    const Entry* e = cands_[i];
+    TORCH_INTERNAL_ASSERT(e->cand_pos == static_cast<int64_t>(i), "candidate position of ", e->sid);
+    bytes += e->nbytes;
+  }
+  TORCH_INTERNAL_ASSERT(bytes == candidate_bytes_, "candidate bytes ", candidate_bytes_, " != ", bytes);
+  std::vector<uint32_t> refs(nodes_.size(), 0);
+  size_t ncands = 0;
+  for (auto& [sid, e] : entries_) {
+    TORCH_INTERNAL_ASSERT(sid == e.sid);
+    bool should = e.resident && e.evictable && e.nbytes > 0;
+    TORCH_INTERNAL_ASSERT(should == (e.cand_pos != kNotCandidate), "candidate set wrong for ", sid);
+    ncands += should;
+    TORCH_INTERNAL_ASSERT(e.resident == (e.uf == kNoNode), "class membership wrong for ", sid);
+    TORCH_INTERNAL_ASSERT(e.locks >= 0);
+    if (e.uf != kNoNode) ++refs[e.uf];
+    for (Entry* p : e.parents) {
+      TORCH_INTERNAL_ASSERT(std::count(p->children.begin(), p->children.end(), &e) == 1);
+      TORCH_INTERNAL_ASSERT(lookup(p->sid) == p);
+    }
+    for (Entry* c : e.children) {
+      TORCH_INTERNAL_ASSERT(std::count(c->parents.begin(), c->parents.end(), &e) == 1);
+      TORCH_INTERNAL_ASSERT(lookup(c->sid) == c);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(ncands == cands_.size());
+  std::vector<bool> is_free(nodes_.size(), false);
+  for (uint32_t f : free_nodes_) is_free[f] = true;
+  for (uint32_t i = 0; i < nodes_.size(); ++i) {
+    if (is_free[i]) continue;
+    if (nodes_[i].parent != i) {
+      TORCH_INTERNAL_ASSERT(!is_free[nodes_[i].parent], "a live node points at a free one");
+      ++refs[nodes_[i].parent];
+    }
+  }
+  for (uint32_t i = 0; i < nodes_.size(); ++i) {
+    if (is_free[i]) continue;
+    TORCH_INTERNAL_ASSERT(refs[i] == nodes_[i].refs, "node ", i, " has ", nodes_[i].refs,
+                          " references, expected ", refs[i]);
+    TORCH_INTERNAL_ASSERT(refs[i] > 0, "a live node nobody refers to");
+  }
+}
+
+}  // namespace dtr

@@ -1,0 +1,189 @@
+// The eviction pool of dtr in C++: the same decisions as dtr.policies.PythonPool.
+//
+// Note [What the pool is]
+// The pool knows nothing about tensors. It holds one Entry per *storage* (the
+// unit of eviction), keyed by an integer id chosen by the caller, with its
+// bytes, compute cost, last access time, lock count, residency, whether it may
+// be evicted at all, and its dataflow neighbours (parents: the storages its
+// recipe reads; children: the storages whose recipes read it). The runtime
+// (dtr/runtime.py) calls it on every op, so every method but choose_victim is
+// O(1) (removal is O(degree)).
+//
+// Note [Same victims as the Python pool]
+// dtr.policies.PythonPool is the reference. With sampling off, both pools must
+// evict the same storages in the same order for every policy, so:
+//  * scores are computed with the same floating-point operations in the same
+//    order (neighbours are visited parents first, then children, in insertion
+//    order; removal from neighbour lists keeps the order, like list.remove);
+//  * ties go to the smallest id;
+//  * the candidate array uses the same swap-with-last removal as the Python
+//    pool, and both use the same SplitMix64 generator, so even sampling and
+//    the "random" policy agree between the two.
+//
+// Note [dtr_eq's union-find]
+// Evicting t creates a class node carrying t's cost and unions it with the
+// classes of t's evicted neighbours (the new node stays the root and adds their
+// costs). Rematerializing or removing t subtracts t's (current) cost from its
+// class's root and leaves the class without splitting it, as in the paper.
+// Nodes are reference counted (by entries and by child nodes) and recycled, so
+// a long run does not grow the node arena without bound.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace dtr {
+
+enum class Policy : int { DtrEq, Dtr, DtrLocal, Msps, Lru, Largest, Random };
+
+// The names of the policies implemented natively, as registered in dtr.policies.
+const std::vector<std::string>& native_policy_names();
+Policy policy_from_name(const std::string& name);
+
+struct SearchOptions {
+  // With more candidates than this, score about sqrt(n) of them (-1: never).
+  int64_t sample_above = -1;
+  // When sampling, skip sampled candidates smaller than this fraction of the
+  // mean candidate size (unless that skips them all).
+  double min_evictable_fraction = 0.0;
+  uint64_t seed = 0;
+};
+
+// SplitMix64; dtr.policies._SplitMix64 is the same generator in Python.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(uint64_t seed = 0) : state_(seed) {}
+  uint64_t next() {
+    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+
+ private:
+  uint64_t state_;
+};
+
+constexpr uint32_t kNoNode = std::numeric_limits<uint32_t>::max();
+constexpr int64_t kNotCandidate = -1;
+
+struct Entry {
+  int64_t sid = 0;
+  int64_t nbytes = 0;
+  double cost = 0.0;
+  double last_access = 0.0;
+  int64_t locks = 0;
+  bool resident = true;
+  bool evictable = true;
+  std::vector<Entry*> parents;
+  std::vector<Entry*> children;
+  uint32_t uf = kNoNode;             // class node while evicted (dtr_eq bookkeeping)
+  int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
+  uint64_t mark = 0;                 // visit stamp for graph walks
+};
+
+class Pool {
+ public:
+  Pool(Policy policy, SearchOptions search);
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  // -- lifecycle ---------------------------------------------------------
+  void add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+           const std::vector<int64_t>& parents);
+  void remove(int64_t sid);
+
+  // -- per-op updates ----------------------------------------------------
+  void touch(int64_t sid, double now);
+  void add_cost(int64_t sid, double cost);
+  void lock(int64_t sid);
+  void unlock(int64_t sid);
+  int64_t locks(int64_t sid) const;
+  double cost(int64_t sid) const;
+  void pin(int64_t sid);
+  void evicted(int64_t sid);
+  void rematerialized(int64_t sid, double now);
+
+  // -- the search --------------------------------------------------------
+  // The unlocked candidate with the lowest score (ties: smallest id), or
+  // nullptr when every candidate is locked or there is none.
+  const Entry* choose_victim(double now);
+  std::vector<int64_t> unlocked_candidates() const;
+
+  // -- introspection -----------------------------------------------------
+  size_t size() const { return entries_.size(); }
+  size_t num_candidates() const { return cands_.size(); }
+  int64_t candidate_bytes() const { return candidate_bytes_; }
+  Policy policy() const { return policy_; }
+  const SearchOptions& search() const { return search_; }
+  const Entry* find(int64_t sid) const;
+  const std::vector<Entry*>& candidates() const { return cands_; }
+  // The summed cost of the class of an evicted storage (NaN if it has none).
+  double class_cost(int64_t sid);
+  // The root node of an evicted storage's class (kNoNode if it has none).
+  uint32_t class_root(int64_t sid);
+  size_t live_nodes() const { return nodes_.size() - free_nodes_.size(); }
+  // Checks every invariant (TORCH_INTERNAL_ASSERT); for tests.
+  void check_invariants();
+  double score(Entry& e, double now);
+
+ private:
+  struct Node {
+    uint32_t parent;
+    uint32_t refs;  // entries and child nodes pointing here (a root's self-link is not counted)
+    double cost;
+  };
+
+  Entry& get(int64_t sid, const char* what);
+  Entry* lookup(int64_t sid);
+  void drop_candidate(Entry& e);
+  void maybe_candidate(Entry& e);
+  void leave_class(Entry& e);
+
+  uint32_t new_node(double cost);
+  void incref(uint32_t n) { ++nodes_[n].refs; }
+  void decref(uint32_t n);
+  uint32_t find_root(uint32_t n);
+
+  double equivalence_class_cost(Entry& e);
+  double evicted_neighbourhood_cost(Entry& e);
+  double evicted_ancestor_cost(Entry& e);
+
+  const Entry* scan(const std::vector<Entry*>& entries, double now);
+
+  Policy policy_;
+  SearchOptions search_;
+  SplitMix64 rng_;
+  std::unordered_map<int64_t, Entry> entries_;
+  std::vector<Entry*> cands_;  // resident, evictable, nbytes > 0 (locked ones are skipped)
+  int64_t candidate_bytes_ = 0;
+  std::vector<Node> nodes_;
+  std::vector<uint32_t> free_nodes_;
+  uint64_t epoch_ = 0;
+  // Scratch buffers reused by the search and the graph walks.
+  std::vector<Entry*> sample_, big_, stack_;
+  std::vector<uint32_t> roots_;
+};
+
+// Holds a lock on a storage for the lifetime of the guard.
+class PoolLock {
+ public:
+  PoolLock(Pool& pool, int64_t sid) : pool_(pool), sid_(sid) { pool_.lock(sid_); }
+  // The storage may have left the pool meanwhile: then there is nothing to release.
+  ~PoolLock() {
+    if (pool_.locks(sid_) > 0) pool_.unlock(sid_);
+  }
+  PoolLock(const PoolLock&) = delete;
+  PoolLock& operator=(const PoolLock&) = delete;
+
+ private:
+  Pool& pool_;
+  int64_t sid_;
+};
+
+}  // namespace dtr

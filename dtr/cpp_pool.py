@@ -1,0 +1,27 @@
+"""The C++ eviction pool, ``dtr._C.CppPool``: PythonPool's interface and decisions, in C++.
+
+``CppPool(policy, search)`` takes a policy *name* from ``dtr._C.native_policies()``
+and a ``dtr.SearchOptions``. Its public methods are exactly PythonPool's:
+``add(sid, nbytes, cost, now, evictable, parents)``, ``remove(sid)``,
+``touch(sid, now)``, ``add_cost(sid, c)``, ``cost(sid)``, ``lock(sid)``,
+``unlock(sid)``, ``locks(sid)``, ``pin(sid)``, ``evicted(sid)``,
+``rematerialized(sid, now)``, ``choose_victim(now)``, ``unlocked_candidates()``
+and ``len()``. With the same calls it evicts the same storages in the same
+order as PythonPool (see Note [Same victims as the Python pool] in
+csrc/pool.h). Caller errors (unknown storage id, unlocking an unlocked
+storage) raise ``dtr.DTRError``.
+
+The class is the C++ object itself, not a Python wrapper around it, so a call
+from the runtime costs one pybind11 dispatch and nothing more.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+try:
+    from ._C import CppPool, native_policies  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "dtr: the C++ pool needs the extension dtr._C, which is not built; build it with "
+        "`pip install --no-build-isolation -e .` (or use make_pool(..., impl='python'))"
+    ) from exc
+
+__all__ = ["CppPool", "native_policies"]
