@@ -1,0 +1,701 @@
+"""Benchmark dtr against what users would pick instead, measuring memory independently.
+
+    python -m bench.run                 # full run: all models, into bench/results/
+    python -m bench.run --quick --out /tmp/q   # one small model, two budgets (< 2 min)
+    python bench/run.py --models gpt lstm
+
+See bench/README.md for what each column means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+if __package__ in (None, ""):  # ``python bench/run.py``
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+
+import torch
+
+import dtr
+from bench import models as M
+
+FRACTIONS = [0.8, 0.6, 0.5, 0.4, 0.3, 0.2]
+COMPILE_BUDGETS = [1.0, 0.5, 0.1]
+SLACK = 0.05  # measured peak may exceed the budget by this much (op workspace)
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages of ``tensors``."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in seen or key == 0:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+def flat_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from flat_tensors(o)
+
+
+def resident_base(model, batch) -> int:
+    """What is in memory when a step starts: parameters, buffers, inputs (grads are None)."""
+    return storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(batch)])
+
+
+def alloc_timeline(fn: Callable[[], Any]):
+    """Run fn under the profiler; (result, list of live bytes after each allocator event).
+
+    Same walk as dtr.measure.peak_memory (PITFALLS 16), keeping the whole series.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch._C._profiler import _EventType
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        n = stack.pop()
+        if n.tag == _EventType.Allocation:
+            f = n.extra_fields
+            if str(f.device).startswith("cpu"):
+                events.append((n.start_time_ns, f.alloc_size))
+        stack.extend(n.children)
+    events.sort(key=lambda e: e[0])
+    cur, series = 0, []
+    for _, size in events:
+        cur += size
+        series.append(cur)
+    return result, series
+
+
+class StepTimeout(Exception):
+    pass
+
+
+class time_limit:
+    """Raise StepTimeout in the main thread after ``seconds`` (None: no limit)."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+
+    def _fire(self, signum, frame):
+        raise StepTimeout(f"step took more than {self.seconds:.0f} s")
+
+    def __enter__(self):
+        if self.seconds:
+            self._old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old)
+        return False
+
+
+# ----------------------------------------------------------------------------
+# One configuration
+# ----------------------------------------------------------------------------
+class Config:
+    """How one step runs: kind in eager / ckpt / dtr / compile."""
+
+    def __init__(self, kind: str, label: str, *, ckpt=None, budget=None, policy="dtr_eq",
+                 fraction=None, amb=None, backend="aot_eager"):
+        self.kind, self.label, self.ckpt = kind, label, ckpt
+        self.budget, self.policy, self.fraction = budget, policy, fraction
+        self.amb, self.backend = amb, backend
+
+
+def make_stepper(model, cfg: Config):
+    """A function batch -> (loss float, stats dict or None) running one training step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.ckpt = cfg.ckpt
+    if cfg.kind in ("eager", "ckpt"):
+        def step(batch):
+            opt.zero_grad(set_to_none=True)
+            loss = model(*batch)
+            loss.backward()
+            val = loss.item()
+            opt.step()
+            return val, None
+        return step
+    if cfg.kind == "dtr":
+        def step(batch):
+            opt.zero_grad(set_to_none=True)
+            with dtr.budget(cfg.budget, policy=cfg.policy) as s:
+                loss = model(*batch)
+                loss.backward()
+                val = loss.item()
+            del loss
+            opt.step()
+            return val, s.stats.as_dict()
+        return step
+    if cfg.kind == "compile":
+        cm = torch.compile(model, backend=cfg.backend)
+        if cfg.backend == "dtr":
+            def step(batch):
+                opt.zero_grad(set_to_none=True)
+                with dtr.budget(cfg.budget) as s:
+                    loss = cm(*batch)
+                    loss.backward()
+                    val = loss.item()
+                del loss
+                opt.step()
+                return val, s.stats.as_dict()
+            return step
+
+        def step(batch):
+            opt.zero_grad(set_to_none=True)
+            loss = cm(*batch)
+            loss.backward()
+            val = loss.item()
+            opt.step()
+            return val, None
+        return step
+    raise ValueError(cfg.kind)
+
+
+def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: Optional[float],
+               timeline: bool = False) -> dict:
+    """Warm-up step, one profiled step (peak), ``timed_steps`` timed steps. Never raises."""
+    row: Dict[str, Any] = dict(model=name, method=cfg.label, kind=cfg.kind, policy=cfg.policy
+                               if cfg.kind == "dtr" else None, fraction=cfg.fraction,
+                               budget_bytes=cfg.budget, amb=cfg.amb, status="ok", losses=[])
+    model, batch_fn = M.build(name, size)
+    model.train()
+    try:
+        step = make_stepper(model, cfg)
+        stats_list = []
+        with time_limit(step_limit * 3 if step_limit else None):  # warm-up may compile
+            loss, st = step(batch_fn(0))
+        row["losses"].append(loss)
+        # Profiled step: the measured peak (relative to the step's start) plus what was resident.
+        batch = batch_fn(1)
+        base = resident_base(model, batch)
+        with time_limit(step_limit * 3 if step_limit else None):
+            (loss, st), peak = dtr.measure.peak_memory(step, batch)
+        row["losses"].append(loss)
+        row["base_bytes"] = base
+        row["peak_above_start"] = peak
+        row["measured_peak"] = base + peak
+        if st is not None:
+            stats_list.append(st)
+        walls, cpus = [], []
+        for i in range(timed_steps):
+            batch = batch_fn(2 + i)
+            t0, c0 = time.perf_counter(), time.process_time()
+            with time_limit(step_limit):
+                loss, st = step(batch)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            row["losses"].append(loss)
+            if st is not None:
+                stats_list.append(st)
+        row["step_s"] = statistics.median(walls)
+        row["step_cpu_s"] = statistics.median(cpus)
+        row["step_walls"] = walls
+        if stats_list:
+            timed = stats_list[1:] or stats_list
+            row["dtr_peak_bytes"] = max(s["peak_bytes"] for s in stats_list)
+            for k in ("evictions", "rematerializations", "remat_seconds", "search_seconds", "ops",
+                      "op_seconds", "eager_evictions", "unplanned_ops"):
+                row[k] = statistics.median(s[k] for s in timed)
+        if timeline:
+            batch = batch_fn(2 + timed_steps)
+            (loss, _), series = alloc_timeline(lambda: step(batch))
+            row["losses"].append(loss)
+            row["timeline"] = [base + x for x in series]
+    except dtr.BudgetExceededError as e:
+        row["status"] = f"BudgetExceededError at step {len(row['losses'])}"
+        row["smallest_feasible_bytes"] = e.smallest_feasible_bytes
+    except StepTimeout as e:
+        row["status"] = f"timeout at step {len(row['losses'])}: {e}"
+    except Exception as e:  # record, never hide
+        row["status"] = f"{type(e).__name__} at step {len(row['losses'])}: {str(e).splitlines()[0][:200]}"
+        row["traceback"] = traceback.format_exc()
+    return row
+
+
+def feasible(name, size, budget, policy, limit) -> tuple:
+    """(ok, hint): can one dtr step (the first batch, fresh model) run under ``budget``?"""
+    model, batch_fn = M.build(name, size)
+    step = make_stepper(model, Config("dtr", "probe", budget=int(budget), policy=policy))
+    try:
+        with time_limit(limit):
+            step(batch_fn(0))
+        return True, None
+    except dtr.BudgetExceededError as e:
+        return False, e.smallest_feasible_bytes
+    except StepTimeout:
+        return False, None
+
+
+def smallest_budget(name, size, policy, lo_fail: Optional[int], hi_ok: Optional[int], eager_peak: int,
+                    limit: float, tries: int = 6) -> Optional[int]:
+    """Bisect the smallest budget one step runs under, helped by smallest_feasible_bytes."""
+    if hi_ok is None:
+        hi_ok = eager_peak * 2
+        ok, _ = feasible(name, size, hi_ok, policy, limit)
+        if not ok:
+            return None
+    lo = lo_fail or 0
+    if lo == 0:
+        ok, hint = feasible(name, size, max(1, eager_peak // 100), policy, limit)
+        if ok:
+            return max(1, eager_peak // 100)
+        lo = max(eager_peak // 100, hint or 0)
+    for _ in range(tries):
+        if hi_ok <= lo * 1.02:
+            break
+        mid = (lo + hi_ok) // 2
+        ok, hint = feasible(name, size, mid, policy, limit)
+        if ok:
+            hi_ok = mid
+        else:
+            lo = max(mid, hint or 0)
+            if lo >= hi_ok:
+                lo = mid
+    return hi_ok
+
+
+# ----------------------------------------------------------------------------
+# torch.compile in a fresh subprocess per setting
+# ----------------------------------------------------------------------------
+def compile_worker(args) -> None:
+    import torch._functorch.config as fconfig
+    import torch._dynamo.config as dconfig
+
+    fconfig.activation_memory_budget = args.amb
+    dconfig.allow_rnn = True  # otherwise nn.LSTM graph-breaks and runs eagerly
+    budget = args.budget
+    cfg = Config("compile", args.label, amb=args.amb, backend=args.backend, budget=budget)
+    row = run_config(args.models[0], args.size, cfg, args.steps, None)
+    print("@@ROW@@" + json.dumps(row))
+
+
+def run_compile(name, size, label, amb, backend, steps, timeout, budget=None) -> dict:
+    cmd = [sys.executable, "-m", "bench.run", "--_compile-worker", "--models", name, "--size", size,
+           "--steps", str(steps), "--label", label, "--backend", backend]
+    if amb is not None:
+        cmd += ["--amb", str(amb)]
+    if budget is not None:
+        cmd += ["--budget", str(int(budget))]
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        return dict(model=name, method=label, kind="compile", amb=amb, status=f"timeout after {timeout} s",
+                    losses=[])
+    for line in p.stdout.splitlines():
+        if line.startswith("@@ROW@@"):
+            row = json.loads(line[7:])
+            row["compile_wall_s"] = time.perf_counter() - t0
+            return row
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return dict(model=name, method=label, kind="compile", amb=amb, status="subprocess failed: " + " | ".join(tail)[:300],
+                losses=[])
+
+
+# ----------------------------------------------------------------------------
+# Agreement, tables, plots
+# ----------------------------------------------------------------------------
+def agreement(row, ref: List[float]) -> str:
+    losses = row.get("losses") or []
+    if not losses:
+        return "-"
+    n = min(len(losses), len(ref))
+    diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[:n], ref[:n])]
+    row["loss_max_rel_diff"] = max(diffs)
+    if all(a == b for a, b in zip(losses[:n], ref[:n])):
+        row["loss_agree"] = "exact"
+    elif row["kind"] == "compile" and max(diffs) <= 1e-3:
+        row["loss_agree"] = f"~{max(diffs):.0e}"
+    elif row["kind"] == "ckpt" and max(diffs) <= 1e-5:
+        row["loss_agree"] = f"~{max(diffs):.0e}"
+    else:
+        row["loss_agree"] = f"DIFF {max(diffs):.1e}"
+    return row["loss_agree"]
+
+
+def machine_info() -> str:
+    import importlib
+
+    lines = [f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
+             f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or '?'}; "
+             f"torch threads {torch.get_num_threads()}",
+             f"- python {platform.python_version()}, torch {torch.__version__}, dtr {dtr.__version__}"]
+    try:
+        importlib.import_module("dtr._C")
+        lines.append("- dtr C++ core (dtr._C): present")
+    except Exception:
+        lines.append("- dtr C++ core (dtr._C): missing (pure-Python pool)")
+    for mod in ("matplotlib", "tqdm"):
+        try:
+            lines.append(f"- {mod} {importlib.import_module(mod).__version__}")
+        except Exception:
+            pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "dtr"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+        lines.append(f"- git HEAD {rev}" + (" (dtr/ has uncommitted edits)" if dirty else ""))
+    except Exception:
+        pass
+    try:
+        load = os.getloadavg()
+        lines.append(f"- load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    except Exception:
+        pass
+    return "\n".join(lines)
+
+
+def mib(x) -> str:
+    return "-" if x is None else f"{x / MiB:.1f}"
+
+
+def table(rows: List[dict], eager: dict) -> str:
+    et = eager.get("step_s")
+    ep = eager.get("measured_peak")
+    head = ("| method | budget MiB (x eager peak) | measured peak MiB (x eager) | dtr accounting peak MiB | "
+            "step s (x eager) | cpu s | evictions | remats | remat s | search s | losses | status |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    out = []
+    for r in rows:
+        b = r.get("budget_bytes")
+        bud = "-" if not b else f"{mib(b)} ({b / ep:.2f})" if ep else mib(b)
+        mp = r.get("measured_peak")
+        mps = "-" if mp is None else f"{mib(mp)} ({mp / ep:.2f})" if ep else mib(mp)
+        if b and mp and mp > b * (1 + SLACK):
+            mps += " **over budget**"
+        st = r.get("step_s")
+        sts = "-" if st is None else f"{st:.3f} ({st / et:.2f}x)" if et else f"{st:.3f}"
+        cpu = r.get("step_cpu_s")
+
+        def f(k, fmt="{:.0f}"):
+            v = r.get(k)
+            return "-" if v is None else fmt.format(v)
+
+        out.append(f"| {r['method']} | {bud} | {mps} | {mib(r.get('dtr_peak_bytes'))} | {sts} | "
+                   f"{'-' if cpu is None else f'{cpu:.3f}'} | {f('evictions')} | {f('rematerializations')} | "
+                   f"{f('remat_seconds', '{:.3f}')} | {f('search_seconds', '{:.3f}')} | "
+                   f"{r.get('loss_agree', '-')} | {r['status']} |")
+    return head + "\n".join(out) + "\n"
+
+
+def plot_frontier(name, rows, eager, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    et, ep = eager["step_s"], eager["measured_peak"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([1.0], [1.0], marker="*", s=200, c="k", label="eager", zorder=5)
+    for pol, color in (("dtr_eq", "tab:blue"), ("lru", "tab:orange")):
+        pts = sorted((r["measured_peak"] / ep, r["step_s"] / et) for r in rows
+                     if r["kind"] == "dtr" and r.get("policy") == pol and r["status"] == "ok"
+                     and r.get("budget_bytes"))
+        if pts:
+            ax.plot([p[1] for p in pts], [p[0] for p in pts], "o-", c=color, label=f"dtr ({pol})")
+    markers = {"ckpt": ("s", "tab:green"), "compile": ("^", "tab:red")}
+    for r in rows:
+        if r["kind"] in markers and r["status"] == "ok" and r.get("step_s"):
+            m, c = markers[r["kind"]]
+            x, y = r["step_s"] / et, r["measured_peak"] / ep
+            ax.scatter([x], [y], marker=m, c=c, s=60)
+            ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.scatter([], [], marker="s", c="tab:green", label="torch.utils.checkpoint")
+    ax.scatter([], [], marker="^", c="tab:red", label="torch.compile")
+    ax.set_xlabel("step time / eager step time")
+    ax.set_ylabel("measured peak / eager measured peak")
+    ax.set_title(f"{name}: memory vs time (lower-left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(name, eager, drow, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r, lab, c in ((eager, "eager", "k"), (drow, f"dtr {drow['method']}", "tab:blue")):
+        s = r.get("timeline")
+        if s:
+            ax.plot(range(len(s)), [v / MiB for v in s], c=c, lw=0.8, label=lab)
+    if drow.get("budget_bytes"):
+        ax.axhline(drow["budget_bytes"] / MiB, c="tab:red", ls="--", lw=1, label="budget")
+    ax.set_xlabel("allocator event index within one training step (fwd + bwd + SGD step)")
+    ax.set_ylabel("live bytes (MiB, incl. params/inputs)")
+    ax.set_title(f"{name}: memory over one step")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Per model
+# ----------------------------------------------------------------------------
+def bench_model(name, args, bar) -> List[dict]:
+    size, steps = args.size, args.steps
+    rows: List[dict] = []
+
+    def add(row):
+        rows.append(row)
+        bar.update(1)
+        bar.set_postfix_str(f"{name}: {row['method']} {row['status'][:30]}")
+        return row
+
+    eager = add(run_config(name, size, Config("eager", "eager"), steps, None, timeline=True))
+    if eager["status"] != "ok":
+        return rows
+    ep, et = eager["measured_peak"], eager["step_s"]
+    limit = max(30.0, 25 * et)
+    ref = eager["losses"]
+
+    statics = []
+    if not args.quick or True:
+        statics.append(Config("ckpt", "checkpoint per block", ckpt="block"))
+    if M.SEQUENTIAL[name]:
+        statics += [Config("ckpt", "checkpoint_sequential 2", ckpt="seq2"),
+                    Config("ckpt", "checkpoint_sequential 4", ckpt="seq4")]
+    ck_rows = [add(run_config(name, size, c, steps, limit)) for c in statics]
+
+    add(run_config(name, size, Config("dtr", "dtr no limit", budget=None), steps, limit))
+
+    for pol in args.policies:
+        ok_min, fail_max = None, None
+        for fr in args.fractions:
+            b = int(ep * fr)
+            r = add(run_config(name, size, Config("dtr", f"dtr {pol} @{fr}", budget=b, policy=pol,
+                                                  fraction=fr), steps, limit,
+                               timeline=(pol == "dtr_eq" and fr == args.timeline_fraction)))
+            if r["status"] == "ok":
+                ok_min = b if ok_min is None else min(ok_min, b)
+            elif r["status"].startswith(("BudgetExceeded", "timeout")):
+                fail_max = b if fail_max is None else max(fail_max, b)
+        if args.smallest:
+            sb = smallest_budget(name, size, pol, fail_max, ok_min, ep, limit)
+            if sb is not None:
+                add(run_config(name, size, Config("dtr", f"dtr {pol} smallest", budget=sb, policy=pol,
+                                                  fraction=round(sb / ep, 3)), steps, limit))
+            else:
+                add(dict(model=name, method=f"dtr {pol} smallest", kind="dtr", policy=pol,
+                         status="no feasible budget found", losses=[]))
+    # dtr at the peak per-block checkpoint reaches
+    ck = next((r for r in ck_rows if r["method"] == "checkpoint per block" and r["status"] == "ok"), None)
+    if ck is not None:
+        add(run_config(name, size, Config("dtr", "dtr dtr_eq @checkpoint's peak", budget=ck["measured_peak"],
+                                          fraction=round(ck["measured_peak"] / ep, 3)), steps, limit))
+
+    if not args.no_compile:
+        if name == "treelstm":
+            for amb in args.compile_budgets:
+                add(dict(model=name, method=f"compile amb={amb}", kind="compile", amb=amb, losses=[],
+                         status="skipped: the graph differs per input (a new tree each step), so Dynamo "
+                                "recompiles every step and falls back to eager after its recompile limit"))
+        else:
+            for amb in args.compile_budgets:
+                add(run_compile(name, size, f"compile amb={amb}", amb, "aot_eager", steps, args.compile_timeout))
+        if hasattr(dtr, "compile_backend"):
+            add(run_compile(name, size, "compile backend=dtr @0.5", None, "dtr", steps, args.compile_timeout,
+                            budget=int(0.5 * ep)))
+        else:
+            add(dict(model=name, method="compile backend=dtr", kind="compile", losses=[],
+                     status="skipped: dtr.compile_backend does not exist yet"))
+    for r in rows:
+        agreement(r, ref)
+    return rows
+
+
+def summarize(name, rows) -> List[str]:
+    """The target ratios for one model, as Markdown bullet lines."""
+    by = {r["method"]: r for r in rows}
+    eager = by.get("eager")
+    if not eager or eager["status"] != "ok":
+        return [f"- {name}: eager failed"]
+    et, ep = eager["step_s"], eager["measured_peak"]
+    out = []
+    ok = [r for r in rows if r["status"] == "ok" and r.get("step_s")]
+    ck = by.get("checkpoint per block")
+    dk = by.get("dtr dtr_eq @checkpoint's peak")
+    if ck and dk and ck["status"] == "ok":
+        if dk["status"] == "ok":
+            out.append(f"- {name}: at checkpoint-per-block's peak ({mib(ck['measured_peak'])} MiB, "
+                       f"{ck['measured_peak'] / ep:.2f}x eager), dtr step {dk['step_s']:.3f} s "
+                       f"({dk['step_s'] / et:.2f}x eager) vs checkpoint {ck['step_s']:.3f} s "
+                       f"({ck['step_s'] / et:.2f}x): dtr/checkpoint = {dk['step_s'] / ck['step_s']:.2f}")
+        else:
+            out.append(f"- {name}: dtr at checkpoint's peak: {dk['status']}")
+    statics = [r for r in ok if r["kind"] in ("ckpt", "compile")]
+    if statics:
+        best = min(statics, key=lambda r: r["measured_peak"])
+        fast = [r for r in ok if r["kind"] == "dtr" and r["step_s"] < 1.5 * et and r.get("budget_bytes")]
+        if fast:
+            low = min(fast, key=lambda r: r["measured_peak"])
+            out.append(f"- {name}: lowest static peak {mib(best['measured_peak'])} MiB "
+                       f"({best['measured_peak'] / ep:.2f}x, {best['method']}, {best['step_s'] / et:.2f}x time); "
+                       f"lowest dtr peak under 1.5x eager time {mib(low['measured_peak'])} MiB "
+                       f"({low['measured_peak'] / ep:.2f}x, {low['method']}, {low['step_s'] / et:.2f}x time)")
+    for r in rows:
+        if r.get("fraction") == 0.5 and r["kind"] == "dtr":
+            if r["status"] == "ok":
+                out.append(f"- {name}: {r['method']}: step {r['step_s'] / et:.2f}x eager, "
+                           f"measured peak {r['measured_peak'] / r['budget_bytes']:.3f}x budget")
+            else:
+                out.append(f"- {name}: {r['method']}: {r['status']}")
+    over = [r["method"] for r in ok if r.get("budget_bytes") and r["kind"] == "dtr"
+            and r["measured_peak"] > r["budget_bytes"] * (1 + SLACK)]
+    out.append(f"- {name}: dtr rows whose measured peak exceeds budget+{SLACK:.0%}: "
+               + (", ".join(over) if over else "none"))
+    nl = by.get("dtr no limit")
+    if nl and nl["status"] == "ok":
+        out.append(f"- {name}: dtr with no limit (bookkeeping only): {nl['step_s'] / et:.2f}x eager; "
+                   f"bookkeeping is about {max(0.0, 1 - et / nl['step_s']):.0%} of its step "
+                   f"({nl.get('ops', 0):.0f} ops per step)")
+    bad = [r["method"] for r in rows if str(r.get("loss_agree", "")).startswith("DIFF")]
+    if bad:
+        out.append(f"- {name}: losses DISAGREE with eager: {', '.join(bad)}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small model, two budgets (< 2 min)")
+    p.add_argument("--models", nargs="+", default=None, choices=M.MODELS)
+    p.add_argument("--size", default=None, choices=sorted(M.SIZES))
+    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-timeout", type=int, default=900)
+    p.add_argument("--threads", type=int, default=None)
+    # internal: the compile worker
+    p.add_argument("--_compile-worker", dest="compile_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--label", default="compile", help=argparse.SUPPRESS)
+    p.add_argument("--amb", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="aot_eager", help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile_worker:
+        args.size = args.size or "full"
+        args.steps = args.steps or 3
+        return compile_worker(args)
+
+    from tqdm import tqdm
+
+    if args.quick:
+        args.models = args.models or ["gpt"]
+        args.size = args.size or "quick"
+        args.steps = args.steps or 2
+        args.fractions = [0.6, 0.4]
+        args.policies = ["dtr_eq"]
+        args.compile_budgets = [0.5]
+        args.smallest = False
+        args.timeline_fraction = 0.4
+    else:
+        args.models = args.models or M.MODELS
+        args.size = args.size or "full"
+        args.steps = args.steps or 3
+        args.fractions = FRACTIONS
+        args.policies = ["dtr_eq", "lru"]
+        args.compile_budgets = COMPILE_BUDGETS
+        args.smallest = True
+        args.timeline_fraction = 0.5
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out, exist_ok=True)
+
+    per = 1 + 3 + 1 + len(args.policies) * (len(args.fractions) + int(args.smallest)) + 1 \
+        + (0 if args.no_compile else len(args.compile_budgets) + 1)
+    t_start = time.time()
+    info = machine_info()
+    all_rows: Dict[str, List[dict]] = {}
+    with tqdm(total=per * len(args.models), desc="bench", unit="run") as bar:
+        for name in args.models:
+            rows = bench_model(name, args, bar)
+            all_rows[name] = rows
+            write_outputs(out, args, info, all_rows, argv, t_start)
+    print(f"results in {out}")
+    return all_rows
+
+
+def write_outputs(out, args, info, all_rows, argv, t_start):
+    cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = [f"# dtr against the alternatives ({'quick' if args.quick else 'full'} run)", "",
+          f"Command: `{cmd.strip()}` (took {(time.time() - t_start) / 60:.1f} min)", "", info, "",
+          "Budgets are fractions of eager's measured peak. *Measured peak* = bytes resident when the step "
+          "starts (parameters, buffers, inputs) + the peak the torch profiler's allocator events show "
+          "above that during one full step (fwd + bwd + SGD step), via `dtr.measure.peak_memory`. "
+          "*dtr accounting peak* is `session.stats.peak_bytes` (dtr's own count), shown beside it, "
+          "never instead. Step time: median wall time of the timed steps (cpu s: process CPU time). "
+          "Losses: every step's loss compared with eager's (`exact` = bit-equal).", ""]
+    summary = []
+    for name, rows in all_rows.items():
+        eager = next((r for r in rows if r["method"] == "eager"), {})
+        md += [f"## {name}", "", f"Model: {M.describe(name, args.size)}; eager step "
+               f"{eager.get('step_s', float('nan')):.3f} s, measured peak {mib(eager.get('measured_peak'))} MiB "
+               f"(of which resident at start {mib(eager.get('base_bytes'))} MiB).", ""]
+        if eager.get("status") == "ok":
+            md.append(table(rows, eager))
+            try:
+                plot_frontier(name, rows, eager, os.path.join(out, f"frontier_{name}.png"))
+                md.append(f"![frontier](frontier_{name}.png)\n")
+                drow = next((r for r in rows if r.get("timeline") and r["kind"] == "dtr"), None)
+                if drow is not None:
+                    plot_timeline(name, eager, drow, os.path.join(out, f"timeline_{name}.png"))
+                    md.append(f"![timeline](timeline_{name}.png)\n")
+            except Exception as e:  # plots are secondary
+                md.append(f"(plot failed: {e})\n")
+        else:
+            md.append(f"eager failed: {eager.get('status')}\n")
+        fails = [r for r in rows if r.get("traceback")]
+        for r in fails:
+            md += [f"<details><summary>{r['method']}: {r['status'][:80]}</summary>", "", "```",
+                   r["traceback"][-3000:], "```", "</details>", ""]
+        summary += summarize(name, rows)
+    md[8:8] = ["## Summary", ""] + summary + [""]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md))
+    slim = {k: [{kk: vv for kk, vv in r.items() if kk != "timeline"} for r in v] for k, v in all_rows.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(command=cmd, machine=info, rows=slim), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
