@@ -39,6 +39,10 @@ _register_running_stats()
 _UNSUPPORTED_NAMES = {"resize_", "resize_as_", "set_", "_resize_output_"}
 
 
+_COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional", "c10d_functional",
+                          "_c10d_functional_autograd", "_dtensor"}
+
+
 class OpInfo:
     __slots__ = (
         "name",
@@ -49,6 +53,7 @@ class OpInfo:
         "running_stats",
         "unsupported",
         "alias_ok",
+        "collective",
     )
 
     def __init__(self, func):
@@ -77,6 +82,11 @@ class OpInfo:
         )
         # detach/alias: the output is the same value; it shares the input's cell.
         self.alias_ok = func in (aten.detach.default, aten.alias.default)
+        # Note [Collectives]
+        # Communication ops are never replayed: every rank would have to replay
+        # them together. Their outputs are pinned (unevictable) values, and an
+        # output that aliases an input is that same value.
+        self.collective = schema.name.split("::")[0] in _COLLECTIVE_NAMESPACES
 
 
 _CACHE: Dict[object, OpInfo] = {}

@@ -23,6 +23,11 @@ from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, f
 
 _MIN_RECURSION = 20000
 
+# Output bytes per (op, input metadata, arguments): a property of the op, shared
+# by every session so a size learnt once (see Runtime._output_bytes) stays learnt.
+_SIZE_CACHE: Dict[tuple, Optional[int]] = {}
+_SIZE_CACHE_MAX = 200_000
+
 
 @dataclass
 class Stats:
@@ -75,7 +80,6 @@ class Runtime:
         self.pool_bytes = 0  # resident, non-escaped storages
         self.plain_bytes = 0  # plain tensors the step touched, while alive
         self._plain: Dict[tuple, tuple] = {}
-        self._size_cache: Dict[tuple, Optional[int]] = {}
         self._depth = 0
         self._closed_over = weakref.ref(self)
 
@@ -444,7 +448,9 @@ class Runtime:
             return sum(cells[i].storage.nbytes for i in mutated_slots
                        if cells[i] is not None and cells[i].storage.pinned), None
         key = _size_key(func, targs, tkwargs, vals)
-        cache = self._size_cache
+        cache = _SIZE_CACHE
+        if len(cache) > _SIZE_CACHE_MAX:
+            cache.clear()
         try:
             return cache[key], key
         except KeyError:
@@ -510,7 +516,7 @@ class Runtime:
                 recipe.outputs.append(None)
                 continue
             src = alias_of[k]
-            if src is not None and info.alias_ok:
+            if src is not None and (info.alias_ok or info.collective):
                 # detach/alias: the same value, a new wrapper.
                 results.append(DTRTensor._from_cell(cells[src], o))
                 recipe.outputs.append(None)
@@ -531,14 +537,18 @@ class Runtime:
                 continue
             nb = _storage_nbytes(o)
             new_bytes += nb
-            rec = self._new_storage(nb, cost, False, parents)
-            cell = Cell(o, recipe, k, rec)
+            if info.collective:  # See Note [Collectives] in ops.py
+                rec = self._new_storage(nb, cost, True, parents)
+                cell = Cell(o, None, k, rec)
+            else:
+                rec = self._new_storage(nb, cost, False, parents)
+                cell = Cell(o, recipe, k, rec)
             rec.cells.append(weakref.ref(cell))
             recipe.outputs.append(weakref.ref(cell))
             results.append(DTRTensor._from_cell(cell, o))
         recipe.out_bytes = new_bytes
         if size_key is not None and new_bytes != planned:
-            self._size_cache[size_key] = new_bytes
+            _SIZE_CACHE[size_key] = new_bytes
         self._note_peak()
         if isinstance(out, (list, tuple)):
             return type(out)(results) if isinstance(out, tuple) else results
@@ -614,8 +624,8 @@ class Runtime:
                 # Transfer: the memory now belongs to the new storage.
                 self._evict(old)
                 self.stats.evictions -= 1
-            new = self._new_storage(nb, cost + pool.cost(old.sid), False, parents)
-            nbase = Cell(None, recipe, len(recipe.outputs), new)
+            new = self._new_storage(nb, cost + pool.cost(old.sid), info.collective, parents)
+            nbase = Cell(None, None if info.collective else recipe, len(recipe.outputs), new)
             recipe.outputs.append(weakref.ref(nbase))
             self._set_value_fresh(nbase, base_value)
             recipe.out_bytes += nb

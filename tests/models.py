@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 class MLP(nn.Module):
-    def __init__(self, d=32, depth=4):
+    def __init__(self, d=32, depth=6):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
         self.head = nn.Linear(d, 1)
@@ -127,7 +127,7 @@ def make(name: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     if name == "mlp":
         m = MLP()
-        data = [(torch.randn(16, 32, generator=g),) for _ in range(3)]
+        data = [(torch.randn(128, 32, generator=g),) for _ in range(3)]
     elif name == "cnn":
         m = CNN()
         data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))

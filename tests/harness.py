@@ -1,0 +1,64 @@
+"""Differential training harness: the same steps eagerly and under dtr, compared bit for bit."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+
+import dtr
+import models
+
+
+@dataclass
+class Run:
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    losses: List[torch.Tensor]
+    grads: List[List[torch.Tensor]]
+    sessions: list = field(default_factory=list)
+    rng_after: torch.Tensor = None
+
+
+def train(name: str, ctx: Callable[[], object] = contextlib.nullcontext, steps: int = 3,
+          seed: int = 0) -> Run:
+    model, data = models.make(name, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(1234)
+    run = Run(model, opt, [], [])
+    for inp in data[:steps]:
+        opt.zero_grad(set_to_none=True)
+        with ctx() as s:
+            loss = model(*inp)
+            loss.backward()
+            run.losses.append(dtr.unwrap(loss).detach().clone())
+        run.sessions.append(s)
+        run.grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        opt.step()
+    run.rng_after = torch.get_rng_state()
+    return run
+
+
+def assert_same(a: Run, b: Run) -> None:
+    assert len(a.losses) == len(b.losses)
+    for x, y in zip(a.losses, b.losses):
+        assert torch.equal(x, y), (x, y)
+    for ga, gb in zip(a.grads, b.grads):
+        assert len(ga) == len(gb)
+        for x, y in zip(ga, gb):
+            assert type(y) is torch.Tensor, "gradients must be plain tensors"
+            assert torch.equal(x, y)
+    for (ka, x), (kb, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb
+        assert torch.equal(x, y), ka
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        sa, sb = a.opt.state[pa], b.opt.state[pb]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    assert torch.equal(a.rng_after, b.rng_after), "the global RNG stream moved differently"
+
+
+def peak_tracked(run: Run) -> int:
+    return max(s.stats.peak_bytes for s in run.sessions)
