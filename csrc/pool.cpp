@@ -401,17 +401,16 @@ const Entry* Pool::choose_victim(double now) {
     return scan(cands_, now);
   }
   // Note [Sampling]
-  // k = isqrt(n) candidates at a random offset and a fixed stride n / k, so
-  // they are distinct; one draw of the generator per search. PythonPool
-  // samples the same way, so the two still agree.
+  // k = isqrt(n) uniform draws (with replacement) from the candidate array.
+  // PythonPool draws the same indices from the same generator, so the two
+  // still agree. (A fixed stride would alias with periodic layouts, such as
+  // alternating big and small activations.)
   size_t k = static_cast<size_t>(std::sqrt(static_cast<double>(n)));
   while (k * k > n) --k;
   while ((k + 1) * (k + 1) <= n) ++k;
   k = std::max<size_t>(k, 1);
-  const size_t stride = n / k;
-  const size_t start = static_cast<size_t>(rng_.next() % n);
   sample_.clear();
-  for (size_t i = 0; i < k; ++i) sample_.push_back(cands_[(start + i * stride) % n]);
+  for (size_t i = 0; i < k; ++i) sample_.push_back(cands_[rng_.next() % n]);
   const std::vector<Entry*>* pick = &sample_;
   if (search_.min_evictable_fraction > 0) {
     const double floor =

@@ -15,7 +15,6 @@ agree on the scores agree on the victim.
 from __future__ import annotations
 
 import math
-import random as _random
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -254,10 +253,15 @@ for _name, _fn in [
 class SearchOptions:
     """How the victim search looks at candidates.
 
-    ``sample_above``: with more candidates than this, score about sqrt(n) of
-    them chosen at random instead of all (None: always scan all).
-    ``min_evictable_fraction``: when sampling, skip candidates smaller than
-    this fraction of the mean candidate size.
+    ``sample_above``: with more candidates than this, score only k = isqrt(n)
+    of them instead of all (None: always scan all, the default). The sample
+    is k uniform draws (with replacement) from the candidate array; if every
+    sampled one is locked, all are scanned.
+    ``min_evictable_fraction``: when sampling, skip sampled candidates smaller
+    than this fraction of the mean candidate size (unless that skips all).
+    ``seed``: seeds the pool's SplitMix64 generator (sampling and the
+    ``random`` policy). The Python and the C++ pool sample identically, so
+    with the same seed they make the same choices even when sampling.
     """
 
     sample_above: Optional[int] = None
@@ -265,23 +269,65 @@ class SearchOptions:
     seed: int = 0
 
 
+_M64 = (1 << 64) - 1
+
+
+class _SplitMix64:
+    """SplitMix64: the generator of both pools (csrc/pool.h has the C++ twin)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, seed: int = 0):
+        self.state = seed & _M64
+
+    def next_u64(self) -> int:
+        z = self.state = (self.state + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+
+    def random(self) -> float:
+        """Uniform in [0, 1), 53 random bits."""
+        return (self.next_u64() >> 11) * (1.0 / 9007199254740992.0)
+
+
 class PythonPool:
-    """The reference pool. Every method is O(1) except ``choose_victim``."""
+    """The reference pool. Every method is O(1) except ``choose_victim``.
+
+    Candidates (resident, evictable, non-empty storages; locked ones are
+    skipped at search time) live in an array with swap-with-last removal, in
+    the same order as in the C++ pool, so that sampling and the ``random``
+    policy pick the same storages in both (see csrc/pool.h).
+    """
 
     def __init__(self, policy="dtr_eq", search: SearchOptions = SearchOptions()):
         self.score = get(policy)
         self.search = search
-        self.rng = _random.Random(search.seed)
+        self.rng = _SplitMix64(search.seed)
         self.entries: Dict[int, Entry] = {}
-        # Resident, evictable entries (locked ones are skipped at search time).
-        self.candidates: Dict[int, Entry] = {}
+        self._cand: List[Entry] = []
+        self._cand_pos: Dict[int, int] = {}
         self.candidate_bytes = 0
+
+    @property
+    def candidates(self) -> Dict[int, Entry]:
+        """Resident, evictable entries by id (a snapshot)."""
+        return {e.sid: e for e in self._cand}
+
+    def _get(self, sid: int, what: str) -> Entry:
+        e = self.entries.get(sid)
+        if e is None:
+            raise DTRError(f"dtr: internal error: {what} of unknown storage id {sid} "
+                           "(it was never added to the pool or was already removed)")
+        return e
 
     # -- lifecycle -------------------------------------------------------
     def add(self, sid: int, nbytes: int, cost: float, now: float, evictable: bool,
             parents: Iterable[int] = ()) -> None:
         if sid in self.entries:
             raise DTRError(f"dtr: internal error: storage id {sid} added twice")
+        if nbytes < 0:
+            raise DTRError(f"dtr: storage {sid} added with negative size {nbytes}")
         e = Entry(sid, nbytes, cost, now, evictable)
         entries = self.entries
         for p in parents:
@@ -291,7 +337,8 @@ class PythonPool:
                 pe.children.append(sid)
         entries[sid] = e
         if evictable and nbytes > 0:
-            self.candidates[sid] = e
+            self._cand_pos[sid] = len(self._cand)
+            self._cand.append(e)
             self.candidate_bytes += nbytes
 
     def remove(self, sid: int) -> None:
@@ -315,12 +362,20 @@ class PythonPool:
                 ce.parents.remove(sid)
 
     def _drop_candidate(self, e: Entry) -> None:
-        if self.candidates.pop(e.sid, None) is not None:
-            self.candidate_bytes -= e.nbytes
+        pos = self._cand_pos.pop(e.sid, None)
+        if pos is None:
+            return
+        cand = self._cand
+        last = cand.pop()
+        if last is not e:
+            cand[pos] = last
+            self._cand_pos[last.sid] = pos
+        self.candidate_bytes -= e.nbytes
 
     def _maybe_candidate(self, e: Entry) -> None:
-        if e.evictable and e.resident and e.nbytes > 0 and e.sid not in self.candidates:
-            self.candidates[e.sid] = e
+        if e.evictable and e.resident and e.nbytes > 0 and e.sid not in self._cand_pos:
+            self._cand_pos[e.sid] = len(self._cand)
+            self._cand.append(e)
             self.candidate_bytes += e.nbytes
 
     # -- per-op updates --------------------------------------------------
@@ -330,20 +385,25 @@ class PythonPool:
             e.last_access = now
 
     def add_cost(self, sid: int, cost: float) -> None:
-        self.entries[sid].cost += cost
+        self._get(sid, "add_cost").cost += cost
 
     def lock(self, sid: int) -> None:
-        self.entries[sid].locks += 1
+        e = self.entries.get(sid)
+        if e is None:
+            e = self._get(sid, "lock")
+        e.locks += 1
 
     def unlock(self, sid: int) -> None:
-        e = self.entries[sid]
+        e = self.entries.get(sid)
+        if e is None:
+            e = self._get(sid, "unlock")
         if e.locks <= 0:
             raise DTRError(f"dtr: internal error: unlock of unlocked storage {sid}")
         e.locks -= 1
 
     def unlocked_candidates(self) -> List[int]:
         """Ids of every storage that could be evicted right now."""
-        return [sid for sid, e in self.candidates.items() if not e.locks]
+        return [e.sid for e in self._cand if not e.locks]
 
     def locks(self, sid: int) -> int:
         e = self.entries.get(sid)
@@ -373,7 +433,7 @@ class PythonPool:
         e.uf_node = node if e.uf_node is None else _union(e.uf_node, node)
 
     def rematerialized(self, sid: int, now: float) -> None:
-        e = self.entries[sid]
+        e = self._get(sid, "rematerialized")
         if e.resident:
             return
         e.resident = True
@@ -386,17 +446,17 @@ class PythonPool:
     # -- the search ------------------------------------------------------
     def choose_victim(self, now: float) -> Optional[int]:
         """The unlocked candidate with the lowest score (ties: smallest id)."""
-        cands = self.candidates
-        n = len(cands)
+        n = len(self._cand)
         if n == 0:
             return None
         # A snapshot: a storage may die (and leave the pool) while we score.
-        pool_iter: Iterable[Entry] = list(cands.values())
-        full = pool_iter
+        full: List[Entry] = list(self._cand)
+        pool_iter = full
         s = self.search
         if s.sample_above is not None and n > s.sample_above:
-            k = max(1, int(math.isqrt(n)))
-            pool_iter = self.rng.sample(full, k)
+            # See Note [Sampling] in csrc/pool.cpp: the C++ pool does the same.
+            rng = self.rng
+            pool_iter = [full[rng.next_u64() % n] for _ in range(max(1, math.isqrt(n)))]
             if s.min_evictable_fraction > 0:
                 floor = s.min_evictable_fraction * self.candidate_bytes / n
                 big = [e for e in pool_iter if e.nbytes >= floor]
@@ -422,6 +482,49 @@ class PythonPool:
     # -- introspection ---------------------------------------------------
     def __len__(self) -> int:
         return len(self.entries)
+
+    # The C++ pool has the same private helpers; the tests use them.
+    def _candidates(self) -> List[int]:
+        return [e.sid for e in self._cand]
+
+    def _entry(self, sid: int) -> Optional[dict]:
+        e = self.entries.get(sid)
+        if e is None:
+            return None
+        return dict(sid=e.sid, nbytes=e.nbytes, cost=e.cost, last_access=e.last_access,
+                    locks=e.locks, resident=e.resident, evictable=e.evictable,
+                    parents=list(e.parents), children=list(e.children))
+
+    def _class_cost(self, sid: int) -> Optional[float]:
+        e = self.entries.get(sid)
+        if e is None or e.uf_node is None:
+            return None
+        return e.uf_node.find().cost
+
+    def _class_root(self, sid: int) -> Optional[int]:
+        e = self.entries.get(sid)
+        if e is None or e.uf_node is None:
+            return None
+        return id(e.uf_node.find())
+
+    def _score(self, sid: int, now: float) -> Optional[float]:
+        e = self.entries.get(sid)
+        return None if e is None else self.score(e, self, now)
+
+    def _check_invariants(self) -> None:
+        cand = self._cand
+        assert len(cand) == len(self._cand_pos)
+        for i, e in enumerate(cand):
+            assert self._cand_pos[e.sid] == i and self.entries[e.sid] is e
+        assert self.candidate_bytes == sum(e.nbytes for e in cand)
+        for sid, e in self.entries.items():
+            assert (sid in self._cand_pos) == (e.resident and e.evictable and e.nbytes > 0)
+            assert e.resident == (e.uf_node is None)
+            assert e.locks >= 0
+            for p in e.parents:
+                assert self.entries[p].children.count(sid) == 1
+            for c in e.children:
+                assert self.entries[c].parents.count(sid) == 1
 
 
 def make_pool(policy="dtr_eq", search: SearchOptions = SearchOptions(), impl: str = "auto"):
