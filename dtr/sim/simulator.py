@@ -1,0 +1,601 @@
+"""Replay an op trace under a memory budget with any eviction policy.
+
+The simulator drives the same pool as the runtime (``dtr.policies.make_pool``):
+one pool entry per *storage* (views share their base's storage), parents =
+the storages of the op's inputs, a logical clock that advances by each op's
+recorded time, locks on an op's inputs while it (or a recomputation) runs, and
+eviction *before* the op so that the live bytes plus the op's outputs fit.
+Which storage is evicted is always the pool's ``choose_victim``.
+
+Semantics (see docs/simulator.md for the reasoning):
+
+* CONSTANT: a pinned storage (``evictable=False``), counted in memory.
+* COPY / RELEASE / COPY_FROM: handles. A storage's external count is the
+  number of live handles to any of its values (base or views). When it drops
+  to zero the storage is evicted at once (eager eviction) but its recipe is
+  kept, so that values depending on it can still be recomputed.
+* CALL: ``ALIAS k`` outputs are views of argument k's storage (no bytes; the
+  view op's time is added to the storage's cost, as the runtime does). A view
+  is undefined after its storage is evicted and its view op is rerun when it
+  is needed again.
+* MUTATE (``mutation="runtime"``, the default): as the runtime's
+  Note [In-place ops]: the written storage's old value is evicted (its memory
+  now belongs to the new value) and a *new* storage computed by
+  "clone the old one, apply the op" replaces it; every handle to the old
+  storage or its views is rebound to the new one. A pinned (constant) target
+  is written in place. ``mutation="simrd"`` follows the paper's simulator:
+  the op makes a new storage of the target's size, only the written handle
+  moves to it, and the old value loses that handle.
+* ``pin_outputs``: at the end, every value that still has a handle is
+  rematerialized (and counted), as the paper's simulator did.
+
+Overhead = (trace op time + recomputation time) / trace op time.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time as _time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+from ..policies import SearchOptions, make_pool, name_of
+from .trace import Annotate, Call, Constant, Copy, CopyFrom, Mutate, Release, Trace, load
+
+__all__ = ["SimOptions", "SimResult", "Simulator", "simulate", "baseline_peak", "OutOfBudget",
+           "OverheadExceeded"]
+
+
+class OutOfBudget(Exception):
+    """No evictable storage is left and the budget still cannot be met."""
+
+
+class OverheadExceeded(Exception):
+    """Recomputation passed the overhead limit."""
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """How the replay treats the trace (defaults: the runtime's semantics).
+
+    ``access``: ``"runtime"``: an op's inputs and outputs are touched at the
+    clock after it runs and a recomputed storage counts as just accessed (what
+    dtr/runtime.py does); ``"simrd"``: inputs are touched at the clock before
+    the op and recomputation does not refresh a storage's last access (what
+    the paper's simulator did).
+    ``collect_dead``: remove a storage from the pool once no live value can
+    ever need it (no handle, and no kept storage recomputes from it): the
+    runtime's reference counting. False keeps every recipe forever (simrd).
+    ``lock_defined_first``: lock an op's resident inputs before recomputing
+    its evicted ones (simrd) instead of materializing and locking them in
+    argument order (the runtime).
+    ``overhead_limit``: stop (status ">2x") once total time passes this
+    multiple of the trace's op time; None: never.
+    """
+
+    mutation: str = "runtime"
+    access: str = "runtime"
+    collect_dead: bool = True
+    pin_outputs: bool = True
+    lock_defined_first: bool = False
+    overhead_limit: Optional[float] = 2.0
+
+    @staticmethod
+    def paper() -> "SimOptions":
+        """The paper's simulator (simrd RuntimeV2EagerOptimized) as closely as we model it."""
+        return SimOptions(mutation="simrd", access="simrd", collect_dead=False, pin_outputs=True,
+                          lock_defined_first=True)
+
+
+@dataclass
+class SimResult:
+    trace: str
+    policy: str
+    budget_ratio: Optional[float]
+    budget_bytes: Optional[int]
+    baseline_peak: int
+    op_time: float
+    total_time: float
+    overhead: float
+    feasible: bool
+    status: str  # "ok", "oom", ">2x"
+    peak_bytes: int
+    evictions: int
+    eager_evictions: int
+    rematerializations: int
+    remat_time: float
+    ops: int
+    wall_s: float = 0.0
+    options: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Storage:
+    __slots__ = ("sid", "nbytes", "resident", "ext", "pinned", "root", "parents", "kept_children",
+                 "alive", "views")
+
+    def __init__(self, sid, nbytes, pinned, parents):
+        self.sid = sid
+        self.nbytes = nbytes
+        self.resident = True
+        self.ext = 0
+        self.pinned = pinned
+        self.root = None
+        self.parents = parents
+        self.kept_children = 0
+        self.alive = True  # still in the pool
+        self.views: List[_Value] = []  # views of it: undefined after it is evicted
+
+
+class _Op:
+    __slots__ = ("name", "cost", "args", "outputs", "out_bytes")
+
+    def __init__(self, name, cost, args):
+        self.name = name
+        self.cost = cost
+        self.args = args
+        self.outputs: List[_Value] = []
+        self.out_bytes = 0
+
+
+class _Value:
+    __slots__ = ("storage", "op", "is_view", "defined")
+
+    def __init__(self, storage, op, is_view):
+        self.storage = storage
+        self.op = op
+        self.is_view = is_view
+        self.defined = True
+
+
+class Simulator:
+    """One replay of one trace under one budget and policy."""
+
+    def __init__(self, budget: Optional[int], policy="dtr_eq",
+                 search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
+                 op_time: Optional[float] = None, pool_impl: str = "python"):
+        self.budget = budget
+        self.policy = policy
+        self.pool = make_pool(policy, search, pool_impl)
+        self.opt = options
+        self.clock = 0.0
+        self.mem = 0
+        self.peak = 0
+        self.evictions = 0
+        self.eager_evictions = 0
+        self.remats = 0
+        self.remat_time = 0.0
+        self.ops = 0
+        self.handles: Dict[str, _Value] = {}
+        self.storages: Dict[int, _Storage] = {}
+        self._next_sid = 0
+        self._op_time = op_time
+        self._remat_limit = (math.inf if options.overhead_limit is None or op_time is None
+                             else (options.overhead_limit - 1.0) * op_time)
+        self._simrd_access = options.access == "simrd"
+        if options.access not in ("runtime", "simrd"):
+            raise ValueError(f"dtr.sim: unknown access mode {options.access!r}")
+        if options.mutation not in ("runtime", "simrd"):
+            raise ValueError(f"dtr.sim: unknown mutation mode {options.mutation!r}")
+
+    # ------------------------------------------------------------------
+    def _new_storage(self, nbytes, cost, pinned, parents: List[_Storage]) -> _Storage:
+        sid = self._next_sid
+        self._next_sid += 1
+        s = _Storage(sid, nbytes, pinned, parents)
+        self.storages[sid] = s
+        self.pool.add(sid, nbytes, cost, self.clock, not pinned, [p.sid for p in parents])
+        if self.opt.collect_dead:
+            seen = set()
+            for p in parents:
+                if p.sid not in seen:
+                    seen.add(p.sid)
+                    p.kept_children += 1
+        return s
+
+    def _note_peak(self):
+        if self.mem > self.peak:
+            self.peak = self.mem
+
+    def _evict(self, s: _Storage):
+        s.resident = False
+        for v in s.views:
+            v.defined = False
+        self.pool.evicted(s.sid)
+        self.mem -= s.nbytes
+        self.evictions += 1
+
+    def make_room(self, need: int):
+        budget = self.budget
+        if budget is None or self.mem + need <= budget:
+            return
+        pool = self.pool
+        storages = self.storages
+        while self.mem + need > budget:
+            sid = pool.choose_victim(self.clock)
+            if sid is None:
+                raise OutOfBudget(f"cannot fit {need} bytes on top of {self.mem} under {budget}")
+            self._evict(storages[sid])
+
+    def _release_storage(self, s: _Storage, n: int = 1):
+        s.ext -= n
+        if s.ext == 0:
+            if s.resident and not s.pinned and not self.pool.locks(s.sid):
+                self._evict(s)
+                self.evictions -= 1
+                self.eager_evictions += 1
+            if self.opt.collect_dead:
+                self._maybe_collect(s)
+
+    def _maybe_collect(self, s: _Storage):
+        stack = [s]
+        while stack:
+            s = stack.pop()
+            if not s.alive or s.ext > 0 or s.kept_children > 0 or s.pinned:
+                continue
+            if s.resident:
+                if self.pool.locks(s.sid):
+                    continue
+                self._evict(s)
+                self.evictions -= 1
+                self.eager_evictions += 1
+            s.alive = False
+            self.pool.remove(s.sid)
+            del self.storages[s.sid]
+            seen = set()
+            for p in s.parents:
+                if p.sid not in seen:
+                    seen.add(p.sid)
+                    p.kept_children -= 1
+                    if p.kept_children == 0 and p.ext == 0:
+                        stack.append(p)
+
+    # ------------------------------------------------------------------
+    def _is_defined(self, v: _Value) -> bool:
+        s = v.storage
+        if not s.resident:
+            return False
+        return True if not v.is_view else v.defined
+
+    def _acquire(self, args) -> List[_Storage]:
+        """Make args defined and lock their storages; returns the locked storages."""
+        pool = self.pool
+        locked = []
+        if self.opt.lock_defined_first:
+            # simrd: lock the defined inputs first, then rematerialize the others.
+            for a in args:
+                if self._is_defined(a):
+                    pool.lock(a.storage.sid)
+                    locked.append(a.storage)
+            for a in args:
+                if not self._is_defined(a):
+                    if any(a.storage is s for s in locked):
+                        # A view of a locked (resident) storage: only its view op reruns.
+                        pass
+                    self._materialize(a)
+                    pool.lock(a.storage.sid)
+                    locked.append(a.storage)
+            return locked
+        for a in args:
+            if not self._is_defined(a):
+                self._materialize(a)
+            pool.lock(a.storage.sid)
+            locked.append(a.storage)
+        return locked
+
+    def _run_op(self, op: _Op, remat: bool):
+        """Make op's inputs resident (recursively), lock them, make room, run."""
+        pool = self.pool
+        locked = self._acquire(op.args)
+        try:
+            if self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, self.clock)
+            need = op.out_bytes
+            self.make_room(need)
+            self.clock += op.cost
+            if remat:
+                self.remat_time += op.cost
+                self.remats += 1
+            self.mem += need
+            self._note_peak()
+            now = self.clock
+            for o in op.outputs:
+                s = o.storage
+                if o.is_view:
+                    o.defined = True
+                    continue
+                if not s.alive:
+                    self.mem -= s.nbytes  # a collected sibling: transient only
+                    continue
+                if s.resident:
+                    if remat:
+                        self.mem -= s.nbytes  # already there: the duplicate is dropped
+                    continue
+                # A recomputed output.
+                old = pool.entries[s.sid].last_access if self._simrd_access else None
+                s.resident = True
+                pool.rematerialized(s.sid, now)
+                if old is not None:
+                    pool.touch(s.sid, old)
+            if not self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, now)
+        finally:
+            for s in locked:
+                pool.unlock(s.sid)
+            for s in locked:
+                if s.ext == 0 and s.resident and not s.pinned and not pool.locks(s.sid):
+                    # A dead input recomputed only for this op.
+                    self._evict(s)
+                    self.evictions -= 1
+                    self.eager_evictions += 1
+                    if self.opt.collect_dead:
+                        self._maybe_collect(s)
+        if remat and self.remat_time > self._remat_limit:
+            raise OverheadExceeded()
+
+    def _materialize(self, v: _Value):
+        op = v.op
+        if op is None:
+            raise RuntimeError("dtr.sim: internal error: a constant was evicted")
+        # A view reruns its view op, after its base is made resident by the
+        # recursive materialization of the op's inputs.
+        self._run_op(op, remat=True)
+
+    # ------------------------------------------------------------------
+    def run_trace(self, trace: Union[Trace, Sequence]):
+        instrs = trace.instrs if isinstance(trace, Trace) else trace
+        if sys.getrecursionlimit() < 200000:
+            sys.setrecursionlimit(200000)
+        handles = self.handles
+        for ins in instrs:
+            t = type(ins)
+            if t is Release:
+                v = handles.pop(ins.name, None)
+                if v is not None:
+                    self._release_storage(v.storage)
+            elif t is Copy:
+                v = handles[ins.src]
+                if ins.dst in handles:
+                    self._release_storage(handles[ins.dst].storage)
+                handles[ins.dst] = v
+                v.storage.ext += 1
+            elif t is Call:
+                self._call(ins)
+            elif t is Constant:
+                s = self._new_storage(ins.size, 0.0, True, [])
+                v = _Value(s, None, False)
+                s.root = v
+                self.mem += ins.size
+                self._note_peak()
+                if ins.name in handles:
+                    self._release_storage(handles[ins.name].storage)
+                handles[ins.name] = v
+                s.ext += 1
+            elif t is CopyFrom:
+                v = handles[ins.src]
+                v.storage.ext += 1
+                old = handles.get(ins.dst)
+                handles[ins.dst] = v
+                if old is not None:
+                    self._release_storage(old.storage)
+            elif t is Mutate:
+                self._mutate(ins)
+            elif t is Annotate:
+                pass
+            else:  # pragma: no cover
+                raise TypeError(f"dtr.sim: unknown instruction {ins!r}")
+        if self.opt.pin_outputs:
+            for v in list(handles.values()):
+                if not self._is_defined(v):
+                    self._materialize(v)
+                self.pool.pin(v.storage.sid)
+
+    def _call(self, ins: Call):
+        handles = self.handles
+        args = [handles[a] for a in ins.args]
+        op = _Op(ins.name, ins.time, args)
+        self.ops += 1
+        parents = []
+        for a in args:
+            if a.storage not in parents:
+                parents.append(a.storage)
+        # Run first (inputs resident and locked, room made), then create outputs.
+        out_bytes = 0
+        for k, size in zip(ins.aliases, ins.sizes):
+            if k < 0:
+                out_bytes += size
+        op.out_bytes = out_bytes
+        pool = self.pool
+        locked = self._acquire(args)
+        try:
+            if self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, self.clock)
+            self.make_room(out_bytes)
+            self.clock += ins.time
+            now = self.clock
+            self.mem += out_bytes
+            self._note_peak()
+            for name, k, size in zip(ins.results, ins.aliases, ins.sizes):
+                if k >= 0:
+                    base = args[k].storage
+                    v = _Value(base, op, True)
+                    base.views.append(v)
+                    pool.add_cost(base.sid, ins.time)
+                else:
+                    s = self._new_storage(size, ins.time, False, parents)
+                    v = _Value(s, op, False)
+                    s.root = v
+                op.outputs.append(v)
+                if name in handles:
+                    self._release_storage(handles[name].storage)
+                handles[name] = v
+                v.storage.ext += 1
+                pool.touch(v.storage.sid, now)
+            if not self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, now)
+        finally:
+            for s in locked:
+                pool.unlock(s.sid)
+
+    def _mutate(self, ins: Mutate):
+        handles = self.handles
+        args = [handles[a] for a in ins.args]
+        self.ops += 1
+        pool = self.pool
+        parents = []
+        for a in args:
+            if a.storage not in parents:
+                parents.append(a.storage)
+        simrd = self.opt.mutation == "simrd"
+        targets = []
+        for m in ins.mutate:
+            s = args[m].storage
+            if s.pinned and not simrd:
+                continue  # a constant written in place stays a constant
+            if any(s is t for t in targets):
+                continue
+            targets.append(s)
+        out_bytes = sum(s.nbytes for s in targets) if simrd else 0
+        op = _Op(ins.name, ins.time, args)
+        op.out_bytes = out_bytes
+        locked = self._acquire(args)
+        try:
+            if self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, self.clock)
+            self.make_room(out_bytes)
+            self.clock += ins.time
+            now = self.clock
+            self.mem += out_bytes
+            self._note_peak()
+            for old in targets:
+                cost = ins.time if simrd else ins.time + pool.cost(old.sid)
+                new = self._new_storage(old.nbytes, cost, False, parents)
+                nv = _Value(new, op, False)
+                new.root = nv
+                op.outputs.append(nv)
+                pool.touch(new.sid, now)
+                if not simrd:
+                    # The memory moves to the new storage: the old value is gone.
+                    self.mem += new.nbytes
+                    pool.unlock(old.sid)
+                    self._evict(old)
+                    self.evictions -= 1
+                    pool.lock(old.sid)
+                self._rebind(ins, old, new, nv, simrd)
+            if not self._simrd_access:
+                for s in locked:
+                    pool.touch(s.sid, now)
+        finally:
+            for s in locked:
+                pool.unlock(s.sid)
+            for s in locked:
+                if s.ext == 0 and s.alive:
+                    if s.resident and not s.pinned and not pool.locks(s.sid):
+                        self._evict(s)
+                        self.evictions -= 1
+                        self.eager_evictions += 1
+                    if self.opt.collect_dead:
+                        self._maybe_collect(s)
+        self._note_peak()
+
+    def _rebind(self, ins: Mutate, old: _Storage, new: _Storage, new_root: _Value, simrd: bool):
+        handles = self.handles
+        if simrd:
+            # Only the written handles move; the old value loses them.
+            for m in ins.mutate:
+                name = ins.args[m]
+                v = handles.get(name)
+                if v is not None and v.storage is old:
+                    handles[name] = new_root
+                    new.ext += 1
+                    old.ext -= 1
+            return
+        memo = {id(old.root): new_root}
+
+        def translate(v: _Value) -> _Value:
+            got = memo.get(id(v))
+            if got is not None:
+                return got
+            vop = v.op
+            if not v.is_view or vop is None:
+                memo[id(v)] = new_root
+                return new_root
+            # A view: rerun its view op on the translated parent.
+            idx = next((i for i, a in enumerate(vop.args) if a.storage is old), None)
+            nargs = list(vop.args)
+            if idx is not None:
+                nargs[idx] = translate(vop.args[idx])
+            nop = _Op(vop.name, vop.cost, nargs)
+            nv = _Value(new, nop, True)
+            nv.defined = False
+            new.views.append(nv)
+            nop.outputs.append(nv)
+            memo[id(v)] = nv
+            return nv
+
+        for name, v in list(handles.items()):
+            if v.storage is old:
+                handles[name] = translate(v)
+                new.ext += 1
+                old.ext -= 1
+
+    # ------------------------------------------------------------------
+    def result(self, trace_name: str, op_time: float, baseline: int, ratio, status: str,
+               wall: float) -> SimResult:
+        total = op_time + self.remat_time
+        pol = name_of(self.policy) or getattr(self.policy, "__name__", "custom")
+        return SimResult(
+            trace=trace_name, policy=pol, budget_ratio=ratio, budget_bytes=self.budget,
+            baseline_peak=baseline, op_time=op_time, total_time=total,
+            overhead=total / op_time if op_time else 1.0, feasible=status == "ok", status=status,
+            peak_bytes=self.peak, evictions=self.evictions, eager_evictions=self.eager_evictions,
+            rematerializations=self.remats, remat_time=self.remat_time, ops=self.ops, wall_s=wall,
+            options=asdict(self.opt),
+        )
+
+
+_BASELINES: Dict[tuple, int] = {}
+
+
+def baseline_peak(trace: Trace, options: SimOptions = SimOptions()) -> int:
+    """The peak of live bytes when nothing is ever evicted for memory."""
+    key = (id(trace), len(trace.instrs), options.mutation, options.collect_dead)
+    got = _BASELINES.get(key)
+    if got is None:
+        sim = Simulator(None, "lru", options=options)
+        sim.run_trace(trace)
+        got = _BASELINES[key] = sim.peak
+    return got
+
+
+def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, policy="dtr_eq",
+             search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
+             ratio: Optional[float] = None) -> SimResult:
+    """Replay ``trace`` (a Trace or a path) under a budget.
+
+    ``ratio``: budget as a fraction of the trace's baseline peak; or ``budget``
+    in bytes (None: unlimited).
+    """
+    if isinstance(trace, str):
+        trace = load(trace)
+    base = baseline_peak(trace, options)
+    if ratio is not None:
+        budget = int(base * ratio)
+    op_time = trace.op_time
+    sim = Simulator(budget, policy, search, options, op_time=op_time)
+    t0 = _time.perf_counter()
+    status = "ok"
+    try:
+        sim.run_trace(trace)
+    except OutOfBudget:
+        status = "oom"
+    except OverheadExceeded:
+        status = ">2x"
+    return sim.result(trace.name, op_time, base, ratio, status, _time.perf_counter() - t0)
