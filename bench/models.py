@@ -12,7 +12,7 @@ picks how that stack runs:
 ``build(name, size)`` gives ``(model, batch_fn)``; ``batch_fn(step)`` makes the
 inputs of one step deterministically (the same for every variant).
 Sizes: ``"full"`` is what the benchmark runs (an eager training step takes
-roughly 0.3-1 s on 2 CPU cores; see bench/README.md), ``"quick"`` and
+roughly 0.1-0.6 s of CPU time on one thread; see bench/README.md), ``"quick"`` and
 ``"tiny"`` are for the quick mode and the tests.
 """
 from __future__ import annotations
