@@ -40,6 +40,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={
-        "torch_dynamo_backends": [],
+        "torch_dynamo_backends": ["dtr = dtr.compile:dtr_backend"],
     },
 )

@@ -94,6 +94,15 @@ class DTRTensor(torch.Tensor):
         grad = f", grad_fn=<{type(self.grad_fn).__name__}>" if self.grad_fn is not None else ""
         return f"DTRTensor({value!r}{grad})"
 
+    # --- torch.compile support (dtr/compile.py) ---
+    def __coerce_same_metadata_as_tangent__(self, expected_metadata, expected_type=None):
+        # aot_autograd's backward expects plain tangents (compiled graphs never return
+        # DTRTensors to user code); a gradient computed by eager code under dtr
+        # reaches it as a DTRTensor and is handed over as its plain value.
+        if expected_type is not None and expected_type is not torch.Tensor:
+            return None
+        return unwrap(self)
+
 
 def _runtime_of(args, kwargs):
     for a in list(args) + list((kwargs or {}).values()):

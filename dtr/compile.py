@@ -1,0 +1,580 @@
+"""The Dynamo backend: ``torch.compile(model, backend="dtr")``.
+
+    model = torch.compile(model, backend="dtr")              # budget of the enclosing dtr.budget
+    model = torch.compile(model, backend=dtr.compile_backend("2GB", policy="dtr_eq"))
+
+Note [Compiled graphs under the runtime]
+Dynamo captures the model's frames; aot_autograd turns each into a forward and
+a backward graph of aten ops (no recomputation of its own: the default
+partitioner saves what the backward needs). Both graphs are run here node by
+node, and every aten node goes straight to ``Runtime.dispatch``, exactly as
+the dispatch mode sends eager ops there. So:
+
+* the activations the forward saves for the backward are DTRTensors: autograd
+  keeps them (``ctx.save_for_backward``) while the runtime may evict and
+  recompute them, as in eager;
+* what leaves a graph for user code (the forward's outputs, updated buffers,
+  the backward's gradients) is escaped (``dtr.unwrap``: materialized, plain,
+  pinned). Dynamo never sees a DTRTensor as an input, so a graph break or a
+  second compiled model never causes a guard failure or a subclass trace;
+* aot_autograd runs the forward under ``no_grad`` (inside its
+  ``autograd.Function``). The runtime wraps outputs of plain-input ops only
+  when grad mode is on (Note [What gets wrapped] in runtime.py), so the graph
+  runs with grad mode on and its inputs detached: nothing records autograd
+  history, and activations computed from parameters become evictable.
+
+Note [Which session]
+A backend made with a budget owns one session per thread, created on first
+use and kept (saved activations must outlive the forward call, and every
+compiled frame of a step must share one budget); inside a ``dtr.budget``
+block that block's session is used instead and the backend's budget only
+tightens it, as a nested ``dtr.budget`` does. A backend without a budget
+uses the enclosing block's session; with no block either it tracks without
+a limit (``dtr.budget(None)``) and warns once. The backward always runs in
+the session of the activations it was given.
+
+Note [Lookahead]
+A graph knows when each value it holds is next read. ``compile_backend(...,
+lookahead=True)`` publishes, before each node runs, the distance (in nodes)
+to the next read of every storage the graph still needs, and scores with
+``lookahead_score``: the base policy's score divided by that distance, so a
+value read soon is kept and one read late is evicted first. Activations
+saved for the backward are given the distance to the end of the forward plus
+their position in the backward's reading order. It needs the Python pool
+(a callable policy). docs/compile.md reports whether it pays off.
+"""
+from __future__ import annotations
+
+import operator
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from . import policies as _policies
+from .session import Session, _stack
+from .tensor import DTRTensor, unwrap
+
+__all__ = ["compile_backend", "dtr_backend", "DTRBackend", "lookahead_score"]
+
+aten = torch.ops.aten
+
+_warn_lock = threading.Lock()
+_warned_unbudgeted = False
+
+
+def _warn_unbudgeted() -> None:
+    global _warned_unbudgeted
+    with _warn_lock:
+        if _warned_unbudgeted:
+            return
+        _warned_unbudgeted = True
+    warnings.warn(
+        "dtr: torch.compile(backend='dtr') ran with no budget: no dtr.budget block is active "
+        "and the backend was made without one, so values are tracked but never evicted. "
+        "Run the step inside `with dtr.budget(\"2GB\"):` or use "
+        "torch.compile(model, backend=dtr.compile_backend(budget=\"2GB\")).",
+        stacklevel=3,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Graph programs
+# ----------------------------------------------------------------------------
+
+class _Ref:
+    """Placeholder for the value of the i-th node inside an argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _template(a, index):
+    if isinstance(a, torch.fx.Node):
+        return _Ref(index[a])
+    t = type(a)
+    if t is list or t is tuple:
+        return t(_template(x, index) for x in a)
+    if t is dict:
+        return {k: _template(v, index) for k, v in a.items()}
+    return a
+
+
+def _has_ref(a) -> bool:
+    t = type(a)
+    if t is _Ref:
+        return True
+    if t is list or t is tuple:
+        return any(_has_ref(x) for x in a)
+    if t is dict:
+        return any(_has_ref(x) for x in a.values())
+    return False
+
+
+def _fill(a, env):
+    t = type(a)
+    if t is _Ref:
+        return env[a.i]
+    if t is list or t is tuple:
+        return t(_fill(x, env) for x in a)
+    if t is dict:
+        return {k: _fill(v, env) for k, v in a.items()}
+    return a
+
+
+def _refs(a, out: List[int]) -> List[int]:
+    t = type(a)
+    if t is _Ref:
+        out.append(a.i)
+    elif t is list or t is tuple:
+        for x in a:
+            _refs(x, out)
+    elif t is dict:
+        for x in a.values():
+            _refs(x, out)
+    return out
+
+
+# Metadata queries answered from the wrapper, never by materializing the value.
+_META_OPS = {
+    aten.sym_size.int: lambda t, d: t.size(d),
+    aten.sym_stride.int: lambda t, d: t.stride(d),
+    aten.sym_numel.default: lambda t: t.numel(),
+    aten.sym_storage_offset.default: lambda t: t.storage_offset(),
+    aten.size.int: lambda t, d: t.size(d),
+    aten.stride.int: lambda t, d: t.stride(d),
+    aten.numel.default: lambda t: t.numel(),
+}
+
+# Note [Functional BatchNorm]
+# aot_autograd's graphs use _native_batch_norm_legit_functional, which returns
+# the new running statistics instead of writing them; aot's epilogue then
+# copies them into the module's buffers (a version bump). A recompute of an
+# evicted BatchNorm output would read the buffers again and fail the
+# runtime's stale-input check, though in training the outputs do not depend on
+# them. The graph passes a private copy of the running statistics instead, so
+# recomputing never sees the later update (the copies are per channel: small).
+_BN_FUNCTIONAL = getattr(getattr(aten, "_native_batch_norm_legit_functional", None), "default", None)
+
+_KIND_DTR, _KIND_META, _KIND_CALL, _KIND_BN = 0, 1, 2, 3
+
+
+class _Program:
+    """A GraphModule flattened into steps over a list environment."""
+
+    def __init__(self, gm: torch.fx.GraphModule, escape_outputs: Optional[int], escape_all: bool):
+        nodes = list(gm.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        self.n = len(nodes)
+        self.placeholders: List[int] = []
+        self.consts: List[tuple] = []
+        steps = []
+        out_tmpl = None
+        for i, n in enumerate(nodes):
+            if n.op == "placeholder":
+                self.placeholders.append(i)
+            elif n.op == "get_attr":
+                obj = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                self.consts.append((i, obj))
+            elif n.op == "call_function":
+                target = n.target
+                args = _template(tuple(n.args), index)
+                kwargs = _template(dict(n.kwargs), index)
+                if target in _META_OPS:
+                    kind, fn = _KIND_META, _META_OPS[target]
+                elif target is _BN_FUNCTIONAL:
+                    kind, fn = _KIND_BN, target
+                elif isinstance(target, torch._ops.OpOverload):
+                    kind, fn = _KIND_DTR, target
+                else:
+                    kind, fn = _KIND_CALL, target
+                steps.append([i, kind, fn, args, kwargs, None])
+            elif n.op == "output":
+                out_tmpl = _template(n.args[0], index)
+            else:
+                raise NotImplementedError(
+                    f"dtr: compiled graphs with {n.op!r} nodes are not supported (node {n.name}); "
+                    "please report this with the model")
+        # Free every value after its last read (fx.Interpreter does the same): the
+        # environment must not keep wrappers alive longer than eager code would.
+        last_use: Dict[int, int] = {}
+        for k, st in enumerate(steps):
+            for r in _refs(st[3], []) + _refs(st[4], []):
+                last_use[r] = k
+        out_refs = set(_refs(out_tmpl, []))
+        frees: List[List[int]] = [[] for _ in steps]
+        for r, k in last_use.items():
+            if r not in out_refs:
+                frees[k].append(r)
+        for k, st in enumerate(steps):
+            st[5] = frees[k]
+        # Values defined but never read (unused outputs of multi-output ops).
+        for k, st in enumerate(steps):
+            i = st[0]
+            if i not in last_use and i not in out_refs:
+                st[5] = st[5] + [i]
+        self.steps = steps
+        self.out_tmpl = out_tmpl
+        outs = out_tmpl if isinstance(out_tmpl, (list, tuple)) else [out_tmpl]
+        self.n_out = len(outs)
+        self.escape_n = self.n_out if escape_all or escape_outputs is None else escape_outputs
+        # Lookahead: reads of each node, in step order.
+        reads: Dict[int, List[int]] = {}
+        for k, st in enumerate(steps):
+            for r in set(_refs(st[3], []) + _refs(st[4], [])):
+                reads.setdefault(r, []).append(k)
+        self.reads = reads
+        self.placeholder_pos = {p: j for j, p in enumerate(self.placeholders)}
+        # For each step, (node, distance to its next read) for the nodes it reads.
+        nxt = []
+        for k, st in enumerate(steps):
+            pairs = []
+            for r in set(_refs(st[3], []) + _refs(st[4], [])):
+                rs = reads[r]
+                j = rs.index(k)
+                pairs.append((r, rs[j + 1] if j + 1 < len(rs) else None))
+            pairs.append((st[0], reads[st[0]][0] if st[0] in reads else None))
+            nxt.append(pairs)
+        self.next_reads = nxt
+        self.out_index = {r: j for j, r in enumerate(_refs(out_tmpl, []))}
+
+
+def _storage_sid(v) -> Optional[int]:
+    if type(v) is DTRTensor:
+        return v._cell.storage.sid
+    return None
+
+
+class _Lookahead:
+    """Per-thread table sid -> (absolute step of its next read), read by lookahead_score."""
+
+    def __init__(self):
+        self.next_read: Dict[int, float] = {}
+        self.step = 0.0
+
+
+_LOOKAHEAD = threading.local()
+
+
+def _table() -> _Lookahead:
+    t = getattr(_LOOKAHEAD, "t", None)
+    if t is None:
+        t = _LOOKAHEAD.t = _Lookahead()
+    return t
+
+
+def lookahead_score(base="dtr_eq") -> Callable:
+    """A policy: ``base``'s score divided by the distance (in graph nodes) to the value's next read.
+
+    Storages without a known next read (values of eager code, or of a graph that
+    ended) get distance 1: the base score unchanged. See Note [Lookahead].
+    """
+    base_fn = _policies.get(base)
+
+    def score(e, pool, now):
+        t = _table()
+        nr = t.next_read.get(e.sid)
+        s = base_fn(e, pool, now)
+        if nr is None:
+            return s
+        d = nr - t.step
+        return s / d if d > 1.0 else s
+
+    score.__name__ = f"lookahead_{base if isinstance(base, str) else 'custom'}"
+    return score
+
+
+def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
+         saved_order: Optional[Dict[int, int]] = None) -> List:
+    env: List[Any] = [None] * program.n
+    for j, i in enumerate(program.placeholders):
+        a = args[j]
+        if type(a) is torch.Tensor and a.requires_grad:
+            a = a.detach()
+        env[i] = a
+    args.clear()  # boxed call: let aot_autograd's references to the inputs go
+    for i, c in program.consts:
+        env[i] = c
+    dispatch = runtime.dispatch
+    table = _table() if lookahead else None
+    base_step = table.step if lookahead else 0.0
+    nsteps = len(program.steps)
+    if lookahead:
+        # Inputs: saved activations are read at their first read here.
+        for i in program.placeholders:
+            sid = _storage_sid(env[i])
+            if sid is not None and i in program.reads:
+                table.next_read[sid] = base_step + program.reads[i][0]
+    try:
+        for k, (i, kind_, fn, targs, tkwargs, frees) in enumerate(program.steps):
+            if lookahead:
+                table.step = base_step + k
+            args_ = _fill(targs, env) if targs else ()
+            kwargs_ = _fill(tkwargs, env) if tkwargs else {}
+            if kind_ == _KIND_DTR:
+                if _any_tensor(args_, kwargs_):
+                    out = dispatch(fn, args_, kwargs_, wrap_plain=True)
+                else:
+                    out = fn(*args_, **kwargs_)  # factories stay plain, as in eager
+            elif kind_ == _KIND_META:
+                out = fn(*args_, **kwargs_)
+            elif kind_ == _KIND_BN:
+                args_ = list(args_)
+                for p in (3, 4):
+                    if p < len(args_) and isinstance(args_[p], torch.Tensor):
+                        args_[p] = unwrap(args_[p]).clone()
+                out = dispatch(fn, tuple(args_), kwargs_, wrap_plain=True)
+            else:
+                out = fn(*args_, **kwargs_)
+            env[i] = out
+            if lookahead:
+                for r, nxt in program.next_reads[k]:
+                    v = env[r]
+                    if type(v) is DTRTensor:
+                        sid = v._cell.storage.sid
+                        if nxt is not None:
+                            table.next_read[sid] = base_step + nxt
+                        elif saved_order is not None and r in program.out_index:
+                            # Saved for the backward: read after the rest of the forward.
+                            table.next_read[sid] = (base_step + nsteps
+                                                    + saved_order.get(program.out_index[r], nsteps))
+                        else:
+                            table.next_read.pop(sid, None)
+            for r in frees:
+                env[r] = None
+        result = _fill(program.out_tmpl, env)
+    finally:
+        if lookahead:
+            table.step = base_step + nsteps
+    env = None
+    outs = list(result) if isinstance(result, (list, tuple)) else [result]
+    for j in range(program.escape_n):
+        o = outs[j]
+        if type(o) is DTRTensor:
+            outs[j] = unwrap(o)
+    return outs
+
+
+def _any_tensor(args, kwargs) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return True
+        if type(a) in (list, tuple):
+            for x in a:
+                if isinstance(x, torch.Tensor):
+                    return True
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, torch.Tensor):
+                return True
+    return False
+
+
+def _runtime_of_inputs(args) -> Optional[Any]:
+    for a in args:
+        if type(a) is DTRTensor:
+            return a._cell.storage.runtime
+    return None
+
+
+# ----------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------
+
+class DTRBackend:
+    """A Dynamo backend running aot_autograd's graphs under a dtr budget.
+
+    Made by ``compile_backend``; ``dtr_backend`` is the one registered as "dtr".
+    ``session`` is this thread's own session (None until a compiled step ran
+    outside any ``dtr.budget`` block); its ``stats`` accumulate over steps.
+    """
+
+    def __init__(self, budget=None, policy="dtr_eq", *, pool: str = "auto", search=None,
+                 lookahead: bool = False):
+        from .session import parse_budget
+
+        self.budget_bytes = parse_budget(budget)
+        self.lookahead = lookahead
+        if lookahead:
+            policy = lookahead_score(policy)
+            pool = "python"
+        _policies.get(policy)  # validates the name
+        self.policy = policy
+        self.pool = pool
+        self.search = search
+        self._local = threading.local()
+        self.frames = 0  # graphs compiled (Dynamo frames reaching the backend)
+
+    # -- sessions ----------------------------------------------------------
+    @property
+    def session(self) -> Optional[Session]:
+        return getattr(self._local, "session", None)
+
+    def _own_session(self) -> Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = Session(self.budget_bytes, self.policy, pool=self.pool,
+                                              search=self.search)
+        return s
+
+    def _runtime_for_forward(self):
+        """(runtime, limit to restore or a sentinel). See Note [Which session]."""
+        stack = _stack()
+        if stack:
+            rt = stack[-1].runtime
+            saved = rt.limit
+            if self.budget_bytes is not None:
+                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+            return rt, saved
+        if self.budget_bytes is None and self.session is None:
+            _warn_unbudgeted()
+        return self._own_session().runtime, _KEEP
+
+    def _call(self, program, args, *, backward: bool, saved_order=None):
+        if backward:
+            rt = _runtime_of_inputs(args)
+            restore = _KEEP
+            if rt is None:
+                rt, restore = self._runtime_for_forward()
+            elif self.budget_bytes is not None:
+                restore = rt.limit
+                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+        else:
+            rt, restore = self._runtime_for_forward()
+        try:
+            with _disable_current_modes(), torch.enable_grad():
+                return _run(program, args, rt, "bw" if backward else "fw", self.lookahead,
+                            saved_order)
+        finally:
+            if restore is not _KEEP:
+                rt.limit = restore
+
+    # -- compilers -----------------------------------------------------------
+    def _fw_compiler(self, gm: torch.fx.GraphModule, example_inputs):
+        n_ret = None
+        ctx = torch._guards.TracingContext.try_get()
+        meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
+        if meta is not None:
+            n_ret = meta.num_forward_returns
+        program = _Program(gm, n_ret, escape_all=n_ret is None)
+        state = self._state
+        state["fw"] = program
+        backend = self
+
+        def forward(args):
+            return backend._call(program, args, backward=False,
+                                 saved_order=state.get("saved_order"))
+
+        forward._boxed_call = True
+        return forward
+
+    def _bw_compiler(self, gm: torch.fx.GraphModule, example_inputs):
+        program = _Program(gm, None, escape_all=True)
+        backend = self
+        state = self._state
+        fw = state.get("fw")
+        if fw is not None and self.lookahead:
+            # Position of each saved forward output in the backward's reading order.
+            n_saved = len(program.placeholders)
+            order = {}
+            for j, p in enumerate(program.placeholders):
+                rs = program.reads.get(p)
+                order[j] = rs[0] if rs else len(program.steps)
+            first = fw.n_out - fw.escape_n
+            # Saved outputs are the forward's outputs after the escaped ones, in the
+            # order of the backward's first placeholders (symints included).
+            state["saved_order"] = {fw.escape_n + j: order[j] for j in range(min(first, n_saved))}
+
+        def backward(args):
+            return backend._call(program, args, backward=True)
+
+        backward._boxed_call = True
+        return backward
+
+    def _inference_compiler(self, gm: torch.fx.GraphModule, example_inputs):
+        program = _Program(gm, None, escape_all=True)
+        backend = self
+
+        def forward(args):
+            return backend._call(program, args, backward=False)
+
+        forward._boxed_call = True
+        return forward
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        from functorch.compile import default_partition
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        self.frames += 1
+        backend = _PerGraph(self)
+        with _disable_current_modes():
+            return aot_module_simplified(
+                gm, example_inputs,
+                fw_compiler=backend.fw_compiler,
+                bw_compiler=backend.bw_compiler,
+                inference_compiler=backend.inference_compiler,
+                partition_fn=default_partition,
+                keep_inference_input_mutations=True,
+            )
+
+    def __repr__(self) -> str:
+        return (f"DTRBackend(budget_bytes={self.budget_bytes}, policy={self.policy!r}, "
+                f"lookahead={self.lookahead})")
+
+
+_KEEP = object()
+
+
+class _PerGraph:
+    """The compilers of one Dynamo graph: they share the forward/backward pairing state."""
+
+    def __init__(self, backend: DTRBackend):
+        self.backend = backend
+        self.state: Dict[str, Any] = {}
+
+    def _bound(self, fn):
+        b = self.backend
+
+        def compiler(gm, example_inputs):
+            prev = getattr(b, "_state", None)
+            b._state = self.state
+            try:
+                return fn(gm, example_inputs)
+            finally:
+                b._state = prev
+
+        return compiler
+
+    @property
+    def fw_compiler(self):
+        return self._bound(self.backend._fw_compiler)
+
+    @property
+    def bw_compiler(self):
+        return self._bound(self.backend._bw_compiler)
+
+    @property
+    def inference_compiler(self):
+        return self._bound(self.backend._inference_compiler)
+
+
+def compile_backend(budget=None, policy="dtr_eq", *, pool: str = "auto", search=None,
+                    lookahead: bool = False) -> DTRBackend:
+    """A Dynamo backend for ``torch.compile(model, backend=...)`` running under dtr.
+
+    ``budget``: as for ``dtr.budget`` (bytes or a string such as "2GB"); None uses the
+    enclosing ``dtr.budget`` block's (see Note [Which session]). ``policy``, ``pool``,
+    ``search``: as for ``dtr.budget``, used when the backend owns its session.
+    ``lookahead``: score with the graph's next-read distances (Note [Lookahead]).
+    """
+    return DTRBackend(budget, policy, pool=pool, search=search, lookahead=lookahead)
+
+
+dtr_backend = compile_backend()
+"""The backend registered as ``torch.compile(..., backend="dtr")`` (setup.py entry point)."""
