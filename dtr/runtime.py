@@ -90,10 +90,12 @@ class Runtime:
     def tracked_bytes(self) -> int:
         return self.pool_bytes + self.plain_bytes
 
-    def _note_peak(self) -> None:
+    def _note_peak(self, reserved: int = 0) -> None:
+        """Record the peak; ``reserved``: room made for an op about to run (outputs, scratch)."""
         t = self.pool_bytes + self.plain_bytes
         st = self.stats
         st.tracked_bytes = t
+        t += reserved
         if t > st.peak_bytes:
             st.peak_bytes = t
 
@@ -264,8 +266,13 @@ class Runtime:
                     vals.append(v)
                 else:
                     vals.append(self._plain_value(inp, recipe))
-            if recipe.out_bytes:
-                self.make_room(recipe.out_bytes, str(recipe.func), recipe.out_bytes)
+            need = recipe.out_bytes
+            factor = op_info(recipe.func).workspace_factor
+            if factor:  # See Note [Op workspace] in ops.py
+                need += int(factor * (need + sum(v.nbytes for v in vals if v is not None)))
+            if need:
+                working = need + sum(rec.nbytes for rec in locked)
+                self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
             outs = self._run_recipe(recipe, vals)
             for ref, out in zip(recipe.outputs, outs):
                 c = ref() if ref is not None else None
@@ -402,7 +409,13 @@ class Runtime:
                 stats.unplanned_ops += 1
                 need = 0
             working += need
-            self.make_room(need, info.name, working)
+            scratch = 0
+            if info.workspace_factor:  # See Note [Op workspace] in ops.py
+                scratch = int(info.workspace_factor * (need + sum(
+                    v.nbytes for v in vals if isinstance(v, torch.Tensor))))
+            self.make_room(need + scratch, info.name, working + scratch)
+            if scratch:
+                self._note_peak(scratch + need)
             # 3. Run.
             if mutated_slots and any(cells[i] is not None for i in mutated_slots):
                 return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,

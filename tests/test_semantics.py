@@ -1,0 +1,251 @@
+"""Each corner case of PITFALLS.md, checked against eager under the harshest recomputation."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtr
+from dtr.testing import evict_everything
+
+
+def test_mutation_through_a_view_changes_the_base():
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def f():
+        y = x * 2
+        v = y[0]
+        v.mul_(10)
+        return (y * y).sum(), y
+
+    ref, ref_y = f()
+    with evict_everything():
+        out, y = f()
+        assert torch.equal(dtr.unwrap(y), ref_y.detach())
+    assert torch.equal(dtr.unwrap(out), ref.detach())
+    (g_ref,) = torch.autograd.grad(ref, x)
+    (g,) = torch.autograd.grad(out, x)
+    assert torch.equal(g, g_ref)
+
+
+def test_detached_alias_sees_in_place_change():
+    x = torch.randn(5)
+    with evict_everything():
+        y = x + 1
+        d = y.detach()
+        t = y.t() if y.dim() > 1 else y[1:]
+        y.add_(3)
+        assert torch.equal(dtr.unwrap(d), x + 4)
+        assert torch.equal(dtr.unwrap(t), (x + 4)[1:])
+
+
+def test_in_place_relu_keeps_recompute_exact():
+    x = torch.randn(8, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def f():
+        h = x @ w
+        h2 = F.relu(h * 1.5, inplace=True)
+        return (h2 @ w).tanh().sum()
+
+    ref = f()
+    ref.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with evict_everything() as s:
+        out = f()
+        out.backward()
+    assert torch.equal(dtr.unwrap(out), ref.detach())
+    assert torch.equal(x.grad, gx) and torch.equal(w.grad, gw)
+    assert s.stats.rematerializations > 0
+
+
+def test_out_variant_into_dtr_and_plain_tensors():
+    a, b = torch.randn(4), torch.randn(4)
+    plain = torch.empty(4)
+    with evict_everything():
+        c = a * 1  # a dtr tensor (grad mode on, tensor input)
+        torch.add(a, b, out=c)
+        torch.mul(c, b, out=plain)
+        assert torch.equal(dtr.unwrap(c), a + b)
+    assert type(plain) is torch.Tensor
+    assert torch.equal(plain, (a + b) * b)
+
+
+def test_foreach_in_place_on_dtr_tensors():
+    xs = [torch.randn(3) for _ in range(3)]
+    ys = [torch.randn(3) for _ in range(3)]
+    with evict_everything():
+        ws = [x * 1 for x in xs]
+        torch._foreach_add_(ws, ys, alpha=2)
+        torch._foreach_mul_(ws, 3.0)
+        for w, x, y in zip(ws, xs, ys):
+            assert torch.equal(dtr.unwrap(w), (x + 2 * y) * 3.0)
+
+
+def test_batchnorm_running_stats_updated_once():
+    torch.manual_seed(0)
+    bn_ref = torch.nn.BatchNorm1d(6)
+    bn = torch.nn.BatchNorm1d(6)
+    bn.load_state_dict(bn_ref.state_dict())
+    x = torch.randn(10, 6, requires_grad=True)
+    ref = (bn_ref(x * 2) ** 2).sum()
+    ref.backward()
+    with evict_everything() as s:
+        out = (bn(x * 2) ** 2).sum()
+        out.backward()
+    assert s.stats.rematerializations > 0
+    assert torch.equal(dtr.unwrap(out), ref.detach())
+    for k, v in bn_ref.state_dict().items():
+        assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_dropout_replays_and_leaves_rng_stream_like_eager():
+    x = torch.randn(64, requires_grad=True)
+    torch.manual_seed(5)
+    ref = (F.dropout(x * 3, 0.5) * F.dropout(x, 0.3)).sum()
+    ref.backward()
+    g_ref = x.grad.clone()
+    after_ref = torch.rand(3)
+    x.grad = None
+    torch.manual_seed(5)
+    with evict_everything() as s:
+        out = (F.dropout(x * 3, 0.5) * F.dropout(x, 0.3)).sum()
+        out.backward()
+    after = torch.rand(3)
+    assert s.stats.rematerializations > 0
+    assert torch.equal(dtr.unwrap(out), ref.detach())
+    assert torch.equal(x.grad, g_ref)
+    assert torch.equal(after, after_ref)
+
+
+def test_explicit_generator_is_respected():
+    x = torch.rand(32)
+    g_ref = torch.Generator().manual_seed(7)
+    ref = torch.bernoulli(x * 0.5, generator=g_ref)
+    ref_next = torch.rand(2, generator=g_ref)
+    global_before = torch.get_rng_state()
+    g = torch.Generator().manual_seed(7)
+    with evict_everything():
+        y = torch.bernoulli(x * 0.5, generator=g) * 1.0
+        assert torch.equal(dtr.unwrap(y), ref)
+    assert torch.equal(torch.rand(2, generator=g), ref_next)
+    assert torch.equal(torch.get_rng_state(), global_before)
+
+
+def test_multi_output_op_with_none_outputs():
+    x = torch.randn(2, 3, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    go = torch.randn(2, 4, 3, 3)
+    ref = torch.ops.aten.convolution_backward(go, x, w, [4], [1, 1], [0, 0], [1, 1], False,
+                                              [0, 0], 1, [False, True, True])
+    with evict_everything():
+        gx = go * 1
+        out = torch.ops.aten.convolution_backward(gx, x, w, [4], [1, 1], [0, 0], [1, 1], False,
+                                                  [0, 0], 1, [False, True, True])
+        assert out[0] is None
+        assert torch.equal(dtr.unwrap(out[1] + 0), ref[1])
+        assert torch.equal(dtr.unwrap(out[2] * 1), ref[2])
+
+
+def test_multi_output_views_split_and_max():
+    x = torch.randn(6, 4)
+    with evict_everything():
+        y = x * 2
+        a, b = y.split(3)
+        vals, idx = y.max(dim=1)
+        assert torch.equal(dtr.unwrap(a + b), (x * 2)[:3] + (x * 2)[3:])
+        assert torch.equal(dtr.unwrap(vals), (x * 2).max(dim=1).values)
+        assert torch.equal(dtr.unwrap(idx), (x * 2).max(dim=1).indices)
+
+
+def test_non_tensor_results_pass_through():
+    x = torch.randn(3, 3)
+    with evict_everything():
+        y = x * 2
+        assert y.sum().item() == (x * 2).sum().item()
+        assert torch.equal(y, x * 2) is True
+        assert y.shape == (3, 3)
+        assert y.tolist() == (x * 2).tolist()
+
+
+def test_gradients_are_plain_and_concrete():
+    m = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with evict_everything():
+        m(x).pow(2).sum().backward()
+        m(x).pow(2).sum().backward()  # accumulation into an existing plain .grad
+    for p in m.parameters():
+        assert type(p.grad) is torch.Tensor
+    ref = torch.nn.Linear(4, 3)
+    ref.load_state_dict(m.state_dict())
+    ref(x).pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_stale_plain_input_raises_instead_of_recomputing_wrong():
+    w = torch.randn(4, requires_grad=True)
+    with evict_everything():
+        y = w * 2  # evicted right away; its recipe reads w
+        with torch.no_grad():
+            w.add_(1.0)
+        with pytest.raises(dtr.StaleInputError, match="modified in place"):
+            y.sum()
+
+
+def test_escapes_behave_like_plain_tensors(tmp_path):
+    x = torch.randn(3, 2)
+    with evict_everything():
+        y = x * 3
+        z = (y + 1).sum()
+    ref_y = x * 3
+    assert z.item() == (ref_y + 1).sum().item()
+    assert (y.numpy() == ref_y.numpy()).all()
+    assert y.tolist() == ref_y.tolist()
+    path = tmp_path / "t.pt"
+    torch.save(y, path)
+    loaded = torch.load(path)
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, ref_y)
+    ptr = y.data_ptr()
+    assert ptr != 0 and ptr == y.data_ptr()
+    later = y * 2 + torch.ones(3, 2)
+    assert torch.equal(dtr.unwrap(later), ref_y * 2 + 1)
+    plain = dtr.unwrap(y)
+    assert type(plain) is torch.Tensor and torch.equal(plain, ref_y)
+    assert dtr.unwrap(x) is x
+
+
+def test_backward_and_item_after_the_block():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    with dtr.budget(None):
+        loss = lin(x).tanh().sum()
+    value = loss.item()
+    loss.backward()
+    ref = torch.nn.Linear(4, 4)
+    ref.load_state_dict(lin.state_dict())
+    ref_loss = ref(x).tanh().sum()
+    ref_loss.backward()
+    assert value == ref_loss.item()
+    assert torch.equal(lin.weight.grad, ref.weight.grad)
+
+
+def test_in_place_metadata_change_is_rejected():
+    x = torch.randn(3)
+    with dtr.budget(None):
+        y = x * 2
+        with pytest.raises(dtr.UnsupportedOpError, match="unsqueeze_"):
+            y.unsqueeze_(0)
+
+
+def test_deepcopy_and_repr():
+    import copy
+
+    x = torch.randn(2)
+    with dtr.budget(None):
+        y = x + 1
+    c = copy.deepcopy(y)
+    assert type(c) is torch.Tensor and torch.equal(c, x + 1)
+    assert "DTRTensor" in repr(y)
