@@ -29,6 +29,8 @@
 // a long run does not grow the node arena without bound.
 #pragma once
 
+#include <c10/util/SmallVector.h>
+
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -80,11 +82,17 @@ struct Entry {
   int64_t locks = 0;
   bool resident = true;
   bool evictable = true;
-  std::vector<Entry*> parents;
-  std::vector<Entry*> children;
+  // Inline storage: most storages have few neighbours, and the scan then
+  // reads them without another cache miss.
+  c10::SmallVector<Entry*, 3> parents;
+  c10::SmallVector<Entry*, 3> children;
   uint32_t uf = kNoNode;             // class node while evicted (dtr_eq bookkeeping)
   int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
   uint64_t mark = 0;                 // visit stamp for graph walks
+  // Evicted parents and children: scoring skips the neighbour walk when zero
+  // (see Note [Neighbour counts] in pool.cpp).
+  int32_t evicted_parents = 0;
+  int32_t evicted_children = 0;
 };
 
 class Pool {
@@ -144,6 +152,7 @@ class Pool {
   void drop_candidate(Entry& e);
   void maybe_candidate(Entry& e);
   void leave_class(Entry& e);
+  void count_as_evicted_neighbour(Entry& e, int32_t delta);
 
   uint32_t new_node(double cost);
   void incref(uint32_t n) { ++nodes_[n].refs; }

@@ -1,0 +1,290 @@
+"""Bookkeeping and victim-search cost of the Python and the C++ pool.
+
+    python bench/pool_bench.py            # writes bench/results/pool_bench.{md,json}
+    python bench/pool_bench.py --quick    # fewer repetitions (a smoke test)
+
+(a) Added time per op at an unlimited budget: a stream of 16x16 adds, eager vs
+    ``dtr.budget(None, pool="python")`` vs ``pool="cpp"``, medians over batches.
+(b) Victim choice with 10,000 candidates: time per ``choose_victim`` call, exact
+    scan and sampling, both pools, every native policy.
+(c) Step time (forward + backward) of the models in tests/models.py at an
+    unlimited budget, dtr / eager, with each pool.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+warnings.filterwarnings("ignore", message="dtr: C\\+\\+ extension")
+
+import dtr  # noqa: E402
+from dtr import _ext  # noqa: E402
+from dtr.policies import SearchOptions, make_pool  # noqa: E402
+
+POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random"]
+SAMPLED = SearchOptions(sample_above=1024, min_evictable_fraction=0.01, seed=0)
+# CPU time of this thread: the machine these numbers come from is shared with
+# other jobs, and thread time is far less disturbed by them than wall time.
+# torch runs on this thread too (set_num_threads(1) below).
+perf = time.thread_time
+
+
+# ---------------------------------------------------------------------------
+# (a) per-op overhead
+# ---------------------------------------------------------------------------
+
+def _op_stream(ctx, batches: int, per_batch: int) -> float:
+    """Median seconds per op of ``x = x + b`` on 16x16 tensors inside ``ctx``."""
+    a = torch.randn(16, 16, requires_grad=False)
+    b = torch.randn(16, 16)
+    times = []
+    with ctx() if ctx else _Null():
+        x = a + b
+        for _ in range(20):  # warm up (size caches, first-op paths)
+            x = x + b
+        for _ in range(batches):
+            t0 = perf()
+            for _ in range(per_batch):
+                x = x + b
+            times.append((perf() - t0) / per_batch)
+        del x
+    return statistics.median(times)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def bench_per_op(quick: bool) -> dict:
+    batches, per_batch = (30, 50) if quick else (300, 100)
+    configs = {"eager": None,
+               "python": lambda: dtr.budget(None, pool="python")}
+    if _ext.available():
+        configs["cpp"] = lambda: dtr.budget(None, pool="cpp")
+    res = {k: [] for k in configs}
+    # Interleave the configurations so drifts in machine speed hit all alike.
+    for _ in range(3 if quick else 7):
+        for k, ctx in configs.items():
+            res[k].append(_op_stream(ctx, batches // 3 if quick else batches // 7, per_batch))
+    out = {k: statistics.median(v) for k, v in res.items()}
+    return {"seconds_per_op": out,
+            "added_us": {k: (v - out["eager"]) * 1e6 for k, v in out.items() if k != "eager"}}
+
+
+def bench_pool_calls(quick: bool) -> dict:
+    """Cost of the individual pool calls the runtime makes per op (ns)."""
+    import timeit
+
+    n = 20000 if quick else 200000
+    out = {}
+    impls = ["python"] + (["cpp"] if _ext.available() else [])
+    stmts = {
+        "touch": "p.touch(5, 1.0)",
+        "lock+unlock": "p.lock(5); p.unlock(5)",
+        "locks": "p.locks(5)",
+        "add+remove (2 parents)": "p.add(10**6, 8, 1.0, 1.0, True, [3, 4]); p.remove(10**6)",
+        "evicted+rematerialized": "p.evicted(50); p.rematerialized(50, 2.0)",
+    }
+    for impl in impls:
+        p = make_pool("dtr_eq", SearchOptions(), impl=impl)
+        for i in range(100):
+            p.add(i, 1024, 1.0, 0.0, True, [i - 1] if i else [])
+        out[impl] = {k: min(timeit.repeat(s, globals={"p": p}, number=n, repeat=3)) / n * 1e9
+                     for k, s in stmts.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# (b) victim search with 10,000 candidates
+# ---------------------------------------------------------------------------
+
+def _build_pool(impl: str, policy: str, search: SearchOptions, n_cand: int, seed: int = 0):
+    """A pool shaped like a network's: each storage reads 1-2 of the last 64, and
+    about a fifth of all storages are evicted (so dtr_eq, dtr and msps have
+    evicted neighbourhoods to look at)."""
+    rng = random.Random(seed)
+    p = make_pool(policy, search, impl=impl)
+    now = 0.0
+    sid = 0
+    resident = 0
+    while resident < n_cand:
+        parents = [sid - rng.randint(1, 64) for _ in range(rng.randint(1, 2)) if sid > 0]
+        nb = rng.choice([4096, 65536, 1 << 20, rng.randint(256, 1 << 22)])
+        cost = rng.uniform(1e-6, 1e-3)
+        now += cost
+        p.add(sid, nb, cost, now, True, [q for q in parents if q >= 0])
+        if rng.random() < 0.2:
+            p.evicted(sid)
+        else:
+            resident += 1
+        sid += 1
+    return p, now
+
+
+def _time_search(impl, policy, search, n_cand, calls) -> float:
+    p, now = _build_pool(impl, policy, search, n_cand)
+    times = []
+    for i in range(calls):
+        now += 1e-4
+        t0 = perf()
+        v = p.choose_victim(now)
+        times.append(perf() - t0)
+        # Keep the pool's size: evict the victim, bring it back as fresh.
+        p.evicted(v)
+        p.rematerialized(v, now)
+    return statistics.median(times)
+
+
+def bench_search(quick: bool, n_cand: int = 10000) -> dict:
+    impls = ["python"] + (["cpp"] if _ext.available() else [])
+    out = {}
+    for impl in impls:
+        for policy in POLICIES:
+            for mode, search in (("exact", SearchOptions()), ("sampled", SAMPLED)):
+                if impl == "python" and mode == "exact":
+                    calls = 3 if quick else 10
+                else:
+                    calls = 50 if quick else 300
+                out[f"{impl}/{policy}/{mode}"] = _time_search(impl, policy, search, n_cand, calls)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# (c) model step time at an unlimited budget
+# ---------------------------------------------------------------------------
+
+def _step_time(name: str, ctx, reps: int) -> float:
+    import models
+
+    model, data = models.make(name, 0)
+    times = []
+    for r in range(reps + 1):
+        for inp in data:
+            t0 = perf()
+            with (ctx() if ctx else _Null()):
+                loss = model(*inp)
+                loss.backward()
+            for q in model.parameters():
+                q.grad = None
+            if r:  # the first round warms up
+                times.append(perf() - t0)
+            del loss
+    return statistics.median(times)
+
+
+def bench_models(quick: bool) -> dict:
+    import models
+
+    configs = {"eager": None, "python": lambda: dtr.budget(None, pool="python")}
+    if _ext.available():
+        configs["cpp"] = lambda: dtr.budget(None, pool="cpp")
+    reps = 3 if quick else 15
+    out = {}
+    for name in models.MODELS:
+        row = {}
+        try:
+            per = {k: [] for k in configs}
+            for _ in range(3):
+                for k, ctx in configs.items():
+                    per[k].append(_step_time(name, ctx, reps))
+            row = {k: statistics.median(v) for k, v in per.items()}
+            row["ratio_python"] = row["python"] / row["eager"]
+            if "cpp" in row:
+                row["ratio_cpp"] = row["cpp"] / row["eager"]
+        except Exception as exc:  # noqa: BLE001 - report and skip the model
+            row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------
+
+def _md(res: dict) -> str:
+    L = []
+    L.append("# Pool benchmark (bench/pool_bench.py)\n")
+    L.append(f"Machine: {res['machine']}; torch {res['torch']}; Python {res['python']}.\n")
+    a = res["per_op"]
+    L.append("## (a) Added time per op, unlimited budget (16x16 add, median)\n")
+    L.append("| run | us per op | added over eager (us) |")
+    L.append("|---|---|---|")
+    for k, v in a["seconds_per_op"].items():
+        add = "" if k == "eager" else f"{a['added_us'][k]:.1f}"
+        L.append(f"| {k} | {v * 1e6:.2f} | {add} |")
+    L.append("\nIndividual pool calls (ns per call, best of 3):\n")
+    calls = res["pool_calls"]
+    impls = list(calls)
+    L.append("| call | " + " | ".join(impls) + " |")
+    L.append("|---" * (len(impls) + 1) + "|")
+    for k in calls[impls[0]]:
+        L.append(f"| {k} | " + " | ".join(f"{calls[i][k]:.0f}" for i in impls) + " |")
+    L.append("\n## (b) Victim choice with 10,000 candidates (us per call, median)\n")
+    L.append(f"Sampling: {SAMPLED}.\n")
+    s = res["search"]
+    impls = sorted({k.split("/")[0] for k in s}, key=lambda x: x != "python")
+    cols = [f"{i} {m}" for i in impls for m in ("exact", "sampled")]
+    L.append("| policy | " + " | ".join(cols) + " |")
+    L.append("|---" * (len(cols) + 1) + "|")
+    for pol in POLICIES:
+        vals = [s[f"{i}/{pol}/{m}"] * 1e6 for i in impls for m in ("exact", "sampled")]
+        L.append(f"| {pol} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    L.append("\n## (c) Step time at an unlimited budget (forward + backward, ms, median)\n")
+    L.append("| model | eager | dtr, python pool | dtr, cpp pool | ratio python | ratio cpp |")
+    L.append("|---|---|---|---|---|---|")
+    for name, row in res["models"].items():
+        if "error" in row:
+            L.append(f"| {name} | failed under dtr: {row['error']} | | | | |")
+            continue
+        L.append(f"| {name} | {row['eager'] * 1e3:.2f} | {row['python'] * 1e3:.2f} | "
+                 f"{row.get('cpp', float('nan')) * 1e3:.2f} | {row['ratio_python']:.2f} | "
+                 f"{row.get('ratio_cpp', float('nan')):.2f} |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
+    ap.add_argument("--only", choices=["per_op", "search", "models"], default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "cpp_built": _ext.available(), "quick": args.quick}
+    if args.only in (None, "per_op"):
+        res["per_op"] = bench_per_op(args.quick)
+        res["pool_calls"] = bench_pool_calls(args.quick)
+        print(json.dumps(res["per_op"], indent=1), json.dumps(res["pool_calls"], indent=1))
+    if args.only in (None, "search"):
+        res["search"] = bench_search(args.quick)
+        print(json.dumps({k: v * 1e6 for k, v in res["search"].items()}, indent=1))
+    if args.only in (None, "models"):
+        res["models"] = bench_models(args.quick)
+        print(json.dumps(res["models"], indent=1))
+    if args.only is None:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "pool_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "pool_bench.md"), "w") as f:
+            f.write(_md(res))
+        print(_md(res))
+
+
+if __name__ == "__main__":
+    main()
