@@ -9,6 +9,9 @@
     scan and sampling, both pools, every native policy.
 (c) Step time (forward + backward) of the models in tests/models.py at an
     unlimited budget, dtr / eager, with each pool.
+(d) The same under a budget of half the unlimited run's peak, plus a deep MLP
+    (300 layers) where the pool holds hundreds of candidates: step time and the
+    time spent choosing victims (Stats.search_seconds), with each pool.
 """
 from __future__ import annotations
 
@@ -215,6 +218,91 @@ def bench_models(quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# (d) under a budget
+# ---------------------------------------------------------------------------
+# Note: the budget runs use SearchOptions() (exact search), the default.
+
+def _make(name):
+    import models
+
+    if name == "deep_mlp":
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        return models.MLP(d=64, depth=300), [(torch.randn(512, 64, generator=g),) for _ in range(3)]
+    return models.make(name, 0)
+
+
+def _budget_run(name, limit, pool, reps):
+    model, data = _make(name)
+    times, search, evictions, remats, peak = [], 0.0, 0, 0, 0
+    for r in range(reps + 1):
+        for inp in data:
+            t0 = perf()
+            with dtr.budget(limit, pool=pool) as s:
+                loss = model(*inp)
+                loss.backward()
+            for q in model.parameters():
+                q.grad = None
+            del loss
+            if r:
+                times.append(perf() - t0)
+                st = s.stats
+                search += st.search_seconds
+                evictions += st.evictions
+                remats += st.rematerializations
+                peak = max(peak, st.peak_bytes)
+    n = len(times)
+    return {"step": statistics.median(times), "search_per_step": search / n,
+            "evictions_per_step": evictions / n, "remats_per_step": remats / n, "peak": peak}
+
+
+def _feasible_limit(name, peak):
+    """The smallest of 0.5, 0.6, ... 0.9, 0.95 of the unlimited peak that one step fits in
+    (parameters and gradients are plain memory that no budget can evict)."""
+    for frac in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        model, data = _make(name)
+        try:
+            for inp in data:
+                with dtr.budget(int(peak * frac)):
+                    loss = model(*inp)
+                    loss.backward()
+                del loss
+                for q in model.parameters():
+                    q.grad = None
+            return int(peak * frac)
+        except dtr.BudgetExceededError:
+            continue
+    return None
+
+
+def bench_budget(quick: bool) -> dict:
+    import models
+
+    pools = ["python"] + (["cpp"] if _ext.available() else [])
+    reps = 2 if quick else 5
+    out = {}
+    for name in models.MODELS + ["deep_mlp"]:
+        try:
+            model, data = _make(name)
+            with dtr.budget(None) as s:
+                loss = model(*data[0])
+                loss.backward()
+            del loss
+            peak = s.stats.peak_bytes
+            limit = _feasible_limit(name, peak)
+            if limit is None:
+                out[name] = {"error": "no budget up to 0.95 of the unlimited peak worked"}
+                continue
+            row = {"limit": limit, "unlimited_peak": peak, "fraction": limit / peak}
+            for pool in pools:
+                row[pool] = _budget_run(name, limit, pool, reps)
+        except Exception as exc:  # noqa: BLE001 - report and skip the model
+            row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------
 
 def _md(res: dict) -> str:
     L = []
@@ -254,6 +342,22 @@ def _md(res: dict) -> str:
         L.append(f"| {name} | {row['eager'] * 1e3:.2f} | {row['python'] * 1e3:.2f} | "
                  f"{row.get('cpp', float('nan')) * 1e3:.2f} | {row['ratio_python']:.2f} | "
                  f"{row.get('ratio_cpp', float('nan')):.2f} |")
+    L.append("\n## (d) Under a budget (per step, median)\n")
+    L.append("The budget is the smallest of 0.5, 0.6, ..., 0.9, 0.95 of the unlimited run's peak that "
+             "the model fits in.\n")
+    L.append("| model | budget (of peak) | pool | step ms | choosing victims ms | evictions | "
+             "rematerializations |")
+    L.append("|---|---|---|---|---|---|---|")
+    for name, row in res.get("budget", {}).items():
+        if "error" in row:
+            L.append(f"| {name} | failed under dtr: {row['error']} | | | | | |")
+            continue
+        for pool in ("python", "cpp"):
+            if pool in row:
+                r = row[pool]
+                L.append(f"| {name} | {row['limit'] / 1024:.0f} KiB ({row['fraction']:.1f}) | {pool} | {r['step'] * 1e3:.2f} | "
+                         f"{r['search_per_step'] * 1e3:.3f} | {r['evictions_per_step']:.0f} | "
+                         f"{r['remats_per_step']:.0f} |")
     return "\n".join(L) + "\n"
 
 
@@ -261,7 +365,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
-    ap.add_argument("--only", choices=["per_op", "search", "models"], default=None)
+    ap.add_argument("--only", choices=["per_op", "search", "models", "budget"], default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -277,6 +381,9 @@ def main(argv=None):
     if args.only in (None, "models"):
         res["models"] = bench_models(args.quick)
         print(json.dumps(res["models"], indent=1))
+    if args.only in (None, "budget"):
+        res["budget"] = bench_budget(args.quick)
+        print(json.dumps(res["budget"], indent=1))
     if args.only is None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "pool_bench.json"), "w") as f:
