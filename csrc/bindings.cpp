@@ -102,6 +102,7 @@ PYBIND11_MODULE(_C, m) {
       .def("touch", &dtr::Pool::touch, py::arg("sid"), py::arg("now"))
       .def("add_cost", &dtr::Pool::add_cost, py::arg("sid"), py::arg("cost"))
       .def("cost", &dtr::Pool::cost, py::arg("sid"))
+      .def("last_access", &dtr::Pool::last_access, py::arg("sid"))
       .def("lock", &dtr::Pool::lock, py::arg("sid"))
       .def("unlock", &dtr::Pool::unlock, py::arg("sid"))
       .def("locks", &dtr::Pool::locks, py::arg("sid"))

@@ -74,25 +74,26 @@ class SplitMix64 {
 constexpr uint32_t kNoNode = std::numeric_limits<uint32_t>::max();
 constexpr int64_t kNotCandidate = -1;
 
-struct Entry {
+// The fields the scan reads for every candidate come first, in one cache line.
+struct alignas(64) Entry {
   int64_t sid = 0;
   int64_t nbytes = 0;
   double cost = 0.0;
   double last_access = 0.0;
   int64_t locks = 0;
-  bool resident = true;
-  bool evictable = true;
-  // Inline storage: most storages have few neighbours, and the scan then
-  // reads them without another cache miss.
-  c10::SmallVector<Entry*, 3> parents;
-  c10::SmallVector<Entry*, 3> children;
-  uint32_t uf = kNoNode;             // class node while evicted (dtr_eq bookkeeping)
-  int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
-  uint64_t mark = 0;                 // visit stamp for graph walks
   // Evicted parents and children: scoring skips the neighbour walk when zero
   // (see Note [Neighbour counts] in pool.cpp).
   int32_t evicted_parents = 0;
   int32_t evicted_children = 0;
+  uint32_t uf = kNoNode;  // class node while evicted (dtr_eq bookkeeping)
+  bool resident = true;
+  bool evictable = true;
+  int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
+  uint64_t mark = 0;                 // visit stamp for graph walks
+  // Inline storage: most storages have few neighbours, and the scan then
+  // reads them without another cache miss.
+  c10::SmallVector<Entry*, 3> parents;
+  c10::SmallVector<Entry*, 3> children;
 };
 
 class Pool {
@@ -113,6 +114,7 @@ class Pool {
   void unlock(int64_t sid);
   int64_t locks(int64_t sid) const;
   double cost(int64_t sid) const;
+  double last_access(int64_t sid) const;
   void pin(int64_t sid);
   void evicted(int64_t sid);
   void rematerialized(int64_t sid, double now);

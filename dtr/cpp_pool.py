@@ -3,7 +3,7 @@
 ``CppPool(policy, search)`` takes a policy *name* from ``dtr._C.native_policies()``
 and a ``dtr.SearchOptions``. Its public methods are exactly PythonPool's:
 ``add(sid, nbytes, cost, now, evictable, parents)``, ``remove(sid)``,
-``touch(sid, now)``, ``add_cost(sid, c)``, ``cost(sid)``, ``lock(sid)``,
+``touch(sid, now)``, ``add_cost(sid, c)``, ``cost(sid)``, ``last_access(sid)``, ``lock(sid)``,
 ``unlock(sid)``, ``locks(sid)``, ``pin(sid)``, ``evicted(sid)``,
 ``rematerialized(sid, now)``, ``choose_victim(now)``, ``unlocked_candidates()``
 and ``len()``. With the same calls it evicts the same storages in the same

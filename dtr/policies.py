@@ -413,6 +413,11 @@ class PythonPool:
         e = self.entries.get(sid)
         return e.cost if e is not None else 0.0
 
+    def last_access(self, sid: int) -> float:
+        """When the storage was last touched (0.0 for an unknown id)."""
+        e = self.entries.get(sid)
+        return e.last_access if e is not None else 0.0
+
     def pin(self, sid: int) -> None:
         """Make a storage unevictable for the rest of its life."""
         e = self.entries.get(sid)

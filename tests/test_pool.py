@@ -179,6 +179,18 @@ def test_cost_and_add_cost(impl):
     assert p.cost(1) == 1.75
 
 
+def test_last_access(impl):
+    p = pools(impl)
+    p.add(1, 8, 1.5, 2.0, True)
+    assert p.last_access(1) == 2.0
+    p.touch(1, 3.5)
+    assert p.last_access(1) == 3.5
+    p.evicted(1)
+    p.rematerialized(1, 4.0)
+    assert p.last_access(1) == 4.0
+    assert p.last_access(99) == 0.0
+
+
 def test_ties_go_to_the_smallest_id(impl):
     p = pools(impl, "largest")
     for sid in (5, 3, 9, 4):
