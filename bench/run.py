@@ -517,12 +517,13 @@ def plot_frontier(name, rows, eager, path):
         pts = [(r["measured_peak"] / ep, r["step_s"] / et) for r in
                sorted(rows, key=lambda r: -(r.get("budget_bytes") or 0))
                if r["kind"] == "dtr" and r.get("policy") == pol and r["status"] == "ok"
-               and r.get("budget_bytes")]
+               and r.get("budget_bytes") and "checkpoint's peak" not in r["method"]]
         if pts:
             ax.plot([p[1] for p in pts], [p[0] for p in pts], "o-", c=color, label=f"dtr ({pol})")
-    markers = {"ckpt": ("s", "tab:green"), "compile": ("^", "tab:red")}
+    markers = {"ckpt": ("s", "tab:green"), "compile": ("^", "tab:red"), "dtr": ("D", "tab:purple")}
     for r in rows:
-        if r["kind"] in markers and r["status"] == "ok" and r.get("step_s"):
+        special = r["kind"] == "dtr" and (not r.get("budget_bytes") or "checkpoint's peak" in r["method"])
+        if r["kind"] in markers and r["status"] == "ok" and r.get("step_s") and (r["kind"] != "dtr" or special):
             m, c = markers[r["kind"]]
             x, y = r["step_s"] / et, r["measured_peak"] / ep
             ax.scatter([x], [y], marker=m, c=c, s=60)
