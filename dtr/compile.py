@@ -59,24 +59,29 @@ from .tensor import DTRTensor, unwrap
 
 __all__ = ["compile_backend", "dtr_backend", "DTRBackend", "lookahead_score"]
 
+# Note [Compiling inside a dtr block]
+# Dynamo refuses to compile a frame while a user dispatch mode is on the stack
+# ("non-infra torch dispatch mode present") and silently runs it eagerly. A mode
+# whose ignore_compile_internals() is True is switched off while Dynamo and
+# aot_autograd trace and stays on while the compiled code runs, which is what a
+# dtr block needs: the "dtr" backend runs its graphs under the block's session
+# (Note [Which session]) and every other backend's graphs reach the mode op by op
+# at run time. This belongs in dtr/mode.py (DTRMode.ignore_compile_internals);
+# until it is there, it is set here.
+from .mode import DTRMode as _DTRMode  # noqa: E402
+
+if "ignore_compile_internals" not in _DTRMode.__dict__:
+    _DTRMode.ignore_compile_internals = classmethod(lambda cls: True)
+
 aten = torch.ops.aten
 
-_warn_lock = threading.Lock()
-_warned_unbudgeted = False
-
-
 def _warn_unbudgeted() -> None:
-    global _warned_unbudgeted
-    with _warn_lock:
-        if _warned_unbudgeted:
-            return
-        _warned_unbudgeted = True
     warnings.warn(
         "dtr: torch.compile(backend='dtr') ran with no budget: no dtr.budget block is active "
         "and the backend was made without one, so values are tracked but never evicted. "
         "Run the step inside `with dtr.budget(\"2GB\"):` or use "
         "torch.compile(model, backend=dtr.compile_backend(budget=\"2GB\")).",
-        stacklevel=3,
+        stacklevel=2,
     )
 
 
@@ -96,10 +101,12 @@ class _Ref:
 def _template(a, index):
     if isinstance(a, torch.fx.Node):
         return _Ref(index[a])
-    t = type(a)
-    if t is list or t is tuple:
-        return t(_template(x, index) for x in a)
-    if t is dict:
+    # fx stores lists as immutable_list (a list subclass) and dicts as immutable_dict.
+    if isinstance(a, list):
+        return [_template(x, index) for x in a]
+    if isinstance(a, tuple):
+        return tuple(_template(x, index) for x in a)
+    if isinstance(a, dict):
         return {k: _template(v, index) for k, v in a.items()}
     return a
 
@@ -243,6 +250,12 @@ class _Program:
             nxt.append(pairs)
         self.next_reads = nxt
         self.out_index = {r: j for j, r in enumerate(_refs(out_tmpl, []))}
+        # Values that leave the graph for user code are escaped as soon as they are
+        # made, as eager makes a gradient plain when it is accumulated: evicting one
+        # before the graph ends would only mean recomputing it at the end.
+        leaving = {r for r in _refs(out_tmpl, [])[:self.escape_n]}
+        for st in steps:
+            st.append(st[0] in leaving)
 
 
 def _storage_sid(v) -> Optional[int]:
@@ -312,7 +325,7 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
             if sid is not None and i in program.reads:
                 table.next_read[sid] = base_step + program.reads[i][0]
     try:
-        for k, (i, kind_, fn, targs, tkwargs, frees) in enumerate(program.steps):
+        for k, (i, kind_, fn, targs, tkwargs, frees, leaves) in enumerate(program.steps):
             if lookahead:
                 table.step = base_step + k
             args_ = _fill(targs, env) if targs else ()
@@ -332,6 +345,8 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
                 out = dispatch(fn, tuple(args_), kwargs_, wrap_plain=True)
             else:
                 out = fn(*args_, **kwargs_)
+            if leaves and type(out) is DTRTensor:
+                out = unwrap(out)
             env[i] = out
             if lookahead:
                 for r, nxt in program.next_reads[k]:
@@ -409,6 +424,7 @@ class DTRBackend:
         self.pool = pool
         self.search = search
         self._local = threading.local()
+        self._warned = False
         self.frames = 0  # graphs compiled (Dynamo frames reaching the backend)
 
     # -- sessions ----------------------------------------------------------
@@ -432,7 +448,8 @@ class DTRBackend:
             if self.budget_bytes is not None:
                 rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
             return rt, saved
-        if self.budget_bytes is None and self.session is None:
+        if self.budget_bytes is None and not self._warned:
+            self._warned = True  # once per backend (the registered "dtr": once per process)
             _warn_unbudgeted()
         return self._own_session().runtime, _KEEP
 
