@@ -79,14 +79,18 @@ class _UFNode:
     __slots__ = ("parent", "cost")
 
     def __init__(self, cost: float):
-        self.parent = self
+        # A root has no parent (not itself: a self-reference is a cycle that
+        # only the garbage collector could free).
+        self.parent: Optional[_UFNode] = None
         self.cost = cost
 
     def find(self) -> "_UFNode":
         node = self
-        while node.parent is not node:
-            node.parent = node.parent.parent  # path halving
-            node = node.parent
+        while node.parent is not None:
+            p = node.parent
+            if p.parent is not None:
+                node.parent = p.parent  # path halving
+            node = p
         return node
 
 

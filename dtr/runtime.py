@@ -23,6 +23,9 @@ from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, f
 
 _MIN_RECURSION = 20000
 
+# See Note [Tiny values].
+MIN_EVICTABLE_BYTES = 32
+
 # Output bytes per (op, input metadata, arguments): a property of the op, shared
 # by every session so a size learnt once (see Runtime._output_bytes) stays learnt.
 _SIZE_CACHE: Dict[tuple, Optional[int]] = {}
@@ -82,6 +85,10 @@ class Runtime:
         self._plain: Dict[tuple, tuple] = {}
         self._depth = 0
         self._closed_over = weakref.ref(self)
+        # Storages recomputed for a recipe that no wrapper refers to; see
+        # Note [Eager eviction].
+        self._kept: List[weakref.ref] = []
+        self.closed = False
 
     # ------------------------------------------------------------------
     # Accounting
@@ -128,7 +135,13 @@ class Runtime:
         self._next_sid += 1
         rec = StorageRecord(self, sid, nbytes, pinned)
         self._records[sid] = weakref.ref(rec)
-        self.pool.add(sid, nbytes, cost, self.clock, not pinned, parents)
+        # Note [Tiny values]
+        # Evicting a scalar frees nothing worth having, and a scalar loss read
+        # after optimizer.step() (loss.item()) could then not be recomputed from
+        # the updated parameters. Under budget pressure such values stay;
+        # evict_everything (a testing aid) still evicts them.
+        evictable = not pinned and (nbytes >= MIN_EVICTABLE_BYTES or self.evict_all)
+        self.pool.add(sid, nbytes, cost, self.clock, evictable, parents)
         self.pool_bytes += nbytes
         return rec
 
@@ -160,7 +173,9 @@ class Runtime:
         # recipes: free its memory now and keep the recipes (the paper's eager
         # eviction). Values recomputed for a recipe have no wrapper either, but
         # they are not banished: they stay until memory pressure evicts them,
-        # so that the next op needing them does not recompute them again.
+        # so that the next op needing them does not recompute them again. Once
+        # the block has ended there is no more pressure to count on, so they
+        # are banished when the block ends and after each later op.
         rec.banish_pending = False
         if rec.nwrappers == 0 and rec.resident and not rec.pinned:
             if self.pool.locks(rec.sid):
@@ -169,6 +184,20 @@ class Runtime:
                 self._evict(rec)
                 self.stats.eager_evictions += 1
                 self.stats.evictions -= 1  # _evict counted it as a pressure eviction
+
+    def release_kept(self) -> None:
+        """Banish the recomputed values that no wrapper refers to."""
+        with self.lock:
+            kept, self._kept = self._kept, []
+            for ref in kept:
+                rec = ref()
+                if rec is not None and rec.nwrappers == 0:
+                    self._maybe_banish(rec)
+
+    def close(self) -> None:
+        """The block ended: from now on, keep nothing no wrapper refers to."""
+        self.closed = True
+        self.release_kept()
 
     # ------------------------------------------------------------------
     # Eviction and recomputation
@@ -280,6 +309,8 @@ class Runtime:
                     continue
                 self._set_value(c, out)
                 pool.touch(c.storage.sid, self.clock)
+                if c.storage.nwrappers == 0:
+                    self._kept.append(weakref.ref(c.storage))
             self.stats.rematerializations += 1
         finally:
             for rec in locked:
@@ -427,6 +458,8 @@ class Runtime:
                 pool.unlock(rec.sid)
                 if rec.banish_pending:
                     self._maybe_banish(rec)
+            if self.closed and self._kept:
+                self.release_kept()
             if self.evict_all:
                 self.evict_everything()
             elif self.limit is not None and self.pool_bytes + self.plain_bytes > self.limit:

@@ -138,6 +138,7 @@ class Session:
             return False
         mode, self._mode = self._mode, None
         mode.__exit__(exc_type, exc, tb)
+        self.runtime.close()
         return False
 
     def __repr__(self) -> str:
