@@ -69,6 +69,10 @@ class SimOptions:
     ``lock_defined_first``: lock an op's resident inputs before recomputing
     its evicted ones (simrd) instead of materializing and locking them in
     argument order (the runtime).
+    ``evict_dead_inputs``: after an op (or recomputation) a storage without
+    handles that was recomputed only to serve as its input is evicted at once
+    (the runtime); False leaves it resident until memory pressure evicts it
+    (simrd).
     ``overhead_limit``: stop (status ">2x") once total time passes this
     multiple of the trace's op time; None: never.
     """
@@ -78,13 +82,14 @@ class SimOptions:
     collect_dead: bool = True
     pin_outputs: bool = True
     lock_defined_first: bool = False
+    evict_dead_inputs: bool = True
     overhead_limit: Optional[float] = 2.0
 
     @staticmethod
     def paper() -> "SimOptions":
         """The paper's simulator (simrd RuntimeV2EagerOptimized) as closely as we model it."""
         return SimOptions(mutation="simrd", access="simrd", collect_dead=False, pin_outputs=True,
-                          lock_defined_first=True)
+                          lock_defined_first=True, evict_dead_inputs=False)
 
 
 @dataclass
@@ -327,7 +332,8 @@ class Simulator:
             for s in locked:
                 pool.unlock(s.sid)
             for s in locked:
-                if s.ext == 0 and s.resident and not s.pinned and not pool.locks(s.sid):
+                if (self.opt.evict_dead_inputs and s.ext == 0 and s.resident and not s.pinned
+                        and not pool.locks(s.sid)):
                     # A dead input recomputed only for this op.
                     self._evict(s)
                     self.evictions -= 1
@@ -465,6 +471,7 @@ class Simulator:
         op = _Op(ins.name, ins.time, args)
         op.out_bytes = out_bytes
         locked = self._acquire(args)
+        self._pending_release = []
         try:
             if self._simrd_access:
                 for s in locked:
@@ -497,12 +504,16 @@ class Simulator:
                 pool.unlock(s.sid)
             for s in locked:
                 if s.ext == 0 and s.alive:
-                    if s.resident and not s.pinned and not pool.locks(s.sid):
+                    if (s.resident and not s.pinned and not pool.locks(s.sid)
+                            and self.opt.evict_dead_inputs):
                         self._evict(s)
                         self.evictions -= 1
                         self.eager_evictions += 1
                     if self.opt.collect_dead:
                         self._maybe_collect(s)
+        # simrd: the written handle left the old value (a RELEASE after the op).
+        for s in self._pending_release:
+            self._release_storage(s)
         self._note_peak()
 
     def _rebind(self, ins: Mutate, old: _Storage, new: _Storage, new_root: _Value, simrd: bool):
@@ -515,7 +526,7 @@ class Simulator:
                 if v is not None and v.storage is old:
                     handles[name] = new_root
                     new.ext += 1
-                    old.ext -= 1
+                    self._pending_release.append(old)
             return
         memo = {id(old.root): new_root}
 
