@@ -1,0 +1,345 @@
+"""dtr inside torch.distributed: DDP, FSDP2 and collectives on 2 CPU processes (gloo).
+
+Each test spawns its own 2 ranks with torch.multiprocessing (a free TCP port);
+the checks run inside the ranks, and a failed assertion on any rank fails the
+test with that rank's traceback. See docs/distributed.md.
+"""
+import collections
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dtr
+import dtr.distributed
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is needed")
+
+WORLD = 2
+_COLLECTIVE_NS = {"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"}
+_NOT_COMMUNICATION = {"wait_tensor", "_wrap_tensor_autograd"}  # waits, wrappers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, port, fn, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, *args):
+    mp.spawn(_entry, args=(_free_port(), fn, args), nprocs=WORLD, join=True)
+
+
+class CountCollectives(TorchDispatchMode):
+    """Counts collectives really executed (meta-tensor calls and waits excluded).
+
+    Entered *outside* the dtr block, it sits below dtr's mode: it sees every op
+    the runtime runs, recomputations included.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in _COLLECTIVE_NS and func._opname not in _NOT_COMMUNICATION:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            if not any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in flat):
+                self.counts[func.name()] += 1
+        return func(*args, **kwargs)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(6)],
+                         nn.Linear(64, 4))
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(512, 64, generator=g)
+
+
+# ----------------------------------------------------------------------------
+# DDP
+# ----------------------------------------------------------------------------
+def _ddp_train(rank, limit, steps=3):
+    """3 SGD steps of a DDP model; limit False: no dtr. Returns params, stats, checks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _mlp()
+    counter = CountCollectives()
+    grad_types = []  # type of p.grad when the reducer's hooks run
+    launched_before_last = []  # per step: all-reduces launched before the last grad was ready
+    step_start = [0]
+    # Post hooks of a grad accumulator run in registration order: registered
+    # before DDP's, these see exactly what DDP's reducer sees.
+    accs = []
+    for p in model.parameters():
+        acc = p.view_as(p).grad_fn.next_functions[0][0]
+
+        def hook(grad_inputs, grad_outputs, p=p):
+            grad_types.append(type(p.grad))
+            launched_before_last.append(counter.counts["c10d::allreduce_"] - step_start[0])
+
+        acc.register_hook(hook)
+        accs.append(acc)
+    ddp = DDP(model, bucket_cap_mb=0.02)  # 20 KB buckets: several per step
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    sess = None
+    per_step = []
+    overlap = []
+    for step in range(steps):
+        x = _batch(rank, step)
+        step_start[0] = counter.counts["c10d::allreduce_"]
+        launched_before_last.clear()
+        with counter:
+            if limit is False:
+                loss = ddp(x).square().mean()
+                loss.backward()
+            else:
+                with dtr.distributed.budget(limit) as sess:
+                    loss = ddp(x).square().mean()
+                    loss.backward()
+        per_step.append(counter.counts["c10d::allreduce_"] - step_start[0])
+        overlap.append(launched_before_last[-1])
+        for p in ddp.parameters():
+            assert type(p.grad) is torch.Tensor, type(p.grad)
+        opt.step()
+        opt.zero_grad()
+    params = [p.detach().clone() for p in ddp.parameters()]
+    return params, sess, dict(counter.counts), grad_types, per_step, overlap
+
+
+def _ddp_worker(rank):
+    ref, _, ref_counts, _, ref_per_step, _ = _ddp_train(rank, False)
+    _, free, _, _, _, _ = _ddp_train(rank, None)
+    limit = int(0.7 * free.stats.peak_bytes)
+    got, sess, counts, grad_types, per_step, overlap = _ddp_train(rank, limit)
+
+    # Bit-identical to DDP without dtr.
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (rank, (a - b).abs().max())
+    # Every rank evicted and recomputed under its budget, and stayed under it.
+    for r, st in enumerate(dtr.distributed.all_stats(sess)):
+        assert st.evictions > 0 and st.rematerializations > 0, (r, st)
+        assert st.peak_bytes <= limit, (r, st.peak_bytes, limit)
+    # The reducer's hooks saw plain gradients, never dtr tensors.
+    assert grad_types and all(t is torch.Tensor for t in grad_types), set(grad_types)
+    # Bucketing and overlap: several all-reduces per step, the same as without dtr,
+    # and, once DDP has rebuilt its buckets after the first step, some launched while
+    # backward was still running.
+    assert counts == ref_counts, (counts, ref_counts)
+    assert per_step == ref_per_step and min(per_step[1:]) >= 2, (per_step, ref_per_step)
+    assert all(n >= 1 for n in overlap[1:]), overlap
+
+
+def test_ddp_bit_identical_under_tight_budget():
+    _spawn(_ddp_worker)
+
+
+# ----------------------------------------------------------------------------
+# Collectives issued inside the block, on dtr tensors
+# ----------------------------------------------------------------------------
+def _collective_cases():
+    import torch.distributed._functional_collectives as funcol
+
+    def all_reduce(x, w):
+        y = (x @ w).tanh()
+        dist.all_reduce(y)  # in place, on a dtr tensor
+        return (y.sin() * 2).sum()
+
+    def all_reduce_async(x, w):
+        y = (x @ w).tanh()
+        a = y * 3  # read before the in-place collective: its recipe needs y's old value
+        dist.all_reduce(y, async_op=True).wait()
+        return (y.sin() * a).sum()
+
+    def broadcast(x, w):
+        y = (x @ w).tanh()
+        dist.broadcast(y, src=1)
+        return y.sin().sum()
+
+    def all_gather_into_tensor(x, w):
+        y = (x @ w).tanh()
+        out = torch.zeros_like(y).repeat(WORLD, 1)  # a dtr tensor written by the collective
+        dist.all_gather_into_tensor(out, y.detach())
+        return (out.sin()[:8] * y).sum()
+
+    def all_gather_list(x, w):
+        y = (x @ w).tanh()
+        outs = [torch.zeros_like(y) for _ in range(WORLD)]
+        dist.all_gather(outs, y.detach())
+        return (outs[0].sin() * outs[1] * y).sum()
+
+    def reduce_scatter_tensor(x, w):
+        y = (x @ w).tanh()
+        out = torch.zeros_like(y)[:4].clone()
+        dist.reduce_scatter_tensor(out, y.detach())
+        return out.sin().sum() + (y * y).sum()
+
+    def functional_all_reduce(x, w):
+        y = (x @ w).tanh()
+        z = funcol.all_reduce(y, "sum", dist.group.WORLD)
+        return (z.sin() * y).sum()
+
+    def functional_all_gather(x, w):
+        y = (x @ w).tanh()
+        z = funcol.all_gather_tensor(y, 0, dist.group.WORLD)
+        return (z.sin()[:8] * y).sum()
+
+    def functional_reduce_scatter(x, w):
+        y = (x @ w).tanh()
+        z = funcol.reduce_scatter_tensor(y, "sum", 0, dist.group.WORLD)
+        return z.sin().sum() + y.sum()
+
+    def autograd_all_gather(x, w):
+        y = (x @ w).tanh()
+        return funcol.all_gather_tensor_autograd(y, 0, dist.group.WORLD).sin().sum()
+
+    return [all_reduce, all_reduce_async, broadcast, all_gather_into_tensor, all_gather_list,
+            reduce_scatter_tensor, functional_all_reduce, functional_all_gather,
+            functional_reduce_scatter, autograd_all_gather]
+
+
+def _collectives_worker(rank):
+    failures = []
+    for fn in _collective_cases():
+        torch.manual_seed(0)
+        w = torch.randn(16, 16, requires_grad=True)
+        x = torch.randn(8, 16) + rank
+        ref_counter = CountCollectives()
+        with ref_counter:
+            ref = fn(x, w)
+            ref.backward()
+        ref_grad, w.grad = w.grad, None
+        counter = CountCollectives()
+        try:
+            # Evict every evictable value after every op: everything not pinned is recomputed.
+            with counter, dtr.Session(None, _evict_all=True) as sess:
+                out = fn(x, w)
+                value = out.item()
+                out.backward()
+        except Exception as exc:  # report every case, not only the first
+            failures.append(f"{fn.__name__}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        if value != ref.item() or not torch.equal(w.grad, ref_grad):
+            failures.append(f"{fn.__name__}: value {value} vs {ref.item()}, grad differs by "
+                            f"{(w.grad - ref_grad).abs().max().item()}")
+        # Each collective ran exactly as often as without dtr: never replayed.
+        if counter.counts != ref_counter.counts:
+            failures.append(f"{fn.__name__}: collectives {dict(counter.counts)} vs "
+                            f"{dict(ref_counter.counts)} without dtr")
+        if sess.stats.rematerializations == 0:
+            failures.append(f"{fn.__name__}: nothing was recomputed")
+    assert not failures, f"rank {rank}:\n" + "\n".join(failures)
+
+
+def test_collectives_run_once_and_values_exact():
+    _spawn(_collectives_worker)
+
+
+# ----------------------------------------------------------------------------
+# FSDP2 (fully_shard)
+# ----------------------------------------------------------------------------
+def _fsdp_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    for block in model[:6]:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _fsdp_train(rank, limit, keep_gathered, steps=3):
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    counter = CountCollectives()
+    sess = None
+    for step in range(steps):
+        x = _batch(rank, step)
+        with counter:
+            if limit is False:
+                loss = model(x).square().mean()
+                loss.backward()
+            elif keep_gathered:
+                with dtr.distributed.fsdp_keep_gathered(model), \
+                        dtr.distributed.budget(limit) as sess:
+                    loss = model(x).square().mean()
+                    loss.backward()
+            else:
+                with dtr.distributed.budget(limit) as sess:
+                    loss = model(x).square().mean()
+                    loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return params, sess, dict(counter.counts)
+
+
+def _fsdp_worker(rank):
+    ref, _, _ = _fsdp_train(rank, False, False)
+    _, free, free_counts = _fsdp_train(rank, None, True)
+    limit = int(0.7 * free.stats.peak_bytes)
+    got, sess, counts = _fsdp_train(rank, limit, True)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (rank, (a - b).abs().max())
+    for r, st in enumerate(dtr.distributed.all_stats(sess)):
+        assert st.evictions > 0 and st.rematerializations > 0, (r, st)
+        assert st.peak_bytes <= limit, (r, st.peak_bytes, limit)
+    # Gathered parameters are never re-gathered for a recomputation: the same
+    # all-gathers and reduce-scatters as with no limit at all.
+    assert counts == free_counts, (counts, free_counts)
+    assert counts.get("c10d::_allgather_base_", 0) > 0, counts
+
+
+def test_fsdp2_keep_gathered_bit_identical_under_tight_budget():
+    _spawn(_fsdp_worker)
+
+
+def _fsdp_resharded_worker(rank):
+    _, free, _ = _fsdp_train(rank, None, False, steps=1)
+    limit = int(0.7 * free.stats.peak_bytes)
+    with pytest.raises(dtr.UnsupportedOpError, match="fsdp_keep_gathered"):
+        _fsdp_train(rank, limit, False, steps=1)
+
+
+def test_fsdp2_resharded_parameters_raise_a_clear_error():
+    # FSDP2 frees gathered parameters after each module's forward and backward
+    # (storage resized to 0 bytes, no version change); recomputing from them
+    # must fail with a dtr error that names the remedy, not read freed memory.
+    _spawn(_fsdp_resharded_worker)
+
+
+def test_fsdp_keep_gathered_rejects_a_model_without_fully_shard():
+    with pytest.raises(dtr.UnsupportedOpError, match="fully_shard"):
+        with dtr.distributed.fsdp_keep_gathered(nn.Linear(2, 2)):
+            pass
+
+
+def test_rank_device_without_process_group_is_cpu():
+    assert dtr.distributed.rank_device() == torch.device("cpu")
+    with dtr.distributed.budget("1MB") as sess:
+        pass
+    assert sess.device == torch.device("cpu")
