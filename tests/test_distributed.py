@@ -217,7 +217,13 @@ def _collective_cases():
         y = (x @ w).tanh()
         return funcol.all_gather_tensor_autograd(y, 0, dist.group.WORLD).sin().sum()
 
-    return [all_reduce, all_reduce_async, broadcast, all_gather_into_tensor, all_gather_list,
+    def nn_all_reduce(x, w):
+        import torch.distributed.nn.functional as dnn
+
+        y = (x @ w).tanh()
+        return dnn.all_reduce(y).sin().sum()  # differentiable: backward all-reduces too
+
+    return [all_reduce, all_reduce_async, nn_all_reduce, broadcast, all_gather_into_tensor, all_gather_list,
             reduce_scatter_tensor, functional_all_reduce, functional_all_gather,
             functional_reduce_scatter, autograd_all_gather]
 
