@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .trace import Call, Constant, Copy, CopyFrom, Mutate, Release, Trace
 
-__all__ = ["Graph", "Solution", "solve_milp", "solve_bruteforce", "revolve", "chain_graph",
+__all__ = ["Graph", "Solution", "solve_milp", "solve_bruteforce", "revolve", "chain_graph", "training_graph",
            "graph_from_trace", "trace_from_graph", "compare", "random_graph"]
 
 
@@ -497,3 +497,34 @@ def compare(g: Graph, ratios: Sequence[float], policies: Sequence[str] = ("dtr_e
             row[p + "_vs_opt"] = ov / sol.overhead if sol.feasible and sol.overhead else math.nan
         rows.append(row)
     return rows
+
+
+def training_graph(n: int, seed: int = 0, skip: float = 0.3) -> Graph:
+    """A random forward/backward graph: forward f_1..f_n (f_i needs f_{i-1},
+    sometimes f_{i-2}), a loss, and backward b_n..b_1 where b_i needs b_{i+1}
+    (the loss for b_n) and f_i (and f_{i-1}). Costs 1..10, sizes 1..8; the
+    backward ops cost about twice the forward ones."""
+    import random
+
+    rng = random.Random(seed)
+    costs: List[float] = []
+    sizes: List[int] = []
+    deps: List[List[int]] = []
+    for i in range(n):
+        d = [i - 1] if i >= 1 else []
+        if i >= 2 and rng.random() < skip:
+            d.append(i - 2)
+        deps.append(sorted(d))
+        costs.append(float(rng.randint(1, 10)))
+        sizes.append(rng.randint(1, 8))
+    deps.append([n - 1])
+    costs.append(1.0)
+    sizes.append(1)
+    prev = n
+    for i in range(n - 1, -1, -1):
+        d = [prev, i] + ([i - 1] if i >= 1 else [])
+        deps.append(sorted(set(d)))
+        costs.append(2.0 * costs[i])
+        sizes.append(sizes[i])
+        prev = len(costs) - 1
+    return Graph(costs, sizes, deps, outputs=[prev])
