@@ -48,6 +48,7 @@ from __future__ import annotations
 import operator
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -265,20 +266,22 @@ def _storage_sid(v) -> Optional[int]:
 
 
 class _Lookahead:
-    """Per-thread table sid -> (absolute step of its next read), read by lookahead_score."""
+    """sid -> absolute step of its next read, for one pool; read by lookahead_score."""
 
     def __init__(self):
         self.next_read: Dict[int, float] = {}
         self.step = 0.0
 
 
-_LOOKAHEAD = threading.local()
+# One table per pool (storage ids are per runtime); dies with the pool.
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EMPTY = _Lookahead()
 
 
-def _table() -> _Lookahead:
-    t = getattr(_LOOKAHEAD, "t", None)
+def _table(pool) -> _Lookahead:
+    t = _TABLES.get(pool)
     if t is None:
-        t = _LOOKAHEAD.t = _Lookahead()
+        t = _TABLES[pool] = _Lookahead()
     return t
 
 
@@ -291,7 +294,7 @@ def lookahead_score(base="dtr_eq") -> Callable:
     base_fn = _policies.get(base)
 
     def score(e, pool, now):
-        t = _table()
+        t = _TABLES.get(pool, _EMPTY)
         nr = t.next_read.get(e.sid)
         s = base_fn(e, pool, now)
         if nr is None:
@@ -300,6 +303,7 @@ def lookahead_score(base="dtr_eq") -> Callable:
         return s / d if d > 1.0 else s
 
     score.__name__ = f"lookahead_{base if isinstance(base, str) else 'custom'}"
+    score._dtr_lookahead = True  # tells the graph runner to publish next reads
     return score
 
 
@@ -315,7 +319,7 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
     for i, c in program.consts:
         env[i] = c
     dispatch = runtime.dispatch
-    table = _table() if lookahead else None
+    table = _table(runtime.pool) if lookahead else None
     base_step = table.step if lookahead else 0.0
     nsteps = len(program.steps)
     if lookahead:
@@ -430,13 +434,29 @@ class DTRBackend:
     # -- sessions ----------------------------------------------------------
     @property
     def session(self) -> Optional[Session]:
-        return getattr(self._local, "session", None)
+        """This thread's current own session (None before the first step outside a block)."""
+        sessions = getattr(self._local, "sessions", None)
+        return sessions[-1] if sessions else None
+
+    @property
+    def sessions(self) -> List[Session]:
+        """This thread's own sessions, oldest first (the last 100): one per step, see below."""
+        return list(getattr(self._local, "sessions", ()))
 
     def _own_session(self) -> Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = Session(self.budget_bytes, self.policy, pool=self.pool,
-                                              search=self.search)
+        # A new session whenever the current one holds no live value: a step's
+        # activations are all gone between steps, so each step gets its own
+        # session, as with `with dtr.budget(...)` around the step. A session kept
+        # across steps would keep counting plain tensors of earlier steps that
+        # are still alive (a preloaded dataset's batches) against the budget.
+        sessions = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = self._local.sessions = []
+        if sessions and sessions[-1].runtime._records:
+            return sessions[-1]
+        s = Session(self.budget_bytes, self.policy, pool=self.pool, search=self.search)
+        sessions.append(s)
+        del sessions[:-100]
         return s
 
     def _runtime_for_forward(self):
@@ -464,10 +484,10 @@ class DTRBackend:
                 rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
         else:
             rt, restore = self._runtime_for_forward()
+        lookahead = getattr(rt.policy, "_dtr_lookahead", False)
         try:
             with _disable_current_modes(), torch.enable_grad():
-                return _run(program, args, rt, "bw" if backward else "fw", self.lookahead,
-                            saved_order)
+                return _run(program, args, rt, "bw" if backward else "fw", lookahead, saved_order)
         finally:
             if restore is not _KEEP:
                 rt.limit = restore
@@ -496,7 +516,7 @@ class DTRBackend:
         backend = self
         state = self._state
         fw = state.get("fw")
-        if fw is not None and self.lookahead:
+        if fw is not None:
             # Position of each saved forward output in the backward's reading order.
             n_saved = len(program.placeholders)
             order = {}
