@@ -89,7 +89,8 @@ def test_simulator_agrees_with_runtime(tmp_path):
         loss = m(x)
         loss.backward()
     rt_peak = s.stats.peak_bytes
-    assert 0.5 * base <= rt_peak <= 2.0 * base, (base, rt_peak)
+    # (They were byte-identical when this test was written.)
+    assert 0.9 * base <= rt_peak <= 1.1 * base, (base, rt_peak)
 
     # A feasible budget in the simulator, with margin, is met by the runtime.
     budget = int(0.6 * base)
