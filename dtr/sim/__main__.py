@@ -31,7 +31,9 @@ def _semantics(name: str) -> SimOptions:
         return SimOptions()
     if name == "paper":
         return SimOptions.paper()
-    raise SystemExit(f"dtr.sim: unknown --semantics {name!r}; use 'runtime' or 'paper'")
+    if name == "eager":
+        return SimOptions.eager()
+    raise SystemExit(f"dtr.sim: unknown --semantics {name!r}; use 'runtime', 'eager' or 'paper'")
 
 
 def _run(job):
@@ -56,9 +58,10 @@ def main(argv: List[str] = None) -> int:
                     help="budgets as fractions of each trace's baseline peak")
     ap.add_argument("--policy", default="dtr_eq,dtr,dtr_local,lru,largest",
                     help=f"comma-separated policies; registered: {', '.join(available())}")
-    ap.add_argument("--semantics", default="paper", choices=["paper", "runtime"],
+    ap.add_argument("--semantics", default="paper", choices=["paper", "runtime", "eager"],
                     help="'paper': the DTR paper's simulator (for its table); "
-                         "'runtime': what dtr/runtime.py does")
+                         "'runtime': what dtr/runtime.py does; 'eager': the runtime plus "
+                         "eviction of recomputed unreferenced values right after use")
     ap.add_argument("--sample-above", type=int, default=None,
                     help="sample ~sqrt(n) candidates when more than this many (default: exact)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -87,20 +90,33 @@ def main(argv: List[str] = None) -> int:
     bar = None if (tqdm is None or args.no_progress) else tqdm(total=len(jobs), desc="dtr.sim",
                                                                 unit="run")
     results = [None] * len(jobs)
+    stream = None
+    if args.json:
+        d = os.path.dirname(args.json)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        stream = open(args.json, "w")  # one record per finished run, as they finish
+
+    def done(i, r):
+        results[i] = r
+        if stream is not None:
+            stream.write(json.dumps(r) + "\n")
+            stream.flush()
+        if bar:
+            bar.update(1)
+
     if args.jobs > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(args.jobs) as pool:
             it = pool.imap_unordered(_run_indexed, [(i, jobs[i]) for i in order])
             for i, r in it:
-                results[i] = r
-                if bar:
-                    bar.update(1)
+                done(i, r)
     else:
         for i in order:
-            results[i] = _run(jobs[i])
-            if bar:
-                bar.update(1)
+            done(i, _run(jobs[i]))
+    if stream is not None:
+        stream.close()
     if bar:
         bar.close()
     wall = time.time() - t0
@@ -135,13 +151,6 @@ def main(argv: List[str] = None) -> int:
             f.write("\n".join(md) + "\n")
         plot(results, os.path.join(args.out, "overhead.png"))
         print(f"wrote {os.path.join(args.out, 'table.md')} and {os.path.join(args.out, 'overhead.png')}")
-    if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
     return 0
 
 

@@ -70,9 +70,9 @@ class SimOptions:
     its evicted ones (simrd) instead of materializing and locking them in
     argument order (the runtime).
     ``evict_dead_inputs``: after an op (or recomputation) a storage without
-    handles that was recomputed only to serve as its input is evicted at once
-    (the runtime); False leaves it resident until memory pressure evicts it
-    (simrd).
+    handles that was recomputed only to serve as its input is evicted at once;
+    False (the runtime's Note [Eager eviction], and simrd) leaves it resident
+    until memory pressure evicts it.
     ``overhead_limit``: stop (status ">2x") once total time passes this
     multiple of the trace's op time; None: never.
     """
@@ -82,8 +82,15 @@ class SimOptions:
     collect_dead: bool = True
     pin_outputs: bool = True
     lock_defined_first: bool = False
-    evict_dead_inputs: bool = True
+    evict_dead_inputs: bool = False
     overhead_limit: Optional[float] = 2.0
+
+    @staticmethod
+    def eager() -> "SimOptions":
+        """The runtime's semantics plus eager eviction of recomputed values that
+        no handle refers to, right after the op that needed them (our
+        proposed change; see docs/simulator.md)."""
+        return SimOptions(evict_dead_inputs=True)
 
     @staticmethod
     def paper() -> "SimOptions":
