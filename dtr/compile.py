@@ -312,7 +312,10 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
     env: List[Any] = [None] * program.n
     for j, i in enumerate(program.placeholders):
         a = args[j]
-        if type(a) is torch.Tensor and a.requires_grad:
+        # Parameters are torch.nn.Parameter, not torch.Tensor: test with isinstance.
+        # Under enable_grad an undetached input would make every op record
+        # autograd history, whose saved tensors keep freed values alive.
+        if isinstance(a, torch.Tensor) and a.requires_grad and type(a) is not DTRTensor:
             a = a.detach()
         env[i] = a
     args.clear()  # boxed call: let aot_autograd's references to the inputs go
@@ -350,7 +353,7 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
             else:
                 out = fn(*args_, **kwargs_)
             if leaves and type(out) is DTRTensor:
-                out = unwrap(out)
+                out = _escape(out)
             env[i] = out
             if lookahead:
                 for r, nxt in program.next_reads[k]:
@@ -376,8 +379,15 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
     for j in range(program.escape_n):
         o = outs[j]
         if type(o) is DTRTensor:
-            outs[j] = unwrap(o)
+            outs[j] = _escape(o)
     return outs
+
+
+def _escape(t: DTRTensor) -> torch.Tensor:
+    # A new tensor object over the escaped value: aot_autograd's autograd.Function
+    # sets grad_fn on the tensors it returns, and the runtime's own value (which
+    # recipes may read when recomputing) must stay free of autograd history.
+    return unwrap(t).detach()
 
 
 def _any_tensor(args, kwargs) -> bool:
