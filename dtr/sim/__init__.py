@@ -10,13 +10,10 @@
 """
 from .trace import Trace, TraceError, load, parse
 from .simulator import SimOptions, SimResult, Simulator, baseline_peak, simulate
+# Bind the context manager over the submodule of the same name (the submodule
+# stays importable as ``dtr.sim.record`` via ``import dtr.sim.record``'s
+# sys.modules entry; the package attribute is the class).
+from .record import Recorder, record
 
 __all__ = ["Trace", "TraceError", "load", "parse", "SimOptions", "SimResult", "Simulator",
-           "baseline_peak", "simulate", "record"]
-
-
-def record(path, **kwargs):
-    """Record the ops run inside the block as a trace file (see dtr.sim.record)."""
-    from .record import record as _record
-
-    return _record(path, **kwargs)
+           "baseline_peak", "simulate", "record", "Recorder"]
