@@ -17,7 +17,11 @@ The trace has the format of the DTR prototype's logs
   each result with its storage's bytes and ALIAS ``k`` when it shares storage
   with tensor argument ``k`` (views), ``-1`` otherwise;
 * an op that writes into its arguments (in-place and ``out=`` ops, from the
-  schema's alias annotations) is a MUTATE naming the written arguments;
+  schema's alias annotations, or a version counter bumped during the call) is
+  a MUTATE naming the written arguments; if it also makes new outputs, a CALL
+  with time 0 follows for them. (``native_batch_norm``'s running statistics
+  are written without either sign at this dispatch level, so that write is
+  not recorded; the statistics are constants anyway.)
 * when a recorded tensor object dies (a weakref finalizer), its handle is
   RELEASEd, so the trace shows when autograd frees saved activations.
 
@@ -114,6 +118,13 @@ class Recorder(TorchDispatchMode):
                 for x in tree_flatten(v)[0]:
                     if isinstance(x, torch.Tensor):
                         written.add(id(x))
+        # Writes the schema does not annotate, if they bump the version counter.
+        versions = []
+        for t in tensors:
+            try:
+                versions.append(t._version)
+            except Exception:
+                versions.append(None)
         cuda = self._sync and any(t.is_cuda for t in tensors)
         if cuda:
             torch.cuda.synchronize()
@@ -122,6 +133,12 @@ class Recorder(TorchDispatchMode):
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter_ns() - t0
+        for t, v in zip(tensors, versions):
+            try:
+                if v is not None and t._version != v:
+                    written.add(id(t))
+            except Exception:
+                pass
         opname = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
         if written:
             idx = tuple(k for k, t in enumerate(tensors) if id(t) in written)
