@@ -75,7 +75,7 @@ def _own(be):
     return max(x.stats.peak_bytes for x in ss), sum(x.stats.rematerializations for x in ss)
 
 
-def _tight_runs(peak, run_at, fracs=(0.9, 0.8, 0.7, 0.6)):
+def _tight_runs(peak, run_at, fracs=(0.95, 0.9, 0.8, 0.7, 0.6)):
     """[(budget, run, backend)] for decreasing budgets until one is below the model's floor."""
     out = []
     for frac in fracs:
@@ -103,7 +103,7 @@ def test_unlimited_budget_is_exact(name, eager_runs):
 def test_evict_everything_is_exact(name):
     # Saved activations cross from the forward to the backward as evictable
     # DTRTensors: evicting everything after every op forces their recomputation.
-    steps = 1 if name == "transformer" else 2  # recomputing everything is slow
+    steps = 1  # recomputing everything after every op is slow
     run = compiled_train(name, compile_backend(), dtr.testing.evict_everything, steps=steps)
     assert_same(eager(name, steps), run)
     assert all(s.stats.rematerializations > 0 for s in run.sessions)
