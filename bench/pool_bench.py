@@ -113,7 +113,8 @@ def bench_pool_calls(quick: bool) -> dict:
         p = make_pool("dtr_eq", SearchOptions(), impl=impl)
         for i in range(100):
             p.add(i, 1024, 1.0, 0.0, True, [i - 1] if i else [])
-        out[impl] = {k: min(timeit.repeat(s, globals={"p": p}, number=n, repeat=3)) / n * 1e9
+        out[impl] = {k: min(timeit.repeat(s, globals={"p": p}, number=n, repeat=5,
+                                          timer=time.thread_time)) / n * 1e9
                      for k, s in stmts.items()}
     return out
 
@@ -329,7 +330,7 @@ def _md(res: dict) -> str:
         lo = a["lowest_seconds_per_op"][k]
         add = "" if k == "eager" else f"{a['added_us'][k]:.1f} ({a['lowest_added_us'][k]:.1f})"
         L.append(f"| {k} | {v * 1e6:.2f} ({lo * 1e6:.2f}) | {add} |")
-    L.append("\nIndividual pool calls (ns per call, best of 3):\n")
+    L.append("\nIndividual pool calls (ns per call, best of 5, thread time):\n")
     calls = res["pool_calls"]
     impls = list(calls)
     L.append("| call | " + " | ".join(impls) + " |")
@@ -391,7 +392,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=["per_op", "search", "models", "budget"], default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{load}",
            "torch": torch.__version__, "python": platform.python_version(),
            "cpp_built": _ext.available(), "quick": args.quick}
     if args.only in (None, "per_op"):
