@@ -614,8 +614,10 @@ def bench_model(name, args, bar) -> List[dict]:
         if args.smallest:
             sb = smallest_budget(name, size, pol, fail_max, ok_min, ep, limit)
             if sb is not None:
+                # The memory timeline shows dtr at the smallest budget where 0.5 did not work.
+                need_tl = pol == "dtr_eq" and not any(r.get("timeline") for r in rows if r["kind"] == "dtr")
                 add(run_isolated(name, size, Config("dtr", f"dtr {pol} smallest", budget=sb, policy=pol,
-                                                  fraction=round(sb / ep, 3)), steps, limit))
+                                                  fraction=round(sb / ep, 3)), steps, limit, timeline=need_tl))
             else:
                 add(dict(model=name, method=f"dtr {pol} smallest", kind="dtr", policy=pol,
                          status="no feasible budget found", losses=[]))
