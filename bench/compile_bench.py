@@ -10,8 +10,7 @@ initial parameters on the same batches with the same dropout seed:
 * eager: plain PyTorch, no budget (the reference for losses, time and memory);
 * dtr eager: the eager dtr runtime, ``with dtr.budget(B)``;
 * dtr compiled: ``torch.compile(model, backend="dtr")`` inside ``with dtr.budget(B)``;
-* dtr compiled + lookahead: the same, scored with ``dtr.compile.lookahead_score()``
-  (Python pool; compared with "dtr compiled, Python pool" to isolate the policy);
+* dtr eager / compiled on the Python pool: the same with ``pool="python"``;
 * aot_eager + amb: ``torch.compile(model, backend="aot_eager")`` with
   ``torch._functorch.config.activation_memory_budget`` set to the same fraction.
 
@@ -113,11 +112,14 @@ def main(argv=None):
     ap.add_argument("--size", default="mid")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.7, 0.5])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: CPU time is not inflated by spinning "
+                         "threads on a shared machine)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "compile_bench.md"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="dtr: C\\+\\+ extension")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     model, batch_fn = M.build(args.model, args.size)
     model.train()
@@ -165,7 +167,6 @@ def main(argv=None):
             ("dtr compiled", compiled, "dtr_eq", "auto"),
             ("dtr eager, Python pool", model, "dtr_eq", "python"),
             ("dtr compiled, Python pool", compiled, "dtr_eq", "python"),
-            ("dtr compiled + lookahead (Python pool)", compiled, dcompile.lookahead_score(), "python"),
         ]:
             try:
                 res = _train(model, init, batch_fn, args.steps, _dtr_step(fwd, budget, policy, pool))

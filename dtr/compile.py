@@ -33,22 +33,20 @@ uses the enclosing block's session; with no block either it tracks without
 a limit (``dtr.budget(None)``) and warns once. The backward always runs in
 the session of the activations it was given.
 
-Note [Lookahead]
-A graph knows when each value it holds is next read. ``compile_backend(...,
-lookahead=True)`` publishes, before each node runs, the distance (in nodes)
-to the next read of every storage the graph still needs, and scores with
-``lookahead_score``: the base policy's score divided by that distance, so a
-value read soon is kept and one read late is evicted first. Activations
-saved for the backward are given the distance to the end of the forward plus
-their position in the backward's reading order. It needs the Python pool
-(a callable policy). docs/compile.md reports whether it pays off.
+Note [Lookahead, measured and dropped]
+A graph knows when each value is next read. A variant of this runner published
+that distance for every storage and scored candidates with dtr_eq's score
+divided by it (Belady-like: keep what is read soon). On the bench GPT it did
+not lower recomputation against plain dtr_eq on the same (Python) pool: the
+same or more recomputations and more time recomputing (docs/compile.md), so
+it was removed; dtr_eq's staleness already ranks the forward's activations,
+which wait for the backward, as the first to go.
 """
 from __future__ import annotations
 
 import operator
 import threading
 import warnings
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -58,7 +56,7 @@ from . import policies as _policies
 from .session import Session, _stack
 from .tensor import DTRTensor, unwrap
 
-__all__ = ["compile_backend", "dtr_backend", "DTRBackend", "lookahead_score"]
+__all__ = ["compile_backend", "dtr_backend", "DTRBackend"]
 
 # Note [Compiling inside a dtr block]
 # Dynamo refuses to compile a frame while a user dispatch mode is on the stack
@@ -232,25 +230,6 @@ class _Program:
         outs = out_tmpl if isinstance(out_tmpl, (list, tuple)) else [out_tmpl]
         self.n_out = len(outs)
         self.escape_n = self.n_out if escape_all or escape_outputs is None else escape_outputs
-        # Lookahead: reads of each node, in step order.
-        reads: Dict[int, List[int]] = {}
-        for k, st in enumerate(steps):
-            for r in set(_refs(st[3], []) + _refs(st[4], [])):
-                reads.setdefault(r, []).append(k)
-        self.reads = reads
-        self.placeholder_pos = {p: j for j, p in enumerate(self.placeholders)}
-        # For each step, (node, distance to its next read) for the nodes it reads.
-        nxt = []
-        for k, st in enumerate(steps):
-            pairs = []
-            for r in set(_refs(st[3], []) + _refs(st[4], [])):
-                rs = reads[r]
-                j = rs.index(k)
-                pairs.append((r, rs[j + 1] if j + 1 < len(rs) else None))
-            pairs.append((st[0], reads[st[0]][0] if st[0] in reads else None))
-            nxt.append(pairs)
-        self.next_reads = nxt
-        self.out_index = {r: j for j, r in enumerate(_refs(out_tmpl, []))}
         # Values that leave the graph for user code are escaped as soon as they are
         # made, as eager makes a gradient plain when it is accumulated: evicting one
         # before the graph ends would only mean recomputing it at the end.
@@ -259,56 +238,7 @@ class _Program:
             st.append(st[0] in leaving)
 
 
-def _storage_sid(v) -> Optional[int]:
-    if type(v) is DTRTensor:
-        return v._cell.storage.sid
-    return None
-
-
-class _Lookahead:
-    """sid -> absolute step of its next read, for one pool; read by lookahead_score."""
-
-    def __init__(self):
-        self.next_read: Dict[int, float] = {}
-        self.step = 0.0
-
-
-# One table per pool (storage ids are per runtime); dies with the pool.
-_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_EMPTY = _Lookahead()
-
-
-def _table(pool) -> _Lookahead:
-    t = _TABLES.get(pool)
-    if t is None:
-        t = _TABLES[pool] = _Lookahead()
-    return t
-
-
-def lookahead_score(base="dtr_eq") -> Callable:
-    """A policy: ``base``'s score divided by the distance (in graph nodes) to the value's next read.
-
-    Storages without a known next read (values of eager code, or of a graph that
-    ended) get distance 1: the base score unchanged. See Note [Lookahead].
-    """
-    base_fn = _policies.get(base)
-
-    def score(e, pool, now):
-        t = _TABLES.get(pool, _EMPTY)
-        nr = t.next_read.get(e.sid)
-        s = base_fn(e, pool, now)
-        if nr is None:
-            return s
-        d = nr - t.step
-        return s / d if d > 1.0 else s
-
-    score.__name__ = f"lookahead_{base if isinstance(base, str) else 'custom'}"
-    score._dtr_lookahead = True  # tells the graph runner to publish next reads
-    return score
-
-
-def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
-         saved_order: Optional[Dict[int, int]] = None) -> List:
+def _run(program: _Program, args: List, runtime) -> List:
     env: List[Any] = [None] * program.n
     for j, i in enumerate(program.placeholders):
         a = args[j]
@@ -322,19 +252,8 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
     for i, c in program.consts:
         env[i] = c
     dispatch = runtime.dispatch
-    table = _table(runtime.pool) if lookahead else None
-    base_step = table.step if lookahead else 0.0
-    nsteps = len(program.steps)
-    if lookahead:
-        # Inputs: saved activations are read at their first read here.
-        for i in program.placeholders:
-            sid = _storage_sid(env[i])
-            if sid is not None and i in program.reads:
-                table.next_read[sid] = base_step + program.reads[i][0]
     try:
-        for k, (i, kind_, fn, targs, tkwargs, frees, leaves) in enumerate(program.steps):
-            if lookahead:
-                table.step = base_step + k
+        for i, kind_, fn, targs, tkwargs, frees, leaves in program.steps:
             args_ = _fill(targs, env) if targs else ()
             kwargs_ = _fill(tkwargs, env) if tkwargs else {}
             if kind_ == _KIND_DTR:
@@ -355,26 +274,11 @@ def _run(program: _Program, args: List, runtime, kind: str, lookahead: bool,
             if leaves and type(out) is DTRTensor:
                 out = _escape(out)
             env[i] = out
-            if lookahead:
-                for r, nxt in program.next_reads[k]:
-                    v = env[r]
-                    if type(v) is DTRTensor:
-                        sid = v._cell.storage.sid
-                        if nxt is not None:
-                            table.next_read[sid] = base_step + nxt
-                        elif saved_order is not None and r in program.out_index:
-                            # Saved for the backward: read after the rest of the forward.
-                            table.next_read[sid] = (base_step + nsteps
-                                                    + saved_order.get(program.out_index[r], nsteps))
-                        else:
-                            table.next_read.pop(sid, None)
             for r in frees:
                 env[r] = None
         result = _fill(program.out_tmpl, env)
     finally:
-        if lookahead:
-            table.step = base_step + nsteps
-    env = None
+        env = None
     outs = list(result) if isinstance(result, (list, tuple)) else [result]
     for j in range(program.escape_n):
         o = outs[j]
@@ -424,15 +328,10 @@ class DTRBackend:
     outside any ``dtr.budget`` block); its ``stats`` accumulate over steps.
     """
 
-    def __init__(self, budget=None, policy="dtr_eq", *, pool: str = "auto", search=None,
-                 lookahead: bool = False):
+    def __init__(self, budget=None, policy="dtr_eq", *, pool: str = "auto", search=None):
         from .session import parse_budget
 
         self.budget_bytes = parse_budget(budget)
-        self.lookahead = lookahead
-        if lookahead:
-            policy = lookahead_score(policy)
-            pool = "python"
         _policies.get(policy)  # validates the name
         self.policy = policy
         self.pool = pool
@@ -483,7 +382,7 @@ class DTRBackend:
             _warn_unbudgeted()
         return self._own_session().runtime, _KEEP
 
-    def _call(self, program, args, *, backward: bool, saved_order=None):
+    def _call(self, program, args, *, backward: bool):
         if backward:
             rt = _runtime_of_inputs(args)
             restore = _KEEP
@@ -494,10 +393,9 @@ class DTRBackend:
                 rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
         else:
             rt, restore = self._runtime_for_forward()
-        lookahead = getattr(rt.policy, "_dtr_lookahead", False)
         try:
             with _disable_current_modes(), torch.enable_grad():
-                return _run(program, args, rt, "bw" if backward else "fw", lookahead, saved_order)
+                return _run(program, args, rt)
         finally:
             if restore is not _KEEP:
                 rt.limit = restore
@@ -510,13 +408,10 @@ class DTRBackend:
         if meta is not None:
             n_ret = meta.num_forward_returns
         program = _Program(gm, n_ret, escape_all=n_ret is None)
-        state = self._state
-        state["fw"] = program
         backend = self
 
         def forward(args):
-            return backend._call(program, args, backward=False,
-                                 saved_order=state.get("saved_order"))
+            return backend._call(program, args, backward=False)
 
         forward._boxed_call = True
         return forward
@@ -524,20 +419,6 @@ class DTRBackend:
     def _bw_compiler(self, gm: torch.fx.GraphModule, example_inputs):
         program = _Program(gm, None, escape_all=True)
         backend = self
-        state = self._state
-        fw = state.get("fw")
-        if fw is not None:
-            # Position of each saved forward output in the backward's reading order.
-            n_saved = len(program.placeholders)
-            order = {}
-            for j, p in enumerate(program.placeholders):
-                rs = program.reads.get(p)
-                order[j] = rs[0] if rs else len(program.steps)
-            first = fw.n_out - fw.escape_n
-            # Saved outputs are the forward's outputs after the escaped ones, in the
-            # order of the backward's first placeholders (symints included).
-            state["saved_order"] = {fw.escape_n + j: order[j] for j in range(min(first, n_saved))}
-
         def backward(args):
             return backend._call(program, args, backward=True)
 
@@ -559,68 +440,32 @@ class DTRBackend:
         from torch._functorch.aot_autograd import aot_module_simplified
 
         self.frames += 1
-        backend = _PerGraph(self)
         with _disable_current_modes():
             return aot_module_simplified(
                 gm, example_inputs,
-                fw_compiler=backend.fw_compiler,
-                bw_compiler=backend.bw_compiler,
-                inference_compiler=backend.inference_compiler,
+                fw_compiler=self._fw_compiler,
+                bw_compiler=self._bw_compiler,
+                inference_compiler=self._inference_compiler,
                 partition_fn=default_partition,
                 keep_inference_input_mutations=True,
             )
 
     def __repr__(self) -> str:
-        return (f"DTRBackend(budget_bytes={self.budget_bytes}, policy={self.policy!r}, "
-                f"lookahead={self.lookahead})")
+        return f"DTRBackend(budget_bytes={self.budget_bytes}, policy={self.policy!r})"
 
 
 _KEEP = object()
 
 
-class _PerGraph:
-    """The compilers of one Dynamo graph: they share the forward/backward pairing state."""
-
-    def __init__(self, backend: DTRBackend):
-        self.backend = backend
-        self.state: Dict[str, Any] = {}
-
-    def _bound(self, fn):
-        b = self.backend
-
-        def compiler(gm, example_inputs):
-            prev = getattr(b, "_state", None)
-            b._state = self.state
-            try:
-                return fn(gm, example_inputs)
-            finally:
-                b._state = prev
-
-        return compiler
-
-    @property
-    def fw_compiler(self):
-        return self._bound(self.backend._fw_compiler)
-
-    @property
-    def bw_compiler(self):
-        return self._bound(self.backend._bw_compiler)
-
-    @property
-    def inference_compiler(self):
-        return self._bound(self.backend._inference_compiler)
-
-
-def compile_backend(budget=None, policy="dtr_eq", *, pool: str = "auto", search=None,
-                    lookahead: bool = False) -> DTRBackend:
+def compile_backend(budget=None, policy="dtr_eq", *, pool: str = "auto",
+                    search=None) -> DTRBackend:
     """A Dynamo backend for ``torch.compile(model, backend=...)`` running under dtr.
 
     ``budget``: as for ``dtr.budget`` (bytes or a string such as "2GB"); None uses the
     enclosing ``dtr.budget`` block's (see Note [Which session]). ``policy``, ``pool``,
     ``search``: as for ``dtr.budget``, used when the backend owns its session.
-    ``lookahead``: score with the graph's next-read distances (Note [Lookahead]).
     """
-    return DTRBackend(budget, policy, pool=pool, search=search, lookahead=lookahead)
+    return DTRBackend(budget, policy, pool=pool, search=search)
 
 
 dtr_backend = compile_backend()
