@@ -92,10 +92,16 @@ class OpInfo:
         # Some kernels allocate scratch memory the runtime never sees as a
         # tensor. Measured on torch 2.13 CPU (oneDNN), a convolution's scratch
         # peaks at about 1.1x (forward) and 2.7x (backward) the bytes of its
-        # inputs and outputs. Room is made for it before the op runs, so the
+        # inputs and outputs; BatchNorm's backward at one input's worth. Room is
+        # made for it before the op runs, so the
         # budget holds for the allocator too, not only for tracked tensors.
         base = schema.name.split("::")[-1]
-        self.workspace_factor = 2.0 if "convolution" in base else 0.0
+        if "convolution" in base:
+            self.workspace_factor = 2.0
+        elif "batch_norm_backward" in base:  # about one input's worth
+            self.workspace_factor = 0.5
+        else:
+            self.workspace_factor = 0.0
 
 
 _CACHE: Dict[object, OpInfo] = {}

@@ -333,6 +333,16 @@ class Runtime:
         return t
 
     def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+        # Note [Recompute below autograd]
+        # A recompute can start outside __torch_dispatch__ (dtr.unwrap, the
+        # gradient hook). There autograd would record the recomputed op and
+        # its grad_fn would keep the op's inputs alive after they are evicted:
+        # memory the budget cannot see. Recomputes always run below autograd,
+        # as the op first ran.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return self._run_recipe_with_grad_mode(recipe, vals)
+
+    def _run_recipe_with_grad_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
         prev = torch.is_grad_enabled()
         if prev != recipe.grad_enabled:
             torch._C._set_grad_enabled(recipe.grad_enabled)

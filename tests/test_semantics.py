@@ -249,3 +249,15 @@ def test_deepcopy_and_repr():
     c = copy.deepcopy(y)
     assert type(c) is torch.Tensor and torch.equal(c, x + 1)
     assert "DTRTensor" in repr(y)
+
+
+def test_recompute_outside_dispatch_records_no_autograd_graph():
+    # dtr.unwrap (and the gradient hook) recompute outside __torch_dispatch__;
+    # a grad_fn there would keep evicted inputs alive behind the budget's back.
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(8, 8)
+    with evict_everything():
+        y = torch.tanh(x @ w)
+        value = dtr.unwrap(y)
+    assert value.grad_fn is None and not value.requires_grad
+    assert torch.equal(value, torch.tanh(x @ w).detach())
