@@ -31,9 +31,12 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dtr", "dtr.*"]),
     python_requires=">=3.10",
+    # torch is installed first, pinned (pip install torch==2.13.0): the
+    # extension is built against it with --no-build-isolation.
     install_requires=["torch>=2.13"],
     extras_require={
-        "test": ["pytest", "hypothesis", "numpy"],
+        # The suite also runs the simulator and the benchmark's quick mode.
+        "test": ["pytest", "hypothesis", "numpy", "scipy", "matplotlib", "tqdm"],
         "bench": ["matplotlib", "tqdm", "numpy", "scipy"],
         "sim": ["matplotlib", "tqdm", "numpy", "scipy"],
     },
