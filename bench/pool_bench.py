@@ -320,6 +320,8 @@ def _md(res: dict) -> str:
     L = []
     L.append("# Pool benchmark (bench/pool_bench.py)\n")
     L.append(f"Machine: {res['machine']}; torch {res['torch']}; Python {res['python']}.\n")
+    for part, machine in res.get("refreshed", {}).items():
+        L.append(f"Part `{part}` refreshed by a later `--only {part}` run ({machine}).\n")
     a = res["per_op"]
     L.append("## (a) Added time per op, unlimited budget (16x16 add, median)\n")
     L.append("Median of seven interleaved rounds, each the median over batches of 100 ops; in "
@@ -389,7 +391,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
-    ap.add_argument("--only", choices=["per_op", "search", "models", "budget"], default=None)
+    ap.add_argument("--only", choices=["per_op", "search", "models", "budget"], default=None,
+                    help="run one part; with an earlier full run's JSON in --out, merge into it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
@@ -409,7 +412,17 @@ def main(argv=None):
     if args.only in (None, "budget"):
         res["budget"] = bench_budget(args.quick)
         print(json.dumps(res["budget"], indent=1))
-    if args.only is None:
+    path = os.path.join(args.out, "pool_bench.json")
+    if args.only is not None and os.path.exists(path):
+        # Refresh one part of an earlier full run and rewrite both files.
+        with open(path) as f:
+            old = json.load(f)
+        old.setdefault("refreshed", {})[args.only] = res["machine"]
+        for k, v in res.items():
+            if k in ("per_op", "pool_calls", "search", "models", "budget"):
+                old[k] = v
+        res = old
+    if args.only is None or "refreshed" in res:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "pool_bench.json"), "w") as f:
             json.dump(res, f, indent=1)

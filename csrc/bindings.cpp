@@ -67,6 +67,189 @@ py::dict entry_dict(const dtr::Entry& e) {
   return d;
 }
 
+// Note [Fast calls]
+// A pybind11 method call costs about 100 ns of argument dispatch, more than
+// the work of touch() or lock(). The per-op methods are therefore also
+// installed as METH_FASTCALL method descriptors that convert their positional
+// arguments directly; calls with keywords or a different argument count go to
+// the pybind11 definition (kept as _pb_<name>), which gives the usual errors.
+
+PyObject* dtr_error_type() {
+  static PyObject* err = nullptr;  // a strong reference kept for the process
+  if (err == nullptr) {
+    py::object e = py::module_::import("dtr.errors").attr("DTRError");
+    err = e.release().ptr();
+  }
+  return err;
+}
+
+PyPool* self_pool(PyObject* self) {
+  auto* inst = reinterpret_cast<py::detail::instance*>(self);
+  PyPool* p = inst->get_value_and_holder().value_ptr<PyPool>();
+  if (p == nullptr) PyErr_SetString(PyExc_TypeError, "dtr: CppPool.__init__ was not called");
+  return p;
+}
+
+PyObject* fallback(const char* name, PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                   PyObject* kwnames) {
+  PyObject* m = PyObject_GetAttrString(self, name);
+  if (m == nullptr) return nullptr;
+  PyObject* r = PyObject_Vectorcall(m, args, static_cast<size_t>(nargs), kwnames);
+  Py_DECREF(m);
+  return r;
+}
+
+bool as_sid(PyObject* o, int64_t* out) {
+  long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) return false;
+  *out = static_cast<int64_t>(v);
+  return true;
+}
+
+bool as_double(PyObject* o, double* out) {
+  double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) return false;
+  *out = v;
+  return true;
+}
+
+// Runs body() converting C++ errors as the pybind11 translator does.
+template <typename F>
+PyObject* guarded(F&& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(dtr_error_type(), e.what_without_backtrace());
+  } catch (const py::error_already_set& e) {
+    py::error_already_set(e).restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+#define DTR_FAST_PROLOGUE(NAME, NARGS)                                           \
+  if (nargs != (NARGS) || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) > 0)) \
+    return fallback("_pb_" NAME, self, args, nargs, kwnames);                    \
+  PyPool* pool = self_pool(self);                                                \
+  if (pool == nullptr) return nullptr;
+
+PyObject* fast_touch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  DTR_FAST_PROLOGUE("touch", 2)
+  int64_t sid;
+  double now;
+  if (!as_sid(args[0], &sid) || !as_double(args[1], &now)) return nullptr;
+  pool->touch(sid, now);
+  Py_RETURN_NONE;
+}
+
+#define DTR_FAST_SID_METHOD(NAME, CALL)                                                   \
+  PyObject* fast_##NAME(PyObject* self, PyObject* const* args, Py_ssize_t nargs,          \
+                        PyObject* kwnames) {                                              \
+    DTR_FAST_PROLOGUE(#NAME, 1)                                                           \
+    int64_t sid;                                                                          \
+    if (!as_sid(args[0], &sid)) return nullptr;                                           \
+    return guarded([&]() -> PyObject* { CALL; });                                         \
+  }
+
+DTR_FAST_SID_METHOD(lock, pool->lock(sid); Py_RETURN_NONE)
+DTR_FAST_SID_METHOD(unlock, pool->unlock(sid); Py_RETURN_NONE)
+DTR_FAST_SID_METHOD(remove, pool->remove(sid); Py_RETURN_NONE)
+DTR_FAST_SID_METHOD(pin, pool->pin(sid); Py_RETURN_NONE)
+DTR_FAST_SID_METHOD(evicted, pool->evicted(sid); Py_RETURN_NONE)
+DTR_FAST_SID_METHOD(locks, return PyLong_FromLongLong(pool->locks(sid)))
+DTR_FAST_SID_METHOD(cost, return PyFloat_FromDouble(pool->cost(sid)))
+
+PyObject* fast_add_cost(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                        PyObject* kwnames) {
+  DTR_FAST_PROLOGUE("add_cost", 2)
+  int64_t sid;
+  double c;
+  if (!as_sid(args[0], &sid) || !as_double(args[1], &c)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    pool->add_cost(sid, c);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* fast_rematerialized(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                              PyObject* kwnames) {
+  DTR_FAST_PROLOGUE("rematerialized", 2)
+  int64_t sid;
+  double now;
+  if (!as_sid(args[0], &sid) || !as_double(args[1], &now)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    pool->rematerialized(sid, now);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* fast_choose_victim(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kwnames) {
+  DTR_FAST_PROLOGUE("choose_victim", 1)
+  double now;
+  if (!as_double(args[0], &now)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    const dtr::Entry* e = pool->choose_victim(now);
+    if (e == nullptr) Py_RETURN_NONE;
+    return PyLong_FromLongLong(e->sid);
+  });
+}
+
+PyObject* fast_add(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  // add(sid, nbytes, cost, now, evictable, parents): the runtime passes all six.
+  DTR_FAST_PROLOGUE("add", 6)
+  int64_t sid, nbytes;
+  double cost, now;
+  if (!as_sid(args[0], &sid) || !as_sid(args[1], &nbytes) || !as_double(args[2], &cost) ||
+      !as_double(args[3], &now))
+    return nullptr;
+  int evictable = PyObject_IsTrue(args[4]);
+  if (evictable < 0) return nullptr;
+  std::vector<int64_t> parents;
+  PyObject* seq = PySequence_Fast(args[5], "dtr: add(): parents must be an iterable of ids");
+  if (seq == nullptr) return nullptr;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  parents.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int64_t p;
+    if (!as_sid(items[i], &p)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    parents.push_back(p);
+  }
+  Py_DECREF(seq);
+  return guarded([&]() -> PyObject* {
+    pool->add(sid, nbytes, cost, now, evictable != 0, parents);
+    Py_RETURN_NONE;
+  });
+}
+
+#define DTR_FAST(NAME) \
+  {#NAME, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(fast_##NAME)), \
+   METH_FASTCALL | METH_KEYWORDS, nullptr}
+
+PyMethodDef fast_methods[] = {
+    DTR_FAST(touch),  DTR_FAST(lock),     DTR_FAST(unlock),         DTR_FAST(remove),
+    DTR_FAST(pin),    DTR_FAST(evicted),  DTR_FAST(locks),          DTR_FAST(cost),
+    DTR_FAST(add),    DTR_FAST(add_cost), DTR_FAST(rematerialized), DTR_FAST(choose_victim),
+    {nullptr, nullptr, 0, nullptr}};
+
+void install_fast_methods(py::handle cls) {
+  py::dict d = cls.attr("__dict__");
+  for (PyMethodDef* def = fast_methods; def->ml_name != nullptr; ++def) {
+    std::string name = def->ml_name;
+    py::object pb = d[name.c_str()];
+    cls.attr(("_pb_" + name).c_str()) = pb;
+    PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(cls.ptr()), def);
+    if (descr == nullptr) throw py::error_already_set();
+    py::object fast = py::reinterpret_steal<py::object>(descr);
+    cls.attr(def->ml_name) = fast;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -77,8 +260,7 @@ PYBIND11_MODULE(_C, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const c10::Error& e) {
-      py::object err = py::module_::import("dtr.errors").attr("DTRError");
-      PyErr_SetString(err.ptr(), e.what_without_backtrace());
+      PyErr_SetString(dtr_error_type(), e.what_without_backtrace());
     }
   });
 
@@ -155,4 +337,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("_live_nodes", &dtr::Pool::live_nodes)
       .def("_check_invariants", &dtr::Pool::check_invariants);
+
+  // See Note [Fast calls].
+  install_fast_methods(m.attr("CppPool"));
 }

@@ -172,6 +172,21 @@ def test_unknown_and_self_parents_are_ignored(impl):
     assert p._entry(2)["parents"] == []
 
 
+def test_keyword_and_default_arguments(impl):
+    # The C++ pool's fast positional path falls back to the full binding here.
+    p = pools(impl)
+    p.add(sid=1, nbytes=8, cost=1.0, now=0.0, evictable=True)
+    p.add(2, 8, 1.0, 0.0, True, parents=[1])
+    p.touch(sid=2, now=3.0)
+    p.lock(sid=2)
+    assert p.locks(sid=2) == 1
+    p.unlock(sid=2)
+    assert p._entry(2)["parents"] == [1] and p._entry(2)["last_access"] == 3.0
+    assert p.choose_victim(now=4.0) == 1
+    with pytest.raises(TypeError):
+        p.touch(1)
+
+
 def test_cost_and_add_cost(impl):
     p = pools(impl)
     p.add(1, 8, 1.5, 0.0, True)
