@@ -24,14 +24,16 @@ the dispatch mode sends eager ops there. So:
   history, and activations computed from parameters become evictable.
 
 Note [Which session]
-A backend made with a budget owns one session per thread, created on first
-use and kept (saved activations must outlive the forward call, and every
-compiled frame of a step must share one budget); inside a ``dtr.budget``
-block that block's session is used instead and the backend's budget only
-tightens it, as a nested ``dtr.budget`` does. A backend without a budget
-uses the enclosing block's session; with no block either it tracks without
-a limit (``dtr.budget(None)``) and warns once. The backward always runs in
-the session of the activations it was given.
+Inside a ``dtr.budget`` block the graphs run in that block's session; a
+backend made with a budget only tightens its limit for the call, as a nested
+``dtr.budget`` does. Outside any block, a backend made with a budget runs in a
+session of its own (per thread), and a backend without one tracks without a
+limit (``dtr.budget(None)``) and warns once. An own session is kept while any
+of its values is alive (saved activations must outlive the forward call, and
+every compiled frame of a step must share one budget) and replaced by a new
+one when none is, i.e. once per step: a session kept forever would go on
+counting plain tensors of earlier steps that are still alive. The backward
+always runs in the session of the activations it was given.
 
 Note [Lookahead, measured and dropped]
 A graph knows when each value is next read. A variant of this runner published
@@ -44,10 +46,9 @@ which wait for the backward, as the first to go.
 """
 from __future__ import annotations
 
-import operator
 import threading
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -64,9 +65,10 @@ __all__ = ["compile_backend", "dtr_backend", "DTRBackend"]
 # whose ignore_compile_internals() is True is switched off while Dynamo and
 # aot_autograd trace and stays on while the compiled code runs, which is what a
 # dtr block needs: the "dtr" backend runs its graphs under the block's session
-# (Note [Which session]) and every other backend's graphs reach the mode op by op
-# at run time. This belongs in dtr/mode.py (DTRMode.ignore_compile_internals);
-# until it is there, it is set here.
+# (Note [Which session]). The price: inside a dtr block, frames compiled by another
+# backend run their own kernels (inductor's fused code never reaches the mode),
+# see docs/compile.md. This belongs in dtr/mode.py
+# (DTRMode.ignore_compile_internals); until it is there, it is set here.
 from .mode import DTRMode as _DTRMode  # noqa: E402
 
 if "ignore_compile_internals" not in _DTRMode.__dict__:
