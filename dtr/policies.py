@@ -272,6 +272,18 @@ class SearchOptions:
     min_evictable_fraction: float = 0.0
     seed: int = 0
 
+    def __post_init__(self):
+        if self.sample_above is not None and (
+                isinstance(self.sample_above, bool) or not isinstance(self.sample_above, int)
+                or self.sample_above < 0):
+            raise ValueError(f"dtr: SearchOptions.sample_above must be None or an int >= 0, "
+                             f"got {self.sample_above!r}")
+        if not self.min_evictable_fraction >= 0:
+            raise ValueError(f"dtr: SearchOptions.min_evictable_fraction must be >= 0, "
+                             f"got {self.min_evictable_fraction!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"dtr: SearchOptions.seed must be an int, got {self.seed!r}")
+
 
 _M64 = (1 << 64) - 1
 

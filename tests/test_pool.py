@@ -326,6 +326,13 @@ def test_sampling_off_by_default():
     assert SearchOptions().sample_above is None
 
 
+@pytest.mark.parametrize("kw", [dict(sample_above=-1), dict(sample_above=2.5),
+                                dict(min_evictable_fraction=-0.1), dict(seed="x")])
+def test_search_options_are_checked(kw):
+    with pytest.raises(ValueError, match="dtr: SearchOptions"):
+        SearchOptions(**kw)
+
+
 # ---------------------------------------------------------------------------
 # The two implementations against each other
 # ---------------------------------------------------------------------------
