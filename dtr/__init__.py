@@ -16,6 +16,7 @@ from .policies import SearchOptions
 from .runtime import Stats
 from .session import Session, budget, parse_budget
 from .tensor import DTRTensor, is_dtr_tensor, unwrap
+from .compile import compile_backend
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "unwrap",
     "is_dtr_tensor",
     "DTRTensor",
+    "compile_backend",
     "policies",
     "measure",
     "testing",

@@ -363,7 +363,7 @@ class DTRBackend:
         sessions = getattr(self._local, "sessions", None)
         if sessions is None:
             sessions = self._local.sessions = []
-        if sessions and sessions[-1].runtime._records:
+        if sessions and sessions[-1].runtime.has_live_values():
             return sessions[-1]
         s = Session(self.budget_bytes, self.policy, pool=self.pool, search=self.search)
         sessions.append(s)

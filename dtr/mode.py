@@ -38,6 +38,12 @@ class DTRMode(TorchDispatchMode):
         super().__init__()
         self.runtime = runtime
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Lets torch.compile compile frames inside a dtr block; see
+        # Note [Compiling inside a dtr block] in dtr/compile.py.
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for t in types:
             if t is not DTRTensor and issubclass(t, torch.Tensor) and t is not torch.Tensor:

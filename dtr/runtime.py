@@ -185,6 +185,10 @@ class Runtime:
                 self.stats.eager_evictions += 1
                 self.stats.evictions -= 1  # _evict counted it as a pressure eviction
 
+    def has_live_values(self) -> bool:
+        """Whether any value of this runtime is still referenced."""
+        return any(ref() is not None for ref in self._records.values())
+
     def release_kept(self) -> None:
         """Banish the recomputed values that no wrapper refers to."""
         with self.lock:
