@@ -104,6 +104,12 @@ def fsdp_keep_gathered(module: nn.Module) -> Iterator[nn.Module]:
     Read what you need from the block's results (``loss.item()``) inside it.
     """
     mods = _fsdp_modules(module)
+    if mods[0] is module:
+        # Let FSDP2 pick its root now, as the first forward would: lazy init changes the
+        # root's reshard setting, which must not be undone by the restore below.
+        state = module._get_fsdp_state()
+        if getattr(state, "_is_root", False) is None and hasattr(state, "_lazy_init"):
+            state._lazy_init()
     saved = []
     for m in mods:
         state = m._get_fsdp_state()

@@ -301,16 +301,32 @@ def _fsdp_train(rank, limit, keep_gathered, steps=3):
         opt.step()
         opt.zero_grad()
     params = [p.full_tensor().detach().clone() for p in model.parameters()]
-    return params, sess, dict(counter.counts)
+    return params, sess, dict(counter.counts), _reshard_flags(model)
+
+
+def _reshard_flags(model):
+    """Per FSDP parameter group: (reshards after forward, reshards after backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    flags = []
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            for g in m._get_fsdp_state()._fsdp_param_groups:
+                flags.append((g.post_forward_mesh_info is not None, g.reshard_after_backward))
+    return flags
 
 
 def _fsdp_worker(rank):
-    ref, _, _ = _fsdp_train(rank, False, False)
-    _, free, free_counts = _fsdp_train(rank, None, True)
+    ref, _, _, ref_flags = _fsdp_train(rank, False, False)
+    _, free, free_counts, _ = _fsdp_train(rank, None, True)
     limit = int(0.7 * free.stats.peak_bytes)
-    got, sess, counts = _fsdp_train(rank, limit, True)
+    got, sess, counts, flags = _fsdp_train(rank, limit, True)
     for a, b in zip(ref, got):
         assert torch.equal(a, b), (rank, (a - b).abs().max())
+    # FSDP2's own reshard settings are back after the blocks (the root keeps its
+    # parameters after forward, the other modules reshard).
+    assert flags == ref_flags, (flags, ref_flags)
+    assert ref_flags[0] == (False, True) and ref_flags[1] == (True, True), ref_flags
     for r, st in enumerate(dtr.distributed.all_stats(sess)):
         assert st.evictions > 0 and st.rematerializations > 0, (r, st)
         assert st.peak_bytes <= limit, (r, st.peak_bytes, limit)
@@ -325,10 +341,13 @@ def test_fsdp2_keep_gathered_bit_identical_under_tight_budget():
 
 
 def _fsdp_resharded_worker(rank):
-    _, free, _ = _fsdp_train(rank, None, False, steps=1)
-    limit = int(0.7 * free.stats.peak_bytes)
+    model = _fsdp_model()
+    # Every value is evicted after every op, so both ranks fail at the same op: the
+    # first recomputation from a resharded module's parameters, in block 2's forward
+    # (a rank that failed earlier would leave the other waiting in a collective).
     with pytest.raises(dtr.UnsupportedOpError, match="fsdp_keep_gathered"):
-        _fsdp_train(rank, limit, False, steps=1)
+        with dtr.Session(None, _evict_all=True):
+            model(_batch(rank, 0)).square().mean().backward()
 
 
 def test_fsdp2_resharded_parameters_raise_a_clear_error():
