@@ -9,13 +9,17 @@ the simulator (``dtr.sim``) can use them. The lowest score is evicted.
   regions, the evicted ancestors reachable through evicted storages and the
   evicted descendants reachable through evicted storages (each summed
   separately), instead of the connected evicted component of ``dtr``.
-* ``dtr_cap``: see its docstring (our improvement over the paper's heuristic).
+* ``dtr_eq_sqrt``: dtr_eq with the square root of staleness,
+  (c0 + eq-class cost) / (m * sqrt(s)): staleness matters less against cost
+  and size. Not better on average, but best in some cells of the paper's
+  table (Transformer at 0.6); see docs/simulator.md.
 """
+import math
 from __future__ import annotations
 
 from .policies import Entry, available, register
 
-__all__ = ["score_dtr_regions", "evicted_region_cost"]
+__all__ = ["score_dtr_regions", "score_dtr_eq_sqrt", "evicted_region_cost"]
 
 
 def evicted_region_cost(pool, e: Entry, forward: bool) -> float:
@@ -43,6 +47,12 @@ def score_dtr_regions(e: Entry, pool, now: float) -> float:
     return c / (e.nbytes * e.staleness(now))
 
 
-for _name, _fn in [("dtr_regions", score_dtr_regions)]:
+def score_dtr_eq_sqrt(e: Entry, pool, now: float) -> float:
+    from .policies import equivalence_class_cost
+
+    return (e.cost + equivalence_class_cost(pool, e)) / (e.nbytes * math.sqrt(e.staleness(now)))
+
+
+for _name, _fn in [("dtr_regions", score_dtr_regions), ("dtr_eq_sqrt", score_dtr_eq_sqrt)]:
     if _name not in available():
         register(_name, _fn)
