@@ -14,8 +14,9 @@ the simulator (``dtr.sim``) can use them. The lowest score is evicted.
   and size. Not better on average, but best in some cells of the paper's
   table (Transformer at 0.6); see docs/simulator.md.
 """
-import math
 from __future__ import annotations
+
+import math
 
 from .policies import Entry, available, register
 
