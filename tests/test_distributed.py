@@ -158,6 +158,55 @@ def test_ddp_bit_identical_under_tight_budget():
     _spawn(_ddp_worker)
 
 
+def _ddp_variant_train(rank, limit, cfg, steps=3):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = dict(cfg)
+    bn = kw.pop("bn", False)
+    accumulate = kw.pop("no_sync", False)
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(5):
+        layers += [nn.Linear(64, 64)] + ([nn.BatchNorm1d(64)] if bn else []) + [nn.Tanh()]
+    ddp = DDP(nn.Sequential(*layers, nn.Linear(64, 4)), bucket_cap_mb=0.02, **kw)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    sess = None
+    for step in range(steps):
+        micro = [_batch(rank, 10 * step + k)[:256] for k in range(2 if accumulate else 1)]
+        for k, x in enumerate(micro):
+            sync = ddp.no_sync() if accumulate and k == 0 else torch.enable_grad()
+            with sync:
+                if limit is False:
+                    ddp(x).square().mean().backward()
+                else:
+                    with dtr.distributed.budget(limit) as sess:
+                        ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [t.detach().clone() for t in list(ddp.parameters()) + list(ddp.buffers())], sess
+
+
+def _ddp_variants_worker(rank):
+    variants = {"gradient_as_bucket_view": dict(gradient_as_bucket_view=True),
+                "static_graph": dict(static_graph=True),
+                "find_unused_parameters": dict(find_unused_parameters=True),
+                "batchnorm_buffers": dict(bn=True),
+                "no_sync": dict(no_sync=True)}
+    for name, cfg in variants.items():
+        ref, _ = _ddp_variant_train(rank, False, cfg)
+        _, free = _ddp_variant_train(rank, None, cfg)
+        got, sess = _ddp_variant_train(rank, int(0.85 * free.stats.peak_bytes), cfg)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b), (rank, name, (a - b).abs().max())
+        assert sess.stats.rematerializations > 0, (rank, name, sess.stats)
+
+
+def test_ddp_options_bit_identical_under_budget():
+    # Bucket views as gradients, static graph, unused-parameter search, buffer
+    # broadcast (BatchNorm), gradient accumulation with no_sync.
+    _spawn(_ddp_variants_worker)
+
+
 # ----------------------------------------------------------------------------
 # Collectives issued inside the block, on dtr tensors
 # ----------------------------------------------------------------------------
