@@ -20,6 +20,7 @@ from .errors import BudgetExceededError, RecomputeError, StaleInputError, Unsupp
 from .ops import arg_at, op_info
 from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
+from .tensor import DTRTensor
 
 _MIN_RECURSION = 20000
 
@@ -399,8 +400,6 @@ class Runtime:
     # ------------------------------------------------------------------
     def dispatch(self, func, args, kwargs, wrap_plain: bool):
         """Run ``func``. ``wrap_plain``: wrap outputs even if no input is a dtr tensor."""
-        from .tensor import DTRTensor
-
         info = op_info(func)
         targs, tkwargs, tensors = flatten_args(args, kwargs or {})
         if info.unsupported:
@@ -874,8 +873,6 @@ def _hook_leaf(t: torch.Tensor) -> None:
 
 
 def _make_grad_plain(p: torch.Tensor) -> None:
-    from .tensor import DTRTensor
-
     g = p.grad
     if type(g) is DTRTensor:
         p.grad = g._cell.storage.runtime.escape(g._cell)
