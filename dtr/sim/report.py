@@ -81,6 +81,9 @@ def paper_comparison(results: Sequence[dict], policy: str, budgets=(0.2, 0.4, 0.
         for b in budgets:
             r = idx.get((tr, policy, b))
             p = ref.get(b)
+            if r is None:
+                cells.append(f"not run / {_fmt_paper(p)}")
+                continue
             ours = fmt_cell(r)
             if isinstance(p, float) and r is not None and r["status"] == "ok":
                 d = r["overhead"] - p
@@ -93,7 +96,8 @@ def paper_comparison(results: Sequence[dict], policy: str, budgets=(0.2, 0.4, 0.
                 cells.append(f"{ours} / {_fmt_paper(p)}" + ("" if agree else " **"))
         lines.append(f"| {PAPER_NAMES[tr]} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("`**`: differs by more than 0.03, or disagrees on OOM / >2x.")
+    lines.append("`**`: differs by more than 0.03, or disagrees on OOM / >2x. "
+                 "`not run`: no record for that cell in this sweep.")
     return "\n".join(lines)
 
 
