@@ -41,6 +41,7 @@ def _entry(rank, port, fn, args):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
 
