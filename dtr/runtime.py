@@ -182,9 +182,8 @@ class Runtime:
             if self.pool.locks(rec.sid):
                 rec.banish_pending = True
             else:
-                self._evict(rec)
+                self._evict(rec, counted=False)
                 self.stats.eager_evictions += 1
-                self.stats.evictions -= 1  # _evict counted it as a pressure eviction
 
     def has_live_values(self) -> bool:
         """Whether any value of this runtime is still referenced."""
@@ -207,7 +206,7 @@ class Runtime:
     # ------------------------------------------------------------------
     # Eviction and recomputation
     # ------------------------------------------------------------------
-    def _evict(self, rec: StorageRecord) -> None:
+    def _evict(self, rec: StorageRecord, counted: bool = True) -> None:
         for ref in rec.cells:
             c = ref()
             if c is not None:
@@ -216,7 +215,8 @@ class Runtime:
         rec.resident = False
         self.pool.evicted(rec.sid)
         self.pool_bytes -= rec.nbytes
-        self.stats.evictions += 1
+        if counted:
+            self.stats.evictions += 1
 
     def _set_value(self, cell: Cell, value: torch.Tensor) -> None:
         cell.value = value
@@ -408,9 +408,9 @@ class Runtime:
                 "track; use the out-of-place form (for example x = x.unsqueeze(0) instead of "
                 "x.unsqueeze_(0)) or call it outside the dtr block")
         with self.lock:
-            return self._dispatch(func, info, targs, tkwargs, tensors, DTRTensor)
+            return self._dispatch(func, info, targs, tkwargs, tensors)
 
-    def _dispatch(self, func, info, targs, tkwargs, tensors, DTRTensor):
+    def _dispatch(self, func, info, targs, tkwargs, tensors):
         pool = self.pool
         stats = self.stats
         stats.ops += 1
@@ -463,9 +463,9 @@ class Runtime:
             # 3. Run.
             if mutated_slots and any(cells[i] is not None for i in mutated_slots):
                 return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,
-                                          mutated_slots, DTRTensor)
+                                          mutated_slots)
             return self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
-                                        mutated_slots, DTRTensor, size_key, need)
+                                        mutated_slots, size_key, need)
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)
@@ -520,7 +520,7 @@ class Runtime:
         return nb, key
 
     def _run_functional(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
-                        DTRTensor, size_key, planned):
+                        size_key, planned):
         args, kwargs = fill_args(targs, tkwargs, vals)
         device = _device_of(vals)
         rng = None
@@ -613,8 +613,7 @@ class Runtime:
             return type(out)(results) if isinstance(out, tuple) else results
         return results[0]
 
-    def _run_mutation(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
-                      DTRTensor):
+    def _run_mutation(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots):
         # Note [In-place ops]
         # An in-place op on a dtr tensor runs for real on its value, as in eager.
         # The old storage then no longer holds the old value, so it is marked
@@ -681,14 +680,13 @@ class Runtime:
             nb = old.nbytes
             if stolen:
                 # Transfer: the memory now belongs to the new storage.
-                self._evict(old)
-                self.stats.evictions -= 1
+                self._evict(old, counted=False)
             new = self._new_storage(nb, cost + pool.cost(old.sid), info.collective, parents)
             nbase = Cell(None, None if info.collective else recipe, len(recipe.outputs), new)
             recipe.outputs.append(weakref.ref(nbase))
             self._set_value_fresh(nbase, base_value)
             recipe.out_bytes += nb
-            self._rebind(old, base, nbase, new, DTRTensor)
+            self._rebind(old, base, nbase, new)
             replaced[id(vals[s])] = tensors[s]
         self._note_peak()
         # Return what eager returns: the written arguments themselves.
@@ -703,8 +701,7 @@ class Runtime:
         cell.value = value
         cell.storage.cells.append(weakref.ref(cell))
 
-    def _rebind(self, old: StorageRecord, old_base: Cell, new_base: Cell, new: StorageRecord,
-                DTRTensor) -> None:
+    def _rebind(self, old: StorageRecord, old_base: Cell, new_base: Cell, new: StorageRecord) -> None:
         memo = {id(old_base): new_base}
 
         def translate(cell: Cell) -> Cell:
