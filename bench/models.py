@@ -297,11 +297,11 @@ def random_tree(rng: random.Random, n: int):
 # ----------------------------------------------------------------------------
 SIZES: Dict[str, Dict[str, dict]] = {
     "full": {
-        "gpt": dict(vocab=4096, seq=256, d=256, layers=6, heads=8, batch=2),
-        "resnet": dict(widths=(32, 64, 128, 256), per_stage=2, batch=8, image=64),
-        "lstm": dict(vocab=2048, d=256, layers=4, seq=100, batch=16),
-        "unet": dict(base=16, depth=4, batch=4, image=128),
-        "treelstm": dict(d=128, h=128, trees=4, nodes=64),
+        "gpt": dict(vocab=4096, seq=256, d=256, layers=4, heads=8, batch=2),
+        "resnet": dict(widths=(32, 64, 128, 256), per_stage=2, batch=8, image=48),
+        "lstm": dict(vocab=2048, d=256, layers=4, seq=64, batch=16),
+        "unet": dict(base=16, depth=4, batch=2, image=128),
+        "treelstm": dict(d=128, h=128, trees=2, nodes=48),
     },
     "quick": {
         "gpt": dict(vocab=512, seq=64, d=64, layers=4, heads=4, batch=4),
