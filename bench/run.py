@@ -459,9 +459,12 @@ def machine_info() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "dtr"], capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
-        lines.append(f"- git HEAD {rev}" + (" (dtr/ has uncommitted edits)" if dirty else ""))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        dirty = [d for d in ("dtr", "bench") if subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", d], capture_output=True, text=True,
+            cwd=root).stdout.strip()]
+        lines.append(f"- git HEAD {rev}" + (f" ({' and '.join(d + '/' for d in dirty)} "
+                                            "had uncommitted edits)" if dirty else ""))
     except Exception:
         pass
     try:
