@@ -39,6 +39,18 @@ _register_running_stats()
 _UNSUPPORTED_NAMES = {"resize_", "resize_as_", "set_", "_resize_output_"}
 
 
+# c10d's in-place collectives do not mark what they write in their schemas
+# (``c10d::allreduce_(Tensor[] tensors, ...)``): the written argument, by name.
+_C10D_WRITES = {
+    "allreduce_": "tensors", "allreduce_coalesced_": "tensors", "broadcast_": "tensors",
+    "reduce_": "tensors", "recv_": "tensors", "recv_any_source_": "tensors",
+    "allgather_": "output_tensors", "allgather_coalesced_": "output_lists",
+    "_allgather_base_": "output_tensor", "allgather_into_tensor_coalesced_": "outputs",
+    "reduce_scatter_": "output_tensors", "_reduce_scatter_base_": "output_tensor",
+    "reduce_scatter_tensor_coalesced_": "outputs", "gather_": "output_tensors",
+    "scatter_": "output_tensors", "alltoall_": "output_tensors", "alltoall_base_": "output",
+}
+
 _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional", "c10d_functional",
                           "_c10d_functional_autograd", "_dtensor"}
 
@@ -55,6 +67,7 @@ class OpInfo:
         "alias_ok",
         "collective",
         "workspace_factor",
+        "run_as",
     )
 
     def __init__(self, func):
@@ -87,7 +100,19 @@ class OpInfo:
         # Communication ops are never replayed: every rank would have to replay
         # them together. Their outputs are pinned (unevictable) values, and an
         # output that aliases an input is that same value.
-        self.collective = schema.name.split("::")[0] in _COLLECTIVE_NAMESPACES
+        ns, _, base = schema.name.partition("::")
+        self.collective = ns in _COLLECTIVE_NAMESPACES
+        if ns == "c10d" and base in _C10D_WRITES:
+            # In place: the written tensors become new pinned values (see _run_mutation);
+            # the values they held before keep their recipes.
+            self.mutated = [(i, a.name) for i, a in enumerate(schema.arguments)
+                            if a.name == _C10D_WRITES[base]]
+        # Functional collectives hand their result to ``_wrap_tensor_autograd``, whose
+        # kernel returns an AsyncCollectiveTensor (waited on at first use). A dtr tensor
+        # cannot hold one: wait at once instead; the result is the same value.
+        self.run_as = None
+        if schema.name == "_c10d_functional::_wrap_tensor_autograd":
+            self.run_as = torch.ops._c10d_functional.wait_tensor.default
         # Note [Op workspace]
         # Some kernels allocate scratch memory the runtime never sees as a
         # tensor. Measured on torch 2.13 CPU (oneDNN), a convolution's scratch

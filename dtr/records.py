@@ -35,9 +35,21 @@ def _leaf(a, tensors: List[torch.Tensor]):
     t = type(a)
     if t is list or t is tuple:
         for x in a:
-            if isinstance(x, torch.Tensor):
+            tx = type(x)
+            # Nested lists: c10d collectives take Tensor[][] (all_gather's outputs).
+            if isinstance(x, torch.Tensor) or ((tx is list or tx is tuple) and _has_tensor(x)):
                 return t(_leaf(y, tensors) for y in a)
     return a
+
+
+def _has_tensor(a) -> bool:
+    for x in a:
+        if isinstance(x, torch.Tensor):
+            return True
+        tx = type(x)
+        if (tx is list or tx is tuple) and _has_tensor(x):
+            return True
+    return False
 
 
 def flatten_args(args, kwargs):
@@ -55,6 +67,8 @@ def _fill_one(a, vals):
     if t is list or t is tuple:
         if a and any(type(x) is Slot for x in a):
             return t(vals[x.i] if type(x) is Slot else x for x in a)
+        if a and any(type(x) is list or type(x) is tuple for x in a):
+            return t(_fill_one(x, vals) for x in a)
     return a
 
 
@@ -69,7 +83,10 @@ def slots_in(a) -> List[int]:
     if type(a) is Slot:
         return [a.i]
     if type(a) in (list, tuple):
-        return [x.i for x in a if type(x) is Slot]
+        out: List[int] = []
+        for x in a:
+            out.extend(slots_in(x))
+        return out
     return []
 
 

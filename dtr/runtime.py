@@ -335,6 +335,20 @@ class Runtime:
                 "would give a different result. Read the values you need (loss.item(), ...) "
                 "before changing its inputs in place (for example before optimizer.step()), or "
                 "use a larger budget so the value is not evicted.")
+        if t.numel() and t.untyped_storage().nbytes() < _extent_bytes(t):
+            # Note [Freed plain inputs]
+            # Freeing a storage in place (untyped_storage().resize_(0)) moves no version
+            # counter; FSDP2 frees its gathered parameters so when it reshards.
+            raise UnsupportedOpError(
+                f"dtr: cannot recompute {recipe.func}: one of its inputs, a tensor made outside "
+                f"the dtr block (shape {tuple(t.shape)}, {t.dtype}), has had its memory freed "
+                f"in place since the value was computed (its storage now holds "
+                f"{t.untyped_storage().nbytes()} bytes). torch.distributed.fsdp.fully_shard "
+                "(FSDP2) does this to gathered parameters when it reshards after forward or "
+                "backward, and dtr cannot gather them again. Keep them gathered for the block "
+                "with `with dtr.distributed.fsdp_keep_gathered(model):` (see "
+                "docs/distributed.md), or use a budget large enough that nothing computed "
+                "from them is evicted.")
         return t
 
     def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
@@ -401,6 +415,9 @@ class Runtime:
     def dispatch(self, func, args, kwargs, wrap_plain: bool):
         """Run ``func``. ``wrap_plain``: wrap outputs even if no input is a dtr tensor."""
         info = op_info(func)
+        if info.run_as is not None:
+            func = info.run_as
+            info = op_info(func)
         targs, tkwargs, tensors = flatten_args(args, kwargs or {})
         if info.unsupported:
             raise UnsupportedOpError(
@@ -742,6 +759,12 @@ def _device_of(vals) -> Optional[torch.device]:
         if isinstance(v, torch.Tensor):
             return v.device
     return None
+
+
+def _extent_bytes(t: torch.Tensor) -> int:
+    """Bytes of storage that ``t``'s elements reach (``t`` has at least one element)."""
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def _flat_outputs(out) -> List:
