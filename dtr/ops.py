@@ -66,7 +66,7 @@ class OpInfo:
         "unsupported",
         "alias_ok",
         "collective",
-        "workspace_factor",
+        "workspace",
         "run_as",
     )
 
@@ -115,18 +115,23 @@ class OpInfo:
             self.run_as = torch.ops._c10d_functional.wait_tensor.default
         # Note [Op workspace]
         # Some kernels allocate scratch memory the runtime never sees as a
-        # tensor. Measured on torch 2.13 CPU (oneDNN), a convolution's scratch
-        # peaks at about 1.1x (forward) and 2.7x (backward) the bytes of its
-        # inputs and outputs; BatchNorm's backward at one input's worth. Room is
-        # made for it before the op runs, so the
+        # tensor. Measured on torch 2.13 CPU (oneDNN): a convolution's forward
+        # scratch peaks at about its output's bytes, its backward at twice the
+        # incoming gradient's, BatchNorm's backward at one input's worth. Room
+        # is made for it before the op runs (see ``workspace_bytes``), so the
         # budget holds for the allocator too, not only for tracked tensors.
+        # oneDNN also reorders the weights and keeps a fixed scratch of a few
+        # tens of KiB, which dominates for small convolutions.
         base = schema.name.split("::")[-1]
-        if "convolution" in base:
-            self.workspace_factor = 2.0
-        elif "batch_norm_backward" in base:  # about one input's worth
-            self.workspace_factor = 0.5
+        if base == "convolution_backward":
+            # ((tensor input index, or -1 for the outputs), factor) terms + constant
+            self.workspace = (((0, 2.0), (2, 2.0)), 32 << 10)
+        elif "convolution" in base:
+            self.workspace = (((-1, 1.0), (1, 2.0)), 32 << 10)
+        elif "batch_norm_backward" in base:
+            self.workspace = (((1, 1.0),), 0)
         else:
-            self.workspace_factor = 0.0
+            self.workspace = None
 
 
 _CACHE: Dict[object, OpInfo] = {}
@@ -137,6 +142,19 @@ def op_info(func) -> OpInfo:
     if info is None:
         info = _CACHE[func] = OpInfo(func)
     return info
+
+
+def workspace_bytes(info: OpInfo, out_bytes: int, vals) -> int:
+    """Scratch bytes to reserve for an op with these input values; see Note [Op workspace]."""
+    terms, constant = info.workspace
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    total = float(constant)
+    for which, factor in terms:
+        if which < 0:
+            total += factor * out_bytes
+        elif which < len(tensors):
+            total += factor * tensors[which].nbytes
+    return int(total)
 
 
 def arg_at(args, kwargs, pos: int, name: str):

@@ -17,7 +17,7 @@ import torch
 from . import rng as _rng
 from .cost import estimate_from_bytes, perf_counter
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
-from .ops import arg_at, op_info
+from .ops import arg_at, op_info, workspace_bytes
 from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
 from .tensor import DTRTensor
@@ -301,9 +301,9 @@ class Runtime:
                 else:
                     vals.append(self._plain_value(inp, recipe))
             need = recipe.out_bytes
-            factor = op_info(recipe.func).workspace_factor
-            if factor:  # See Note [Op workspace] in ops.py
-                need += int(factor * (need + sum(v.nbytes for v in vals if v is not None)))
+            rinfo = op_info(recipe.func)
+            if rinfo.workspace is not None:  # See Note [Op workspace] in ops.py
+                need += workspace_bytes(rinfo, need, vals)
             if need:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
@@ -471,9 +471,8 @@ class Runtime:
                 need = 0
             working += need
             scratch = 0
-            if info.workspace_factor:  # See Note [Op workspace] in ops.py
-                scratch = int(info.workspace_factor * (need + sum(
-                    v.nbytes for v in vals if isinstance(v, torch.Tensor))))
+            if info.workspace is not None:  # See Note [Op workspace] in ops.py
+                scratch = workspace_bytes(info, need, vals)
             self.make_room(need + scratch, info.name, working + scratch)
             if scratch:
                 self._note_peak(scratch + need)
