@@ -10,6 +10,7 @@ import torch  # noqa: F401  (before the C++ extension)
 
 from . import _ext  # noqa: F401  (warns once when dtr._C is missing)
 from . import measure, policies, testing
+from . import policies_extra  # noqa: F401  (registers dtr_regions, dtr_eq_sqrt)
 from .errors import (BudgetExceededError, DTRError, RecomputeError, StaleInputError,
                      UnsupportedOpError)
 from .policies import SearchOptions
@@ -17,6 +18,7 @@ from .runtime import Stats
 from .session import Session, budget, parse_budget
 from .tensor import DTRTensor, is_dtr_tensor, unwrap
 from .compile import compile_backend
+from .sim import record
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "is_dtr_tensor",
     "DTRTensor",
     "compile_backend",
+    "record",
     "policies",
     "measure",
     "testing",

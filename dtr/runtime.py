@@ -27,10 +27,13 @@ _MIN_RECURSION = 20000
 # See Note [Tiny values].
 MIN_EVICTABLE_BYTES = 32
 
+
 # Output bytes per (op, input metadata, arguments): a property of the op, shared
 # by every session so a size learnt once (see Runtime._output_bytes) stays learnt.
 _SIZE_CACHE: Dict[tuple, Optional[int]] = {}
 _SIZE_CACHE_MAX = 200_000
+# Least observed cost per size key; see Note [Stable costs].
+_COST_CACHE: Dict[tuple, float] = {}
 
 
 @dataclass
@@ -526,6 +529,7 @@ class Runtime:
         cache = _SIZE_CACHE
         if len(cache) > _SIZE_CACHE_MAX:
             cache.clear()
+            _COST_CACHE.clear()
         try:
             return cache[key], key
         except KeyError:
@@ -549,6 +553,16 @@ class Runtime:
         self.stats.op_seconds += cost
         if device is not None and device.type == "cuda":
             cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
+        elif size_key is not None:
+            # Note [Stable costs]
+            # One wall-clock sample is noisy (a busy machine doubles it), and
+            # noisy costs make eviction choices differ from run to run. The
+            # cost of an op on given shapes is taken as the least seen so far.
+            seen = _COST_CACHE.get(size_key)
+            if seen is not None and seen < cost:
+                cost = seen
+            else:
+                _COST_CACHE[size_key] = cost
         self.clock += cost
         now = self.clock
         for c in cells:

@@ -92,12 +92,13 @@ class Session:
     """One dtr runtime and its statistics. Returned by ``dtr.budget``."""
 
     def __init__(self, limit, policy="dtr_eq", *, device=None, search: Optional[SearchOptions] = None,
-                 pool: str = "auto", _evict_all: bool = False):
+                 pool: str = "auto", count=(), _evict_all: bool = False):
         self.budget_bytes = parse_budget(limit)
         _policies.get(policy)  # validates the name
         self.device = _check_device(device)
         self.runtime = Runtime(self.budget_bytes, policy, search or SearchOptions(),
                                evict_all=_evict_all, pool_impl=pool)
+        self._count = _tensors_to_count(count)
         self._mode: Optional[DTRMode] = None
         self._outer: Optional["Session"] = None
         self._saved = None
@@ -123,6 +124,8 @@ class Session:
             rt.evict_all = rt.evict_all or self.runtime.evict_all
             stack.append(outer)
             return outer
+        for t in self._count:
+            self.runtime.count_plain(t)
         self._mode = DTRMode(self.runtime)
         self._mode.__enter__()
         stack.append(self)
@@ -145,13 +148,34 @@ class Session:
         return f"Session(budget_bytes={self.budget_bytes}, policy={self.runtime.stats.policy!r})"
 
 
+def _tensors_to_count(count):
+    """Tensors named by ``count``: modules give their parameters, buffers and gradients."""
+    if isinstance(count, (torch.Tensor, torch.nn.Module)):
+        count = [count]
+    out = []
+    for item in count:
+        if isinstance(item, torch.nn.Module):
+            for p in item.parameters():
+                out.append(p)
+                if p.grad is not None:
+                    out.append(p.grad)
+            out.extend(item.buffers())
+        elif isinstance(item, torch.Tensor):
+            out.append(item)
+        else:
+            raise TypeError(f"dtr: count= takes modules and tensors, got {type(item).__name__}")
+    return out
+
+
 def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
-           search: Optional[SearchOptions] = None, pool: str = "auto") -> Session:
+           search: Optional[SearchOptions] = None, pool: str = "auto", count=()) -> Session:
     """Run the block under a memory limit, evicting and recomputing values as needed.
 
     ``limit``: bytes as an int, or a string such as "8GB" or "512MiB"; None tracks
     without a limit. ``policy``: a registered name (see ``dtr.policies.available()``)
     or a callable ``score(entry, pool, now)``. ``device``: checked to exist; on CUDA
-    the allocator's own count is respected too.
+    the allocator's own count is respected too. ``count``: modules or tensors to count
+    against the budget from the start (a plain tensor is otherwise counted from its
+    first use in the block, so parameters not yet used would not be).
     """
-    return Session(limit, policy, device=device, search=search, pool=pool)
+    return Session(limit, policy, device=device, search=search, pool=pool, count=count)

@@ -229,3 +229,15 @@ def test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget(name)
         # slack covers op-internal workspace the runtime cannot see.
         assert peak <= budget * 1.05, (peak, budget)
         assert s2.stats.peak_bytes <= budget
+
+
+def test_count_makes_parameters_count_from_the_start():
+    model, data = models.make("mlp")
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    with dtr.budget(None, count=model) as s:
+        assert s.runtime.plain_bytes == params
+        model(*data[0]).backward()
+    with dtr.budget(None) as s2:
+        assert s2.runtime.plain_bytes == 0
+    with pytest.raises(TypeError, match="count= takes modules and tensors"):
+        dtr.budget(None, count=[3])
