@@ -328,7 +328,7 @@ class Simulator:
                         self.mem -= s.nbytes  # already there: the duplicate is dropped
                     continue
                 # A recomputed output.
-                old = pool.entries[s.sid].last_access if self._simrd_access else None
+                old = pool.last_access(s.sid) if self._simrd_access else None
                 s.resident = True
                 pool.rematerialized(s.sid, now)
                 if old is not None:
