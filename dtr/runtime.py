@@ -131,8 +131,9 @@ class Runtime:
                     rt.plain_bytes -= nb
 
         self._plain[key] = (weakref.ref(st, died), nb)
+        # Not noted as a peak here: the tensor existed before the runtime saw
+        # it, and room for it is made before the op that uses it runs.
         self.plain_bytes += nb
-        self._note_peak()
 
     def _new_storage(self, nbytes: int, cost: float, pinned: bool, parents) -> StorageRecord:
         sid = self._next_sid
@@ -311,6 +312,13 @@ class Runtime:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
             outs = self._run_recipe(recipe, vals)
+            # A recompute is an access like any other: its inputs are fresh again
+            # (else the values recomputes start from look stale and are evicted
+            # first, and every later recompute starts further back), and the
+            # clock advances by its cost.
+            self.clock += recipe.cost
+            for rec in locked:
+                pool.touch(rec.sid, self.clock)
             for ref, out in zip(recipe.outputs, outs):
                 c = ref() if ref is not None else None
                 if c is None or c.value is not None or out is None:

@@ -22,10 +22,12 @@ class Run:
 
 
 def train(name: str, ctx: Callable[[], object] = contextlib.nullcontext, steps: int = 3,
-          seed: int = 0) -> Run:
-    model, data = models.make(name, seed)
+          seed: int = 0, built=None) -> Run:
+    """``built``: (model, data) made beforehand (threads must not share the global RNG)."""
+    model, data = built if built is not None else models.make(name, seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(1234)
+    if built is None:
+        torch.manual_seed(1234)
     run = Run(model, opt, [], [])
     for inp in data[:steps]:
         opt.zero_grad(set_to_none=True)

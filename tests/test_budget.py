@@ -182,9 +182,13 @@ def test_sessions_on_several_threads():
     eager = {name: train(name) for name in ("mlp", "cnn")}
     results, errors = {}, []
 
+    # Models are built here: the global RNG is shared by threads, and the
+    # models have no random ops, so the threads do not draw from it.
+    built = {name: models.make(name) for name in eager}
+
     def work(name, budget):
         try:
-            results[name] = train(name, lambda: dtr.budget(budget))
+            results[name] = train(name, lambda: dtr.budget(budget), built=built[name])
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
