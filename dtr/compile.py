@@ -260,7 +260,7 @@ def _run(program: _Program, args: List, runtime) -> List:
             kwargs_ = _fill(tkwargs, env) if tkwargs else {}
             if kind_ == _KIND_DTR:
                 if _any_tensor(args_, kwargs_):
-                    out = dispatch(fn, args_, kwargs_, wrap_plain=True)
+                    out = dispatch(fn, args_, kwargs_)
                 else:
                     out = fn(*args_, **kwargs_)  # factories stay plain, as in eager
             elif kind_ == _KIND_META:
@@ -270,7 +270,7 @@ def _run(program: _Program, args: List, runtime) -> List:
                 for p in (3, 4):
                     if p < len(args_) and isinstance(args_[p], torch.Tensor):
                         args_[p] = unwrap(args_[p]).clone()
-                out = dispatch(fn, tuple(args_), kwargs_, wrap_plain=True)
+                out = dispatch(fn, tuple(args_), kwargs_)
             else:
                 out = fn(*args_, **kwargs_)
             if leaves and type(out) is DTRTensor:

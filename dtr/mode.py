@@ -53,4 +53,4 @@ class DTRMode(TorchDispatchMode):
             # Factories, and plain-only ops under no_grad (optimizers): see
             # Note [What gets wrapped] in runtime.py.
             return func(*args, **(kwargs or {}))
-        return self.runtime.dispatch(func, args, kwargs or {}, wrap_plain=True)
+        return self.runtime.dispatch(func, args, kwargs or {})

@@ -423,8 +423,8 @@ class Runtime:
     # ------------------------------------------------------------------
     # The per-op path
     # ------------------------------------------------------------------
-    def dispatch(self, func, args, kwargs, wrap_plain: bool):
-        """Run ``func``. ``wrap_plain``: wrap outputs even if no input is a dtr tensor."""
+    def dispatch(self, func, args, kwargs):
+        """Run ``func`` under this runtime (see Note [What gets wrapped])."""
         info = op_info(func)
         if info.run_as is not None:
             func = info.run_as
@@ -547,14 +547,14 @@ class Runtime:
         nb = cache[key] = _meta_output_bytes(func, targs, tkwargs, vals)
         return nb, key
 
-    def _run_functional(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
-                        size_key, planned):
+    def _run_live(self, func, info, targs, tkwargs, vals, size_key):
+        """Run the op for the first time: capture RNG state, time it, advance the clock.
+
+        Returns (output, captured RNG state or None, cost for the scores).
+        """
         args, kwargs = fill_args(targs, tkwargs, vals)
         device = _device_of(vals)
-        rng = None
-        if info.seeded:
-            gen = kwargs.get("generator")
-            rng = _rng.capture(gen, device)
+        rng = _rng.capture(kwargs.get("generator"), device) if info.seeded else None
         t0 = perf_counter()
         out = func(*args, **kwargs)
         cost = perf_counter() - t0
@@ -572,6 +572,11 @@ class Runtime:
             else:
                 _COST_CACHE[size_key] = cost
         self.clock += cost
+        return out, rng, cost
+
+    def _run_functional(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
+                        size_key, planned):
+        out, rng, cost = self._run_live(func, info, targs, tkwargs, vals, size_key)
         now = self.clock
         for c in cells:
             if c is not None:
@@ -691,16 +696,7 @@ class Runtime:
             else:
                 base_value = base.value
             targets.append((s, c, base, chain, stolen, base_value))
-        args, kwargs = fill_args(targs, tkwargs, vals)
-        device = _device_of(vals)
-        rng = _rng.capture(kwargs.get("generator"), device) if info.seeded else None
-        t0 = perf_counter()
-        out = func(*args, **kwargs)
-        cost = perf_counter() - t0
-        self.stats.op_seconds += cost
-        if device is not None and device.type == "cuda":
-            cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
-        self.clock += cost
+        out, rng, cost = self._run_live(func, info, targs, tkwargs, vals, None)
 
         # The recipe's inputs: every input as recorded, plus each target's old base.
         inputs = []

@@ -56,7 +56,7 @@ class DTRTensor(torch.Tensor):
             if t is not DTRTensor and issubclass(t, torch.Tensor) and t is not torch.Tensor:
                 return NotImplemented
         rt = _runtime_of(args, kwargs)
-        return rt.dispatch(func, args, kwargs or {}, wrap_plain=False)
+        return rt.dispatch(func, args, kwargs or {})
 
     # Note [Escapes]
     # Tensors that leave the block stay DTRTensors and keep working through
