@@ -12,8 +12,8 @@ picks how that stack runs:
 ``build(name, size)`` gives ``(model, batch_fn)``; ``batch_fn(step)`` makes the
 inputs of one step deterministically (the same for every variant).
 Sizes: ``"full"`` is what the benchmark runs (an eager training step takes
-roughly 0.1-0.6 s of CPU time on one thread; see bench/README.md), ``"quick"`` and
-``"tiny"`` are for the quick mode and the tests.
+0.04-1.0 s of CPU time on one thread, the 20.6M-parameter GPT the most; see
+bench/README.md), ``"quick"`` and ``"tiny"`` are for the quick mode and the tests.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-__all__ = ["build", "MODELS", "SEQUENTIAL", "SIZES", "describe"]
+__all__ = ["build", "MODELS", "SEQUENTIAL", "SIZES", "describe", "param_count"]
 
 MODELS = ["gpt", "resnet", "lstm", "unet", "treelstm"]
 # Models whose main stack is a plain chain of single-tensor blocks.
@@ -297,7 +297,7 @@ def random_tree(rng: random.Random, n: int):
 # ----------------------------------------------------------------------------
 SIZES: Dict[str, Dict[str, dict]] = {
     "full": {
-        "gpt": dict(vocab=4096, seq=256, d=256, layers=4, heads=8, batch=2),
+        "gpt": dict(vocab=8192, seq=256, d=384, layers=8, heads=12, batch=2),  # 20.6M parameters
         "resnet": dict(widths=(32, 64, 128, 256), per_stage=2, batch=8, image=48),
         "lstm": dict(vocab=2048, d=256, layers=4, seq=64, batch=16),
         "unet": dict(base=16, depth=4, batch=2, image=128),
@@ -366,6 +366,15 @@ def build(name: str, size: str = "full", seed: int = 0) -> Tuple[nn.Module, Call
     return m, batch_fn
 
 
+def param_count(name: str, size: str = "full") -> int:
+    """Parameters of the model, counted on the meta device (no memory, the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model, _ = build(name, size)
+    return sum(p.numel() for p in model.parameters())
+
+
 def describe(name: str, size: str = "full") -> str:
     cfg = SIZES[size][name]
-    return ", ".join(f"{k}={v}" for k, v in cfg.items())
+    n = param_count(name, size)
+    return ", ".join(f"{k}={v}" for k, v in cfg.items()) + (
+        f"; {n / 1e6:.1f}M parameters" if n >= 100_000 else f"; {n:,} parameters")

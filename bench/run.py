@@ -1,7 +1,7 @@
 """Benchmark dtr against what users would pick instead, measuring memory independently.
 
     python -m bench.run                 # full run: all models, into bench/results/
-    python -m bench.run --quick --out /tmp/q   # one small model, two budgets (< 2 min)
+    python -m bench.run --quick --out /tmp/q   # one small model, three budgets (< 2 min)
     python bench/run.py --models gpt lstm
 
 See bench/README.md for what each column means.
@@ -9,6 +9,8 @@ See bench/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -149,56 +151,61 @@ def dtr_compile_backend():
     return cb
 
 
+def uses_dtr(row_or_cfg) -> bool:
+    """Whether a row (or Config) runs its steps under ``dtr.budget``."""
+    get = row_or_cfg.get if isinstance(row_or_cfg, dict) else lambda k: getattr(row_or_cfg, k, None)
+    return get("kind") == "dtr" or (get("kind") == "compile" and get("backend") == "dtr")
+
+
 def make_stepper(model, cfg: Config):
-    """A function batch -> (loss float, stats dict or None) running one training step."""
+    """(step, optimizer): ``step(batch) -> (loss float, dtr stats dict or None)`` runs one training step.
+
+    Under dtr, ``count=model`` counts the parameters, buffers and gradients against the budget
+    from the start of the block, so the measured peak (resident parameters + the profiler's
+    peak) is what the budget bounds.
+    """
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     model.ckpt = cfg.ckpt
-    if cfg.kind in ("eager", "ckpt"):
-        def step(batch):
-            opt.zero_grad(set_to_none=True)
-            loss = model(*batch)
-            loss.backward()
-            val = loss.item()
-            opt.step()
-            return val, None
-        return step
-    if cfg.kind == "dtr":
-        def step(batch):
-            opt.zero_grad(set_to_none=True)
-            with dtr.budget(cfg.budget, policy=cfg.policy) as s:
-                loss = model(*batch)
-                loss.backward()
-                val = loss.item()
-            del loss
-            opt.step()
-            return val, s.stats.as_dict()
-        return step
     if cfg.kind == "compile":
-        if cfg.backend == "dtr":
-            # The backend runs the graphs under the enclosing dtr.budget block's session.
-            cm = torch.compile(model, backend=dtr_compile_backend()())
-            def step(batch):
-                opt.zero_grad(set_to_none=True)
-                with dtr.budget(cfg.budget) as s:
-                    loss = cm(*batch)
-                    loss.backward()
-                    val = loss.item()
-                del loss
-                opt.step()
-                return val, s.stats.as_dict()
-            return step
+        # backend=dtr runs the graphs under the enclosing dtr.budget block's session.
+        fwd = torch.compile(model, backend=dtr_compile_backend()() if cfg.backend == "dtr" else cfg.backend)
+    elif cfg.kind in ("eager", "ckpt", "dtr"):
+        fwd = model
+    else:
+        raise ValueError(cfg.kind)
+    under_dtr = uses_dtr(cfg)
 
-        cm = torch.compile(model, backend=cfg.backend)
-
-        def step(batch):
-            opt.zero_grad(set_to_none=True)
-            loss = cm(*batch)
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        block = dtr.budget(cfg.budget, policy=cfg.policy, count=model) if under_dtr else contextlib.nullcontext()
+        with block as s:
+            loss = fwd(*batch)
             loss.backward()
             val = loss.item()
-            opt.step()
-            return val, None
-        return step
-    raise ValueError(cfg.kind)
+        del loss
+        opt.step()
+        return val, s.stats.as_dict() if under_dtr else None
+    return step, opt
+
+
+def warm_up(model, step, opt, batch) -> float:
+    """One unprofiled step, then the initial parameters, buffers and optimizer state back.
+
+    The step compiles under torch.compile, and teaches dtr's runtime what it learns
+    about each (op, shapes) on first sight (output sizes, scratch bytes, costs): a step's first
+    occurrence of an op can exceed the budget by that op's scratch, and users train many
+    steps. Restoring the state keeps every measured loss comparable with eager's bit for bit.
+    Gradients are left ``None``, as at the start of a first step. Returns the step's wall seconds.
+    """
+    init = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    t0 = time.perf_counter()
+    step(batch)
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        model.load_state_dict(init[0])
+    opt.load_state_dict(init[1])
+    opt.zero_grad(set_to_none=True)
+    return wall
 
 
 def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: Optional[float],
@@ -206,24 +213,20 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
     """Warm-up step, one profiled step (peak), ``timed_steps`` timed steps. Never raises."""
     row: Dict[str, Any] = dict(model=name, method=cfg.label, kind=cfg.kind, policy=cfg.policy
                                if cfg.kind == "dtr" else None, fraction=cfg.fraction,
-                               budget_bytes=cfg.budget, amb=cfg.amb, status="ok", losses=[])
+                               budget_bytes=cfg.budget, amb=cfg.amb, status="ok", losses=[],
+                               backend=cfg.backend if cfg.kind == "compile" else None)
     model, batch_fn = M.build(name, size)
     model.train()
+    phase = "setup"
     try:
-        step = make_stepper(model, cfg)
+        step, opt = make_stepper(model, cfg)
         stats_list = []
-        if cfg.kind == "compile":
-            # The first step compiles: run it, then restore the initial parameters so that the
-            # measured steps see the same states as every other configuration. (Others are
-            # warmed up by the profiled step.)
-            init = {k: v.clone() for k, v in model.state_dict().items()}
-            t0 = time.perf_counter()
-            step(batch_fn(0))
-            row["compile_step_wall_s"] = time.perf_counter() - t0
-            with torch.no_grad():
-                model.load_state_dict(init)
+        phase = "the warm-up step"
+        with time_limit(step_limit * 2 if step_limit else None):
+            row["warmup_wall_s"] = warm_up(model, step, opt, batch_fn(0))
         torch.manual_seed(1234)  # the same dropout masks for every configuration
         # Profiled step: the measured peak (relative to the step's start) plus what was resident.
+        phase = "the profiled step"
         batch = batch_fn(1)
         base = resident_base(model, batch)
         with time_limit(step_limit * 2 if step_limit else None):
@@ -236,6 +239,7 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
             stats_list.append(st)
         walls, cpus = [], []
         for i in range(timed_steps):
+            phase = f"timed step {i + 1}"
             batch = batch_fn(2 + i)
             t0, c0 = time.perf_counter(), time.process_time()
             with time_limit(step_limit):
@@ -257,17 +261,19 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
                       "op_seconds", "eager_evictions", "unplanned_ops"):
                 row[k] = statistics.median(s[k] for s in timed)
         if timeline:
+            phase = "the timeline step"
             batch = batch_fn(2 + timed_steps)
+            opt.zero_grad(set_to_none=True)  # gradients None at its start, as base_bytes assumes
             (loss, _), series = alloc_timeline(lambda: step(batch))
             row["losses"].append(loss)
             row["timeline"] = [base + x for x in series]
     except dtr.BudgetExceededError as e:
-        row["status"] = f"BudgetExceededError at step {len(row['losses'])}"
+        row["status"] = f"BudgetExceededError at {phase}"
         row["smallest_feasible_bytes"] = e.smallest_feasible_bytes
     except StepTimeout as e:
-        row["status"] = f"timeout at step {len(row['losses'])}: {e}"
+        row["status"] = f"timeout at {phase}: {e}"
     except Exception as e:  # record, never hide
-        row["status"] = f"{type(e).__name__} at step {len(row['losses'])}: {str(e).splitlines()[0][:200]}"
+        row["status"] = f"{type(e).__name__} at {phase}: {str(e).splitlines()[0][:200]}"
         row["traceback"] = traceback.format_exc()
     return row
 
@@ -325,12 +331,18 @@ def feasible(name, size, budget, policy, limit) -> tuple:
 
 
 def _feasible(name, size, budget, policy, limit) -> tuple:
-    """(ok, hint): can one dtr step (the first batch, fresh model) run under ``budget``?"""
+    """(ok, hint): do a fresh model's warm-up step and next step both run under ``budget``?
+
+    The same two steps a row starts with (run_config), with the same ``count=model``.
+    """
     model, batch_fn = M.build(name, size)
-    step = make_stepper(model, Config("dtr", "probe", budget=int(budget), policy=policy))
+    step, opt = make_stepper(model, Config("dtr", "probe", budget=int(budget), policy=policy))
     try:
+        with time_limit(limit * 2):
+            warm_up(model, step, opt, batch_fn(0))
+        torch.manual_seed(1234)
         with time_limit(limit):
-            step(batch_fn(0))
+            step(batch_fn(1))
         return True, None
     except dtr.BudgetExceededError as e:
         return False, e.smallest_feasible_bytes
@@ -340,7 +352,7 @@ def _feasible(name, size, budget, policy, limit) -> tuple:
 
 def smallest_budget(name, size, policy, lo_fail: Optional[int], hi_ok: Optional[int], eager_peak: int,
                     limit: float, tries: int = 4) -> Optional[int]:
-    """Bisect the smallest budget one step runs under, helped by smallest_feasible_bytes."""
+    """Bisect the smallest budget a row's first two steps run under, helped by smallest_feasible_bytes."""
     if hi_ok is None:
         hi_ok = eager_peak * 2
         ok, _ = feasible(name, size, hi_ok, policy, limit)
@@ -588,9 +600,7 @@ def bench_model(name, args, bar) -> List[dict]:
     limit = max(10.0, 20 * et)
     ref = eager["losses"]
 
-    statics = []
-    if not args.quick or True:
-        statics.append(Config("ckpt", "checkpoint per block", ckpt="block"))
+    statics = [Config("ckpt", "checkpoint per block", ckpt="block")]
     if M.SEQUENTIAL[name]:
         statics += [Config("ckpt", "checkpoint_sequential 2", ckpt="seq2"),
                     Config("ckpt", "checkpoint_sequential 4", ckpt="seq4")]
@@ -641,8 +651,9 @@ def bench_model(name, args, bar) -> List[dict]:
                 add(run_compile(name, size, f"compile amb={amb}", amb, "aot_eager", steps, args.compile_timeout,
                                 cpu_limit=args.compile_cpu_limit))
         if dtr_compile_backend() is not None:
-            add(run_compile(name, size, "compile backend=dtr @0.5", None, "dtr", steps, args.compile_timeout,
-                            budget=int(0.5 * ep), cpu_limit=args.compile_cpu_limit))
+            r = run_compile(name, size, "compile backend=dtr @0.5", None, "dtr", steps, args.compile_timeout,
+                            budget=int(0.5 * ep), cpu_limit=args.compile_cpu_limit)
+            add(dict(r, fraction=0.5, backend="dtr", budget_bytes=int(0.5 * ep)))
         else:
             add(dict(model=name, method="compile backend=dtr", kind="compile", losses=[],
                      status="skipped: dtr.compile_backend does not exist"))
@@ -660,42 +671,52 @@ def summarize(name, rows) -> List[str]:
     et, ep = eager["step_s"], eager["measured_peak"]
     out = []
     ok = [r for r in rows if r["status"] == "ok" and r.get("step_s")]
+
+    def point(r):
+        if r is None:
+            return "none"
+        return (f"{mib(r['measured_peak'])} MiB ({r['measured_peak'] / ep:.2f}x eager's peak, {r['method']}, "
+                f"{r['step_s'] / et:.2f}x eager's time)")
+
+    def lowest(rs):
+        return min(rs, key=lambda r: r["measured_peak"], default=None)
+
     ck = by.get("checkpoint per block")
     dk = by.get("dtr dtr_eq @checkpoint's peak")
     if ck and dk and ck["status"] == "ok":
+        head = (f"- {name}: dtr at checkpoint-per-block's peak ({mib(ck['measured_peak'])} MiB, "
+                f"{ck['measured_peak'] / ep:.2f}x eager's)")
         if dk["status"] == "ok":
-            out.append(f"- {name}: at checkpoint-per-block's peak ({mib(ck['measured_peak'])} MiB, "
-                       f"{ck['measured_peak'] / ep:.2f}x eager), dtr step {dk['step_s']:.3f} s "
-                       f"({dk['step_s'] / et:.2f}x eager) vs checkpoint {ck['step_s']:.3f} s "
-                       f"({ck['step_s'] / et:.2f}x): dtr/checkpoint = {dk['step_s'] / ck['step_s']:.2f}")
+            out.append(f"{head}: {dk['step_s'] / et:.2f}x eager vs checkpoint {ck['step_s'] / et:.2f}x eager "
+                       f"(step {dk['step_s']:.3f} s vs {ck['step_s']:.3f} s; dtr/checkpoint = "
+                       f"{dk['step_s'] / ck['step_s']:.2f}; dtr's measured peak {mib(dk['measured_peak'])} MiB)")
         else:
-            out.append(f"- {name}: dtr at checkpoint's peak: {dk['status']}")
-    statics = [r for r in ok if r["kind"] in ("ckpt", "compile")]
-    if statics:
-        best = min(statics, key=lambda r: r["measured_peak"])
-        fast = [r for r in ok if r["kind"] == "dtr" and r["step_s"] < 1.5 * et and r.get("budget_bytes")]
-        if fast:
-            low = min(fast, key=lambda r: r["measured_peak"])
-            out.append(f"- {name}: lowest static peak {mib(best['measured_peak'])} MiB "
-                       f"({best['measured_peak'] / ep:.2f}x, {best['method']}, {best['step_s'] / et:.2f}x time); "
-                       f"lowest dtr peak under 1.5x eager time {mib(low['measured_peak'])} MiB "
-                       f"({low['measured_peak'] / ep:.2f}x, {low['method']}, {low['step_s'] / et:.2f}x time)")
-    for r in rows:
-        if r.get("fraction") == 0.5 and r["kind"] == "dtr":
-            if r["status"] == "ok":
-                out.append(f"- {name}: {r['method']}: step {r['step_s'] / et:.2f}x eager, "
-                           f"measured peak {r['measured_peak'] / r['budget_bytes']:.3f}x budget")
-            else:
-                out.append(f"- {name}: {r['method']}: {r['status']}")
-    over = [r["method"] for r in ok if r.get("budget_bytes") and r["kind"] == "dtr"
+            out.append(f"{head}: {dk['status']}")
+    fast = [r for r in ok if r["step_s"] <= 1.5 * et]
+    statics = [r for r in ok if r["kind"] in ("ckpt", "compile") and not uses_dtr(r)]
+    low_static = lowest(statics)
+    line = (f"- {name}: lowest measured peak at <= 1.5x eager step time: dtr "
+            f"{point(lowest(r for r in fast if uses_dtr(r)))} vs best static tool "
+            f"{point(lowest(r for r in statics if r['step_s'] <= 1.5 * et))}")
+    if low_static is not None and low_static["step_s"] > 1.5 * et:
+        line += f" (lowest static peak at any step time: {point(low_static)})"
+    out.append(line)
+    half = [r for r in rows if uses_dtr(r) and r["method"].endswith("@0.5")]
+    for r in half:
+        res = (f"{r['step_s'] / et:.2f}x eager step time, measured peak "
+               f"{r['measured_peak'] / r['budget_bytes']:.3f}x budget" if r["status"] == "ok" else r["status"])
+        out.append(f"- {name}: at 0.5 of eager's peak: {r['method']}: {res}")
+    if not half:
+        out.append(f"- {name}: at 0.5 of eager's peak: not run")
+    over = [r["method"] for r in ok if r.get("budget_bytes") and uses_dtr(r)
             and r["measured_peak"] > r["budget_bytes"] * (1 + SLACK)]
     out.append(f"- {name}: dtr rows whose measured peak exceeds budget+{SLACK:.0%}: "
                + (", ".join(over) if over else "none"))
     nl = by.get("dtr no limit")
     if nl and nl["status"] == "ok":
         out.append(f"- {name}: dtr with no limit (bookkeeping only): {nl['step_s'] / et:.2f}x eager; "
-                   f"bookkeeping is about {max(0.0, 1 - et / nl['step_s']):.0%} of its step "
-                   f"({nl.get('ops', 0):.0f} ops per step)")
+                   f"bookkeeping overhead (no-limit step - eager step) / no-limit step = "
+                   f"{max(0.0, 1 - et / nl['step_s']):.0%} ({nl.get('ops', 0):.0f} ops per step)")
     bad = [r["method"] for r in rows if str(r.get("loss_agree", "")).startswith("DIFF")]
     if bad:
         out.append(f"- {name}: losses DISAGREE with eager: {', '.join(bad)}")
@@ -704,7 +725,7 @@ def summarize(name, rows) -> List[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one small model, two budgets (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="one small model, three budgets (< 2 min)")
     p.add_argument("--models", nargs="+", default=None, choices=M.MODELS)
     p.add_argument("--size", default=None, choices=sorted(M.SIZES))
     p.add_argument("--out", default=None, help="results folder (default bench/results/)")
@@ -735,7 +756,7 @@ def main(argv=None):
         args.models = args.models or ["gpt"]
         args.size = args.size or "quick"
         args.steps = args.steps or 2
-        args.fractions = [0.6, 0.4]
+        args.fractions = [0.6, 0.5, 0.4]
         args.policies = ["dtr_eq"]
         args.compile_budgets = [0.5]
         args.smallest = False

@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+sys.path.insert(0, ROOT)
+from bench import run  # noqa: E402
+
 
 def _env():
     env = dict(os.environ)
@@ -42,20 +45,48 @@ def test_every_configuration_ran_and_losses_agree(quick):
     rows = data["rows"]["gpt"]
     by = {r["method"]: r for r in rows}
     for method in ("eager", "checkpoint per block", "checkpoint_sequential 2", "checkpoint_sequential 4",
-                   "dtr no limit", "dtr dtr_eq @0.6", "dtr dtr_eq @0.4", "compile amb=0.5"):
+                   "dtr no limit", "dtr dtr_eq @0.6", "dtr dtr_eq @0.5", "dtr dtr_eq @0.4", "compile amb=0.5"):
         assert method in by, method
     for r in rows:
         if r["kind"] in ("eager", "ckpt", "dtr"):
             assert r["status"] == "ok", (r["method"], r["status"], r.get("traceback"))
-            # dtr and torch.utils.checkpoint are exact on CPU: every step's loss bit-equal.
+            # dtr and torch.utils.checkpoint are exact on CPU: every step's loss bit-equal (the
+            # warm-up step before them restored the initial parameters).
             assert r["loss_agree"] == "exact", (r["method"], r["losses"], by["eager"]["losses"])
             assert r["measured_peak"] > 0 and r["step_s"] > 0
+            assert r["warmup_wall_s"] > 0
         if r["kind"] == "dtr":
             assert r["dtr_peak_bytes"] > 0  # dtr's own accounting, reported beside the measurement
+            if r["budget_bytes"]:
+                # count=model: the independently measured peak stays within the budget (+ op scratch).
+                assert r["measured_peak"] <= r["budget_bytes"] * (1 + run.SLACK), (r["method"], r["measured_peak"])
     # The compile row ran in its own process; its losses are compared (it may disagree: see
     # docs/performance.md, torch's activation_memory_budget recomputes dropout on CPU).
     assert by["compile amb=0.5"]["status"] == "ok", by["compile amb=0.5"]["status"]
     assert "loss_agree" in by["compile amb=0.5"]
+
+
+def test_summary_lines(quick):
+    md = (quick / "results.md").read_text()
+    for line in ("- gpt: dtr at checkpoint-per-block's peak (", "x eager vs checkpoint ",
+                 "- gpt: lowest measured peak at <= 1.5x eager step time: dtr ", " vs best static tool ",
+                 "- gpt: at 0.5 of eager's peak: dtr dtr_eq @0.5: ",
+                 "- gpt: at 0.5 of eager's peak: compile backend=dtr @0.5: ",
+                 "bookkeeping overhead (no-limit step - eager step) / no-limit step = ", "M parameters"):
+        assert line in md, line
+
+
+def test_summarize_bookkeeping_and_missing_rows():
+    def row(method, kind, step_s, peak_mib, **kw):
+        return dict(method=method, kind=kind, step_s=step_s, measured_peak=peak_mib * run.MiB, status="ok", **kw)
+
+    rows = [row("eager", "eager", 1.0, 100), row("dtr no limit", "dtr", 1.25, 101, ops=10),
+            row("dtr dtr_eq @0.5", "dtr", 3.0, 50, budget_bytes=50 * run.MiB)]
+    lines = "\n".join(run.summarize("lstm", rows))
+    assert "(no-limit step - eager step) / no-limit step = 20%" in lines
+    assert "at 0.5 of eager's peak: dtr dtr_eq @0.5: 3.00x eager step time" in lines
+    assert "at <= 1.5x eager step time: dtr 101.0 MiB (1.01x eager's peak, dtr no limit" in lines
+    assert "vs best static tool none" in lines
 
 
 def test_script_entry_point_help():
