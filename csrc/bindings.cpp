@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "alloc_meter.h"
 #include "pool.h"
 
 namespace py = pybind11;
@@ -266,6 +267,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("native_policies", &dtr::native_policy_names,
         "Names of the policies the C++ pool implements.");
+
+  // See Note [Measured op scratch] in dtr/runtime.py.
+  m.def("meter_install", &dtr::meter::install,
+        "Wrap the CPU allocator to count bytes (once per process); False if it cannot.");
+  m.def("meter_installed", &dtr::meter::installed);
+  m.def("meter_current", &dtr::meter::current_bytes,
+        "Bytes currently allocated through the metered CPU allocator.");
+  m.def("meter_begin", &dtr::meter::begin, "Start a window: reset the peak; returns the current bytes.");
+  m.def("meter_end", &dtr::meter::end, py::arg("start"),
+        "End a window: (peak bytes above start, bytes still allocated above start).");
 
   py::class_<PyPool>(m, "CppPool",
                      "The C++ eviction pool; the same interface and decisions as "

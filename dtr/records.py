@@ -127,6 +127,7 @@ class Recipe:
         "out_index",
         "mutation",
         "grad_enabled",
+        "size_key",
         "__weakref__",
     )
 
@@ -146,6 +147,8 @@ class Recipe:
         self.is_view = is_view
         self.out_index = out_index
         self.mutation = mutation
+        # The runtime's (op, input shapes) key, under which its scratch is measured.
+        self.size_key = None
 
     def __repr__(self) -> str:
         return f"Recipe({self.func}, {len(self.inputs)} inputs)"

@@ -41,6 +41,19 @@ def _set(generator, device, state):
         torch.set_rng_state(state)
 
 
+_CPU_STATE_BYTES = torch.get_rng_state().nbytes
+
+
+def host_bytes(device: Optional[torch.device]) -> int:
+    """Bytes a capture allocates in the memory a CPU budget counts.
+
+    A CPU generator's state is a 5 KiB tensor; a recipe holds one per random op
+    (a GPT's dropouts held 53 KiB the accounting missed). CUDA's Philox state is
+    16 bytes of host memory, outside a CUDA budget.
+    """
+    return _CPU_STATE_BYTES if device is None or device.type == "cpu" else 0
+
+
 def capture(generator: Optional[torch.Generator], device: torch.device) -> RNGState:
     return RNGState(generator, device, _get(generator, device))
 

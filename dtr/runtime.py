@@ -17,7 +17,8 @@ import torch
 from . import rng as _rng
 from .cost import estimate_from_bytes, perf_counter
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
-from .ops import arg_at, op_info, workspace_bytes
+from . import scratch as _scratch
+from .ops import arg_at, op_info
 from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
 from .tensor import DTRTensor
@@ -64,8 +65,20 @@ def _fmt(n: int) -> str:
     return f"{n} bytes"
 
 
+def allocated_bytes(nbytes: int, device_type: str) -> int:
+    """Bytes the device's allocator takes for a storage of ``nbytes``.
+
+    CUDA's caching allocator hands out multiples of 512 bytes (and 512 for
+    anything smaller); counting the requested size let small-tensor models
+    pass the budget measured by max_memory_allocated by 2%.
+    """
+    if device_type == "cuda" and nbytes:
+        return (nbytes + 511) & ~511
+    return nbytes
+
+
 def _storage_nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    return allocated_bytes(t.untyped_storage().nbytes(), t.device.type)
 
 
 class Runtime:
@@ -77,6 +90,7 @@ class Runtime:
         self.limit = budget_bytes
         self.policy = policy
         self.pool = make_pool(policy, search, pool_impl)
+        _scratch.enable()
         self.stats = Stats(budget_bytes=budget_bytes,
                            policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"))
         self.evict_all = evict_all
@@ -119,7 +133,7 @@ class Runtime:
         key = (ptr, t.device.type, t.device.index)
         if key in self._plain:
             return
-        nb = st.nbytes()
+        nb = allocated_bytes(st.nbytes(), t.device.type)
         me = self._closed_over
 
         def died(_ref, key=key, nb=nb):
@@ -305,9 +319,9 @@ class Runtime:
                 else:
                     vals.append(self._plain_value(inp, recipe))
             need = recipe.out_bytes
-            rinfo = op_info(recipe.func)
-            if rinfo.workspace is not None:  # See Note [Op workspace] in ops.py
-                need += workspace_bytes(rinfo, need, vals)
+            need += _scratch.planned(op_info(recipe.func), recipe.size_key, need, vals)
+            if recipe.rng is not None:  # replay saves the current RNG state meanwhile
+                need += _rng.host_bytes(recipe.rng.device)
             if need:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
@@ -431,6 +445,11 @@ class Runtime:
             info = op_info(func)
         targs, tkwargs, tensors = flatten_args(args, kwargs or {})
         if info.unsupported:
+            if not any(type(t) is DTRTensor for t in tensors):
+                # Only plain tensors: nothing dtr tracks changes shape or storage (cuDNN's
+                # LSTM does empty(0).set_(weight storage) on parameters). A plain tensor a
+                # recipe reads has its version checked on replay (StaleInputError).
+                return func(*args, **(kwargs or {}))
             raise UnsupportedOpError(
                 f"dtr: {info.name} changes a tensor's shape or storage in place, which dtr cannot "
                 "track; use the out-of-place form (for example x = x.unsqueeze(0) instead of "
@@ -481,9 +500,10 @@ class Runtime:
                 stats.unplanned_ops += 1
                 need = 0
             working += need
-            scratch = 0
-            if info.workspace is not None:  # See Note [Op workspace] in ops.py
-                scratch = workspace_bytes(info, need, vals)
+            # See Note [Measured op scratch] in scratch.py.
+            scratch = _scratch.planned(info, size_key, need, vals)
+            if info.seeded:  # the RNG state its recipe keeps
+                scratch += _rng.host_bytes(_device_of(vals))
             self.make_room(need + scratch, info.name, working + scratch)
             if scratch:
                 self._note_peak(scratch + need)
@@ -538,6 +558,7 @@ class Runtime:
         if len(cache) > _SIZE_CACHE_MAX:
             cache.clear()
             _COST_CACHE.clear()
+            _scratch.MEASURED.clear()
         try:
             return cache[key], key
         except KeyError:
@@ -554,10 +575,19 @@ class Runtime:
         """
         args, kwargs = fill_args(targs, tkwargs, vals)
         device = _device_of(vals)
-        rng = _rng.capture(kwargs.get("generator"), device) if info.seeded else None
+        rng = None
+        if info.seeded:
+            rng = _rng.capture(kwargs.get("generator"), device)
+            if _rng.host_bytes(device):
+                self.count_plain(rng.state)
+        measure = _scratch.should_measure(size_key, device)
+        if measure:
+            start = _scratch.begin()
         t0 = perf_counter()
         out = func(*args, **kwargs)
         cost = perf_counter() - t0
+        if measure:
+            _scratch.record(size_key, start)
         self.stats.op_seconds += cost
         if device is not None and device.type == "cuda":
             cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
@@ -609,6 +639,7 @@ class Runtime:
         # An output that shares storage with an input is a view of it.
         alias_of = _alias_map(info, outs, vals, cells)
         recipe = Recipe(func, targs, tkwargs, inputs, rng, cost)
+        recipe.size_key = size_key
         parents = [c.storage.sid for c in cells if c is not None]
         results = []
         new_bytes = 0
@@ -876,6 +907,8 @@ def _hashable(a):
 
 def _meta_output_bytes(func, targs, tkwargs, vals) -> Optional[int]:
     """Output bytes from running the op on meta tensors; None when that fails."""
+    device = _device_of(vals)
+    device_type = device.type if device is not None else "cpu"
     try:
         metas = [
             torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
@@ -893,7 +926,7 @@ def _meta_output_bytes(func, targs, tkwargs, vals) -> Optional[int]:
     total = 0
     for o in _flat_outputs(out):
         if isinstance(o, torch.Tensor):
-            total += o.untyped_storage().nbytes()
+            total += allocated_bytes(o.untyped_storage().nbytes(), device_type)
     return total
 
 

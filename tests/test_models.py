@@ -61,7 +61,9 @@ def test_tight_budgets_are_exact_and_hold(name, eager_runs):
 @pytest.mark.parametrize("policy", ["dtr_eq", "dtr", "dtr_local", "lru", "largest", "msps", "random"])
 def test_every_policy_is_exact(policy, eager_runs):
     peak = peak_tracked(train("cnn", lambda: dtr.budget(None)))
-    budget = int(peak * 0.85)
+    # 0.9: lru cannot meet 0.85 once the convolutions' scratch is measured (smaller
+    # than the old estimate, so the unlimited peak that the budget scales is lower).
+    budget = int(peak * 0.9)
     run = train("cnn", lambda: dtr.budget(budget, policy=policy))
     assert_same(eager_runs["cnn"], run)
     assert sum(s.stats.rematerializations for s in run.sessions) > 0

@@ -240,6 +240,17 @@ def test_in_place_metadata_change_is_rejected():
             y.unsqueeze_(0)
 
 
+def test_metadata_inplace_on_plain_tensors_runs_as_is():
+    # cuDNN's LSTM probes its flat weight buffer with empty(0).set_(param storage):
+    # only plain tensors take part, so dtr runs it unchanged instead of refusing it.
+    w = torch.randn(6, requires_grad=True)
+    with dtr.budget(None):
+        buf = torch.empty(0).set_(w.untyped_storage())
+        y = w * 2
+    assert type(buf) is torch.Tensor and buf.shape == (6,) and torch.equal(buf, w.detach())
+    assert torch.equal(dtr.unwrap(y), w.detach() * 2)
+
+
 def test_deepcopy_and_repr():
     import copy
 
