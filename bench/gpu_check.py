@@ -1,55 +1,116 @@
-"""CUDA check for the core runtime: differential training and measured peaks on a GPU.
+"""CUDA check for the runtime: differential training and allocator-measured peaks on a GPU.
 
-    python bench/gpu_check.py            # under 5 minutes on one GPU; writes bench/results/gpu_check.md
+    python bench/gpu_check.py                 # one GPU, a few minutes; writes bench/results/gpu_check.md
+    python bench/gpu_check.py --device cpu    # the same checks on CPU (profiler-measured), a dry run
 
-Runs the test models (tests/models.py) eagerly and under dtr on CUDA: at an
-unlimited budget, under evict_everything, and at a tight budget, comparing losses,
-gradients, parameters and Adam state with torch.equal (deterministic algorithms on),
-and checks the allocator's measured peak (torch.cuda.max_memory_allocated) against
-the budget.
+Part A trains the test models (tests/models.py) for three Adam steps eagerly and under
+dtr: at an unlimited budget, under evict_everything, and at 0.8 of dtr's own unlimited
+peak. Losses, parameters, buffers and Adam state are compared with torch.equal
+(deterministic algorithms on; eager is also run twice, so nondeterminism of the device
+shows up as its own column rather than as a dtr failure).
+
+Part B runs the benchmark models (bench/models.py, "full" size) for two steps eagerly and
+under dtr at 0.5 and 0.3 of eager's measured peak, with ``count=model`` so parameters
+count from the start, and reports exactness, step time relative to eager and the
+measured peak over the budget.
+
+Measured peak of a step = bytes resident when it starts (parameters, buffers, inputs:
+what the budget counts) + the allocator's peak above that during the step
+(``torch.cuda.max_memory_allocated`` on CUDA, profiler allocation events on CPU).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import platform
 import sys
 import time
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_ROOT, "tests"))
+sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
+from torch.utils._pytree import tree_map  # noqa: E402
 
 import dtr  # noqa: E402
-import models  # noqa: E402
+import models as test_models  # noqa: E402  (tests/models.py)
+from bench import models as bench_models  # noqa: E402
+
+MiB = 1 << 20
 
 
-def train(name, ctx, device, steps=3):
-    model, data = models.make(name)
-    model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+def storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def flat_tensors(x):
+    out = []
+    tree_map(lambda t: out.append(t) if isinstance(t, torch.Tensor) else None, x)
+    return out
+
+
+def to_device(x, dev):
+    return tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, x)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measured(fn, dev, resident):
+    """(fn's result, resident + allocator peak above the start, seconds)."""
+    sync(dev)
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        result = fn()
+        sync(dev)
+        above = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        result, above = dtr.measure.peak_memory(fn)
+    return result, resident + above, time.perf_counter() - t0
+
+
+def train(model, batches, dev, session_fn, record_peaks=False):
+    """Adam steps; returns (losses, peaks, seconds per step, sessions)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     torch.manual_seed(1234)
-    torch.cuda.manual_seed(1234)
-    losses, sessions = [], []
-    for inp in data[:steps]:
-        inp = tuple(x.to(device) if isinstance(x, torch.Tensor) else _tree_to(x, device) for x in inp)
+    if dev.type == "cuda":
+        torch.cuda.manual_seed(1234)
+    losses, peaks, times, sessions = [], [], [], []
+    for inp in batches:
         opt.zero_grad(set_to_none=True)
-        with ctx() as s:
-            loss = model(*inp)
-            loss.backward()
-            losses.append(dtr.unwrap(loss).detach().clone())
+        resident = storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(inp)])
+
+        def step():
+            with session_fn(model) as s:
+                loss = model(*inp)
+                loss.backward()
+                out = dtr.unwrap(loss).detach().clone()
+            return out, s
+
+        (loss, s), peak, secs = measured(step, dev, resident)
+        losses.append(loss)
+        peaks.append(peak)
+        times.append(secs)
         sessions.append(s)
         opt.step()
-    return model, opt, losses, sessions
+    return losses, peaks, times, sessions, opt
 
 
-def _tree_to(x, device):
-    return x  # TreeLSTM trees are Python structures
-
-
-def same(a, b):
-    ma, oa, la, _ = a
-    mb, ob, lb, _ = b
+def same_state(a, b):
+    (ma, la, oa), (mb, lb, ob) = a, b
     ok = all(torch.equal(x, y) for x, y in zip(la, lb))
     ok &= all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
     for p, q in zip(ma.parameters(), mb.parameters()):
@@ -57,47 +118,117 @@ def same(a, b):
     return bool(ok)
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run this on a machine with a GPU")
-        return 2
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
-    dev = torch.device("cuda")
-    lines = [f"# gpu_check: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", "",
-             "| model | unlimited exact | evict_everything exact | budget | exact | remats | measured peak / budget |",
-             "|---|---|---|---|---|---|---|"]
+def eager_session(model):
+    return contextlib.nullcontext(None)
+
+
+def run_variant(build, dev, session_fn):
+    model, batches = build()
+    model = model.to(dev)
+    batches = [to_device(b, dev) for b in batches]
+    losses, peaks, times, sessions, opt = train(model, batches, dev, session_fn)
+    return (model, losses, opt), peaks, times, sessions
+
+
+def part_a(dev, lines):
+    lines += ["## A. Test models (tests/models.py), 3 Adam steps", "",
+              "| model | eager repeat exact | unlimited exact | evict_everything exact | budget (B) | tight exact "
+              "| evictions / remats | measured peak / budget |",
+              "|---|---|---|---|---|---|---|---|"]
     failures = 0
-    t_start = time.time()
-    for name in models.MODELS:
-        eager = train(name, contextlib.nullcontext, dev)
-        unl = train(name, lambda: dtr.budget(None, device=dev), dev)
-        ev = train(name, dtr.testing.evict_everything, dev)
-        peak = max(s.stats.peak_bytes for s in unl[3])
-        budget = int(0.8 * peak)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    for name in test_models.MODELS:
+        def build(name=name):
+            return test_models.make(name)
+
+        eager, _, _, _ = run_variant(build, dev, eager_session)
+        eager2, _, _, _ = run_variant(build, dev, eager_session)
+        unl, _, _, us = run_variant(build, dev, lambda m: dtr.budget(None, device=dev, count=m))
+        ev, _, _, _ = run_variant(build, dev, lambda m: dtr.testing.evict_everything())
+        budget = int(0.8 * max(s.stats.peak_bytes for s in us))
         try:
-            tight = train(name, lambda: dtr.budget(budget, device=dev), dev)
-            torch.cuda.synchronize()
-            measured = torch.cuda.max_memory_allocated(dev) - base
-            t_ok = same(eager, tight)
-            remats = sum(s.stats.rematerializations for s in tight[3])
-            ratio = f"{measured / budget:.3f}"
+            tight, peaks, _, ts = run_variant(build, dev, lambda m: dtr.budget(budget, device=dev, count=m))
+            t_ok = same_state(eager, tight)
+            ev_remat = (f"{sum(s.stats.evictions for s in ts)} / "
+                        f"{sum(s.stats.rematerializations for s in ts)}")
+            ratio = max(peaks) / budget
+            failures += ratio > 1.0
+            ratio = f"{ratio:.3f}"
         except dtr.BudgetExceededError as e:
-            t_ok, remats, ratio = "infeasible", 0, f"({e.smallest_feasible_bytes} needed)"
-        u_ok, e_ok = same(eager, unl), same(eager, ev)
-        failures += (not u_ok) + (not e_ok) + (t_ok is False)
-        lines.append(f"| {name} | {u_ok} | {e_ok} | {budget} | {t_ok} | {remats} | {ratio} |")
+            t_ok, ev_remat, ratio = "infeasible", "-", f"({e.smallest_feasible_bytes} B needed)"
+        rep = same_state(eager, eager2)
+        u_ok, e_ok = same_state(eager, unl), same_state(eager, ev)
+        failures += rep and ((not u_ok) + (not e_ok) + (t_ok is False))
+        lines.append(f"| {name} | {rep} | {u_ok} | {e_ok} | {budget} | {t_ok} | {ev_remat} | {ratio} |")
         print(lines[-1], flush=True)
+    return failures
+
+
+def part_b(dev, lines, names, fractions):
+    lines += ["", "## B. Benchmark models (bench/models.py, full size), 2 Adam steps, count=model", "",
+              "| model | eager peak (MiB) | budget | exact | time / eager (step 2) | measured peak / budget "
+              "| evictions / remats |",
+              "|---|---|---|---|---|---|---|"]
+    failures = 0
+    for name in names:
+        def build(name=name):
+            m, batch_fn = bench_models.build(name, "full")
+            return m, [batch_fn(i) for i in range(2)]
+
+        eager, epeaks, etimes, _ = run_variant(build, dev, eager_session)
+        eager_peak = max(epeaks)
+        lines.append(f"| {name} | {eager_peak / MiB:.1f} | eager | - | 1.00 | - | - |")
+        print(lines[-1], flush=True)
+        for frac in fractions:
+            budget = int(frac * eager_peak)
+            try:
+                res, peaks, times, ss = run_variant(
+                    build, dev, lambda m: dtr.budget(budget, device=dev, count=m))
+            except dtr.BudgetExceededError as e:
+                lines.append(f"| {name} | | {frac} | infeasible ({e.smallest_feasible_bytes / MiB:.1f} MiB "
+                             f"needed) | - | - | - |")
+                print(lines[-1], flush=True)
+                continue
+            ok = same_state(eager, res)
+            ratio = max(peaks) / budget
+            failures += (not ok) + (ratio > 1.0)
+            lines.append(f"| {name} | | {frac} ({budget / MiB:.1f} MiB) | {ok} | {times[-1] / etimes[-1]:.2f} "
+                         f"| {ratio:.3f} | {sum(s.stats.evictions for s in ss)} / "
+                         f"{sum(s.stats.rematerializations for s in ss)} |")
+            print(lines[-1], flush=True)
+    return failures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default="gpt,resnet,unet,lstm", help="bench models for part B")
+    p.add_argument("--fractions", default="0.5,0.3")
+    p.add_argument("--out", default=os.path.join(_ROOT, "bench", "results", "gpu_check.md"))
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device here; run this on a machine with a GPU, or pass --device cpu")
+            return 2
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t_start = time.time()
+    lines = [f"# gpu_check on {name}", "", f"torch {torch.__version__}, Python {platform.python_version()}; "
+             f"command: `python bench/gpu_check.py {' '.join(argv or sys.argv[1:])}`", ""]
+    failures = part_a(dev, lines)
+    failures += part_b(dev, lines, [m for m in args.models.split(",") if m],
+                       [float(f) for f in args.fractions.split(",") if f])
     lines += ["", f"total {time.time() - t_start:.0f} s, failures: {failures}"]
-    out = os.path.join(os.path.dirname(__file__), "results", "gpu_check.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-2:]))
+    print(lines[-1])
     return 1 if failures else 0
 
 
