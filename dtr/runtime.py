@@ -582,12 +582,12 @@ class Runtime:
                 self.count_plain(rng.state)
         measure = _scratch.should_measure(size_key, device)
         if measure:
-            start = _scratch.begin()
+            start = _scratch.begin(device)
         t0 = perf_counter()
         out = func(*args, **kwargs)
         cost = perf_counter() - t0
         if measure:
-            _scratch.record(size_key, start)
+            _scratch.record(size_key, device, start)
         self.stats.op_seconds += cost
         if device is not None and device.type == "cuda":
             cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))

@@ -9,15 +9,20 @@ did by 26%). On CPU, with the C++ extension built, the runtime wraps the CPU
 allocator in a counting one (csrc/alloc_meter.cpp) and measures each op the
 first time it runs on given input shapes: scratch = the peak allocated above
 the op's start minus what is still allocated at its end. Later runs of that
-(op, shapes) and every recompute of it reserve that much. Before the first
-measurement, and on CUDA (whose allocator counts only process-wide peaks),
-the analytic estimates of Note [Op workspace] in ops.py stand in. Set
-DTR_MEASURE_SCRATCH=0 to leave the allocator alone.
+(op, shapes) and every recompute of it reserve that much. On CUDA the
+caching allocator keeps only a process-wide peak (resetting it would clobber
+the user's max_memory_allocated), so the scratch is bounded instead by the
+bytes the op allocated and freed again while it ran (cuDNN's workspaces: a
+U-Net passed its budget 2x before this). Before an (op, shapes) is first
+measured, the analytic estimates of Note [Op workspace] in ops.py stand in.
+Set DTR_MEASURE_SCRATCH=0 to leave the CPU allocator alone.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, Optional
+
+import torch
 
 from . import _ext
 from .ops import OpInfo, workspace_bytes
@@ -57,17 +62,27 @@ def planned(info: OpInfo, size_key: Optional[tuple], out_bytes: int, vals) -> in
 
 
 def should_measure(size_key: Optional[tuple], device) -> bool:
-    return (_state["on"] and size_key is not None and size_key not in MEASURED
-            and (device is None or device.type == "cpu"))
+    if size_key is None or size_key in MEASURED:
+        return False
+    if device is not None and device.type == "cuda":
+        return True
+    return _state["on"] and (device is None or device.type == "cpu")
 
 
-def begin() -> int:
+def begin(device):
+    if device is not None and device.type == "cuda":
+        st = torch.cuda.memory_stats(device)
+        return st.get("allocated_bytes.all.freed", 0)
     return _ext._C.meter_begin()
 
 
-def record(size_key: tuple, start: int) -> int:
+def record(size_key: tuple, device, start) -> int:
     """End the window opened by ``begin``; remember and return the op's scratch bytes."""
-    peak_above, still_allocated = _ext._C.meter_end(start)
-    scratch = max(peak_above - still_allocated, 0)
+    if device is not None and device.type == "cuda":
+        scratch = torch.cuda.memory_stats(device).get("allocated_bytes.all.freed", 0) - start
+    else:
+        peak_above, still_allocated = _ext._C.meter_end(start)
+        scratch = peak_above - still_allocated
+    scratch = max(scratch, 0)
     MEASURED[size_key] = max(scratch, MEASURED.get(size_key, 0))
     return MEASURED[size_key]
