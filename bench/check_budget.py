@@ -5,7 +5,8 @@
     python -m bench.check_budget resnet none        # no limit
 
 Prints eager's measured peak, the budget, the measured peak of the dtr step (resident
-bytes at the step's start + the profiler's peak above it), dtr's own accounting
+bytes at the step's start + the profiler's peak above it; after one warm-up step, with
+``count=model`` as in bench.run), dtr's own accounting
 (stats.peak_bytes), the loss of both, and the full message of a BudgetExceededError.
 """
 from __future__ import annotations
@@ -28,23 +29,27 @@ MiB = 1 << 20
 
 
 def one_step(name, size, budget, policy):
+    """One measured step after an unmeasured warm-up step on the same batch, as bench.run does."""
     model, batch_fn = M.build(name, size)
-    torch.manual_seed(1234)
     batch = batch_fn(1)
     base = resident_base(model, batch)
 
     def step():
+        torch.manual_seed(1234)
         if budget == "eager":
             loss = model(*batch)
             loss.backward()
             return loss.item(), None
-        with dtr.budget(budget, policy=policy) as s:
+        with dtr.budget(budget, policy=policy, count=model) as s:
             loss = model(*batch)
             loss.backward()
             v = loss.item()
         return v, s.stats
 
+    step()  # warm-up: the runtime measures each op's scratch on first sight
+    model.zero_grad(set_to_none=True)  # before the measured window, as at a step's start
     (loss, stats), peak = dtr.measure.peak_memory(step)
+    model.zero_grad(set_to_none=True)
     return base + peak, loss, stats
 
 
