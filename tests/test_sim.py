@@ -292,3 +292,14 @@ def test_graph_trace_round_trip():
     g2 = graph_from_trace(tr)
     assert g2.costs == g.costs and g2.sizes == g.sizes and g2.deps == [sorted(set(d)) for d in g.deps]
     assert baseline_peak(tr, RUNTIME) == g.peak_no_remat()
+
+
+def test_excess_summary_skips_budgets_the_paper_has_no_column_for():
+    # --budgets 0.3,0.5 used to crash the CLI's summary (None + float).
+    from dtr.sim.report import excess_summary
+
+    rows = [{"trace": "resnet32", "policy": "dtr_eq", "budget_ratio": b, "overhead": 1.1, "status": "ok"}
+            for b in (0.3, 0.4)]
+    out = excess_summary(rows, ["dtr_eq"], [0.3, 0.4])
+    assert out["paper_mean_excess"] == pytest.approx(0.14)
+    assert out["best_mean_excess"] == pytest.approx(0.1)

@@ -128,6 +128,8 @@ def excess_summary(results: Sequence[dict], policies: Sequence[str],
             continue
         for b in budgets:
             pv = ref.get(b)
+            if pv is None:  # a budget the paper's table has no column for
+                continue
             paper_ex.append(_excess(pv))
             vals = []
             for p in policies:
