@@ -66,8 +66,9 @@ void erase_first(Vec& v, const Entry* x) {
 }  // namespace
 
 const std::vector<std::string>& native_policy_names() {
+  // In the order of enum class Policy.
   static const std::vector<std::string> names = {"dtr_eq", "dtr",     "dtr_local", "msps",
-                                                 "lru",    "largest", "random"};
+                                                 "lru",    "largest", "random",    "msps_sqrt"};
   return names;
 }
 
@@ -397,6 +398,9 @@ double Pool::score(Entry& e, double now) {
       return 1.0 / static_cast<double>(e.nbytes);
     case Policy::Random:
       return rng_.uniform();
+    case Policy::MspsSqrt:
+      return (e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e))) /
+             (static_cast<double>(e.nbytes) * std::sqrt(staleness(e, now)));
   }
   TORCH_INTERNAL_ASSERT(false, "dtr: unknown policy");
 }

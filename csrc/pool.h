@@ -39,7 +39,7 @@
 
 namespace dtr {
 
-enum class Policy : int { DtrEq, Dtr, DtrLocal, Msps, Lru, Largest, Random };
+enum class Policy : int { DtrEq, Dtr, DtrLocal, Msps, Lru, Largest, Random, MspsSqrt };
 
 // The names of the policies implemented natively, as registered in dtr.policies.
 const std::vector<std::string>& native_policy_names();

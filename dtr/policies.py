@@ -183,6 +183,22 @@ def score_msps(e: Entry, pool: "PythonPool", now: float) -> float:
     return (e.cost + evicted_ancestor_cost(pool, e)) / e.nbytes
 
 
+def score_msps_sqrt(e: Entry, pool: "PythonPool", now: float) -> float:
+    # Note [msps_sqrt]
+    # (c0 + evicted ancestors' cost) / (m * sqrt(staleness)). h_DTR's full
+    # staleness divisor evicts whatever was touched longest ago; in a backward
+    # pass that is the encoder activations and skip-connection gradients a
+    # U-Net needs next, and recomputes touch (freshen) what they rebuild, so
+    # at tight budgets dtr_eq rebuilt long chains over and over (U-Net at 0.62
+    # of eager's peak: 334 recomputations, 3.1x eager; msps_sqrt 81). msps (no
+    # staleness) fixed that on the runtime but failed the paper's TreeLSTM
+    # and unrolled GAN traces (>2x); the square root keeps some recency. On
+    # the paper's traces (simulator, bench/results/sim/policies/) it matches
+    # or beats dtr_eq in 20 of 24 cells at 0.3/0.5/0.7 and trails by at most
+    # 0.02 in the other four; docs/performance.md has the runtime numbers.
+    return (e.cost + evicted_ancestor_cost(pool, e)) / (e.nbytes * math.sqrt(e.staleness(now)))
+
+
 def score_lru(e: Entry, pool: "PythonPool", now: float) -> float:
     return 1.0 / e.staleness(now)
 
@@ -244,6 +260,7 @@ for _name, _fn in [
     ("lru", score_lru),
     ("largest", score_largest),
     ("random", score_random),
+    ("msps_sqrt", score_msps_sqrt),
 ]:
     register(_name, _fn)
 

@@ -68,7 +68,7 @@ def test_every_configuration_ran_and_losses_agree(quick):
 
 def test_summary_lines(quick):
     md = (quick / "results.md").read_text()
-    for line in ("- gpt: dtr at checkpoint-per-block's peak (", "x eager vs checkpoint ",
+    for line in ("- gpt: dtr dtr_eq at checkpoint-per-block's peak (", "x eager vs checkpoint ",
                  "- gpt: lowest measured peak at <= 1.5x eager step time: dtr ", " vs best static tool ",
                  "- gpt: at 0.5 of eager's peak: dtr dtr_eq @0.5: ",
                  "- gpt: at 0.5 of eager's peak: compile backend=dtr @0.5: ",

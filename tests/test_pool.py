@@ -22,7 +22,7 @@ from dtr import _ext
 from dtr.errors import DTRError
 from dtr.policies import PythonPool, SearchOptions, make_pool
 
-POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random"]
+POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random", "msps_sqrt"]
 CPP = _ext.available() and set(POLICIES) <= set(_ext.native_policies())
 needs_cpp = pytest.mark.skipif(not CPP, reason="dtr._C (the C++ pool) is not built")
 
@@ -215,7 +215,7 @@ def test_ties_go_to_the_smallest_id(impl):
     assert p.choose_victim(1.0) == 4
 
 
-@pytest.mark.parametrize("policy", ["dtr_local", "lru", "largest", "dtr_eq", "dtr", "msps"])
+@pytest.mark.parametrize("policy", ["dtr_local", "lru", "largest", "dtr_eq", "dtr", "msps", "msps_sqrt"])
 def test_scores_by_hand(impl, policy):
     p = pools(impl, policy)
     p.add(0, 100, 2.0, 0.0, True)
@@ -231,6 +231,7 @@ def test_scores_by_hand(impl, policy):
         "dtr_eq": (3.0 + 2.0) / (50 * 3.0),
         "dtr": (3.0 + 2.0) / (50 * 3.0),
         "msps": (3.0 + 2.0) / 50,
+        "msps_sqrt": (3.0 + 2.0) / (50 * math.sqrt(3.0)),
     }[policy]
     assert s1 == pytest.approx(expected)
     # Touching now makes staleness the minimum, not zero: scores stay finite.
