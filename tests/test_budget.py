@@ -289,3 +289,37 @@ def test_cuda_sizes_are_counted_as_the_caching_allocator_rounds_them():
 
     assert [allocated_bytes(n, "cuda") for n in (0, 1, 512, 513, 4096)] == [0, 512, 512, 1024, 4096]
     assert [allocated_bytes(n, "cpu") for n in (0, 1, 513)] == [0, 1, 513]
+
+
+def test_blocks_freeze_the_heap_and_give_it_back():
+    # Note [Frozen heap]: frozen while any block is open, unfrozen after the last.
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with dtr.budget(None):
+        n = gc.get_freeze_count()
+        assert n > 0
+        with dtr.budget(None):  # nested: no second freeze
+            assert gc.get_freeze_count() == n
+        assert gc.get_freeze_count() == n
+    assert gc.get_freeze_count() == 0
+    # A program that froze objects itself keeps its freeze.
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with dtr.budget(None):
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
+    # Cyclic garbage made inside a block is still collected.
+    ref = []
+    with dtr.budget(None):
+        class Node:
+            pass
+        a, b = Node(), Node()
+        a.b, b.a = b, a
+        ref.append(weakref.ref(a))
+        del a, b
+        gc.collect()
+        assert ref[0]() is None
