@@ -38,7 +38,7 @@ import dtr  # noqa: E402
 from dtr import _ext  # noqa: E402
 from dtr.policies import SearchOptions, make_pool  # noqa: E402
 
-POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random"]
+POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "msps_sqrt", "lru", "largest", "random"]
 SAMPLED = SearchOptions(sample_above=1024, min_evictable_fraction=0.01, seed=0)
 # CPU time of this thread: the machine these numbers come from is shared with
 # other jobs, and thread time is far less disturbed by them than wall time.
