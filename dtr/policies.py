@@ -194,8 +194,9 @@ def score_msps_sqrt(e: Entry, pool: "PythonPool", now: float) -> float:
     # staleness) fixed that on the runtime but failed the paper's TreeLSTM
     # and unrolled GAN traces (>2x); the square root keeps some recency. On
     # the paper's traces (simulator, bench/results/sim/policies/) it matches
-    # or beats dtr_eq in 20 of 24 cells at 0.3/0.5/0.7 and trails by at most
-    # 0.02 in the other four; docs/performance.md has the runtime numbers.
+    # or beats dtr_eq in 49 of 56 cells (budgets 0.2-0.8), trails by at most
+    # 0.03 in the other seven, and has no >2x cell where dtr_eq has four;
+    # docs/performance.md has the runtime numbers.
     return (e.cost + evicted_ancestor_cost(pool, e)) / (e.nbytes * math.sqrt(e.staleness(now)))
 
 
