@@ -84,12 +84,14 @@ struct MeteredCPUAllocator final : c10::Allocator {
 
 MeteredCPUAllocator* g_metered = nullptr;
 std::mutex g_install_mu;
+// Held from begin() to end(): one measuring window at a time in the process.
+std::mutex g_window;
 
 }  // namespace
 
 bool install() {
   std::lock_guard<std::mutex> guard(g_install_mu);
-  if (g_metered != nullptr) return c10::GetCPUAllocator() == g_metered;
+  if (g_metered != nullptr) return true;
   c10::Allocator* inner = c10::GetCPUAllocator();
   c10::DeleterFnPtr del = inner->raw_deleter();
   if (del == nullptr) return false;
@@ -102,30 +104,44 @@ bool install() {
   }
   g_inner = inner;
   g_inner_delete = del;
-  g_metered = new MeteredCPUAllocator();  // never destroyed, see install()'s comment
-  // Priority above the default's (0) so that it is taken; storages made
-  // before keep their own deleters.
-  c10::SetCPUAllocator(g_metered, /*priority=*/1);
-  return c10::GetCPUAllocator() == g_metered;
+  g_metered = new MeteredCPUAllocator();  // never destroyed: its storages outlive windows
+  return true;
 }
 
 bool installed() {
-  return g_metered != nullptr && c10::GetCPUAllocator() == g_metered;
+  return g_metered != nullptr;
 }
 
 int64_t current_bytes() {
   return g_current.load(std::memory_order_relaxed);
 }
 
+// Note [Metering windows]
+// The wrapper is the CPU allocator only inside a window, so code outside one
+// (eager PyTorch, dtr's ops after their first run) pays nothing. Storages
+// allocated in a window keep the wrapper's deleter and are freed through it
+// whenever they die. Priority 1 is above the default allocator's 0; the
+// allocator in place before the window is put back after it (unless someone
+// replaced the wrapper meanwhile).
 int64_t begin() {
+  TORCH_CHECK(g_metered != nullptr, "dtr: meter_begin before meter_install");
+  if (!g_window.try_lock()) return -1;  // another thread is measuring: skip this time
+  c10::SetCPUAllocator(g_metered, /*priority=*/1);
+  if (c10::GetCPUAllocator() != g_metered) {  // a higher-priority allocator is in place
+    g_window.unlock();
+    return -1;
+  }
   int64_t cur = g_current.load(std::memory_order_relaxed);
   g_peak.store(cur, std::memory_order_relaxed);
   return cur;
 }
 
 std::pair<int64_t, int64_t> end(int64_t start) {
+  TORCH_CHECK(start >= 0, "dtr: meter_end without an open window");
+  if (c10::GetCPUAllocator() == g_metered) c10::SetCPUAllocator(g_inner, /*priority=*/1);
   int64_t peak = g_peak.load(std::memory_order_relaxed);
   int64_t cur = g_current.load(std::memory_order_relaxed);
+  g_window.unlock();
   return {std::max<int64_t>(peak - start, 0), std::max<int64_t>(cur - start, 0)};
 }
 

@@ -8,20 +8,21 @@
 
 namespace dtr::meter {
 
-// Wraps the current CPU allocator (once per process; never undone: storages
-// allocated through the wrapper must keep finding its deleter). Returns false,
-// leaving the allocator alone, when the allocator is not one whose DataPtr
-// context is its data pointer (the default allocator's layout, which
-// raw_allocate/raw_deallocate rely on).
+// Prepares a counting wrapper around the current CPU allocator (once per
+// process). Returns false when the allocator is not one whose DataPtr context
+// is its data pointer (the default allocator's layout, which
+// raw_allocate/raw_deallocate rely on); then nothing is measured.
 bool install();
 bool installed();
 
-// Bytes currently allocated through the wrapper.
+// Bytes currently allocated through the wrapper and not yet freed.
 int64_t current_bytes();
 
-// Starts a measuring window: resets the peak to the current bytes and returns them.
+// Opens a measuring window (Note [Metering windows]): the wrapper becomes the CPU
+// allocator, the peak is reset to the current bytes, which are returned; -1 when
+// another window is open (on another thread), and then there is nothing to end.
 int64_t begin();
-// Ends it: (peak above start, bytes still allocated above start).
+// Closes it: (peak above start, bytes still allocated above start).
 std::pair<int64_t, int64_t> end(int64_t start);
 
 }  // namespace dtr::meter

@@ -270,7 +270,7 @@ PYBIND11_MODULE(_C, m) {
 
   // See Note [Measured op scratch] in dtr/runtime.py.
   m.def("meter_install", &dtr::meter::install,
-        "Wrap the CPU allocator to count bytes (once per process); False if it cannot.");
+        "Prepare the counting CPU allocator (once per process); False if it cannot wrap this allocator.");
   m.def("meter_installed", &dtr::meter::installed);
   m.def("meter_current", &dtr::meter::current_bytes,
         "Bytes currently allocated through the metered CPU allocator.");

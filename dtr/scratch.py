@@ -5,9 +5,10 @@ The budget is checked against the allocator (PITFALLS 16), and kernels
 allocate memory no tensor ever shows: oneDNN's RNN and convolution scratch,
 reordered weights, softmax and matmul temporaries. Room must be made for it
 before the op runs, or the allocator's peak passes the budget by it (an LSTM
-did by 26%). On CPU, with the C++ extension built, the runtime wraps the CPU
-allocator in a counting one (csrc/alloc_meter.cpp) and measures each op the
-first time it runs on given input shapes: scratch = the peak allocated above
+did by 26%). On CPU, with the C++ extension built, the runtime measures each op
+the first time it runs on given input shapes, with a counting wrapper that is
+the CPU allocator only while that op runs (csrc/alloc_meter.cpp, Note [Metering
+windows]): scratch = the peak allocated above
 the op's start minus what is still allocated at its end. Later runs of that
 (op, shapes) and every recompute of it reserve that much. On CUDA the
 caching allocator keeps only a process-wide peak (resetting it would clobber
@@ -37,7 +38,7 @@ _state = {"tried": False, "on": False}
 
 
 def enable() -> bool:
-    """Install the counting CPU allocator once per process; whether measurement is on."""
+    """Prepare the counting CPU allocator once per process; whether measurement is on."""
     if not _state["tried"]:
         _state["tried"] = True
         C = _ext._C
@@ -81,6 +82,8 @@ def record(size_key: tuple, device, start) -> int:
     if device is not None and device.type == "cuda":
         scratch = torch.cuda.memory_stats(device).get("allocated_bytes.all.freed", 0) - start
     else:
+        if start < 0:  # another thread was measuring: measure the next run instead
+            return MEASURED.get(size_key, 0)
         peak_above, still_allocated = _ext._C.meter_end(start)
         scratch = peak_above - still_allocated
     scratch = max(scratch, 0)

@@ -323,3 +323,23 @@ def test_blocks_freeze_the_heap_and_give_it_back():
         del a, b
         gc.collect()
         assert ref[0]() is None
+
+
+@pytest.mark.skipif(not dtr._ext.available(), reason="the allocation meter is in the C++ extension")
+def test_allocation_meter_counts_only_inside_its_window():
+    # Note [Metering windows]: eager code after a dtr block pays nothing.
+    C = dtr._ext._C
+    assert dtr.scratch.enable()
+    before = C.meter_current()
+    outside = torch.empty(1 << 16)
+    assert C.meter_current() == before
+    start = C.meter_begin()
+    assert start >= 0
+    inside = torch.empty(1 << 10)
+    peak, kept = C.meter_end(start)
+    assert peak == kept == 4096
+    del inside
+    assert C.meter_current() == before  # freed through the wrapper after the window closed
+    with pytest.raises(RuntimeError, match="without an open window"):
+        C.meter_end(-1)
+    del outside
