@@ -11,8 +11,8 @@ feasible budget when that is infeasible). Losses, parameters, buffers and Adam s
 shows up as its own column rather than as a dtr failure).
 
 Part B runs the benchmark models (bench/models.py, "full" size) for three steps eagerly and
-under dtr at 0.7 and 0.5 of eager's measured peak, with ``count=model`` so parameters
-count from the start, and reports exactness, step time relative to eager and the
+under dtr at 0.7 and 0.5 of eager's measured peak, with ``count=`` the model and the batch so parameters
+and inputs count from the start, and reports exactness, step time relative to eager and the
 measured peak over the budget.
 
 Measured peak of a step = bytes resident when it starts (parameters, buffers, inputs:
@@ -95,7 +95,7 @@ def train(model, batches, dev, session_fn, record_peaks=False):
         resident = storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(inp)])
 
         def step():
-            with session_fn(model) as s:
+            with session_fn(model, inp) as s:
                 loss = model(*inp)
                 loss.backward()
                 out = dtr.unwrap(loss).detach().clone()
@@ -119,7 +119,12 @@ def same_state(a, b):
     return bool(ok)
 
 
-def eager_session(model):
+def budget_session(budget, dev):
+    """A session factory counting the model and the step's inputs from the start."""
+    return lambda m, inp: dtr.budget(budget, device=dev, count=[m, *flat_tensors(inp)])
+
+
+def eager_session(model, inp):
     return contextlib.nullcontext(None)
 
 
@@ -143,15 +148,15 @@ def part_a(dev, lines):
 
         eager, _, _, _ = run_variant(build, dev, eager_session)
         eager2, _, _, _ = run_variant(build, dev, eager_session)
-        unl, _, _, us = run_variant(build, dev, lambda m: dtr.budget(None, device=dev, count=m))
-        ev, _, _, _ = run_variant(build, dev, lambda m: dtr.testing.evict_everything())
+        unl, _, _, us = run_variant(build, dev, budget_session(None, dev))
+        ev, _, _, _ = run_variant(build, dev, lambda m, inp: dtr.testing.evict_everything())
         budget = int(0.8 * max(s.stats.peak_bytes for s in us))
         try:
             try:
-                tight, peaks, _, ts = run_variant(build, dev, lambda m: dtr.budget(budget, device=dev, count=m))
+                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev))
             except dtr.BudgetExceededError as e:  # 0.8 is below the smallest: just above it then
                 budget = max(int(e.smallest_feasible_bytes * 1.05), budget + 1)
-                tight, peaks, _, ts = run_variant(build, dev, lambda m: dtr.budget(budget, device=dev, count=m))
+                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev))
             t_ok = same_state(eager, tight)
             ev_remat = (f"{sum(s.stats.evictions for s in ts)} / "
                         f"{sum(s.stats.rematerializations for s in ts)}")
@@ -169,7 +174,7 @@ def part_a(dev, lines):
 
 
 def part_b(dev, lines, names, fractions):
-    lines += ["", "## B. Benchmark models (bench/models.py, full size), 3 Adam steps, count=model", "",
+    lines += ["", "## B. Benchmark models (bench/models.py, full size), 3 Adam steps, count=(model, inputs)", "",
               "| model | eager peak (MiB) | budget | exact | time / eager (last step) | measured peak / budget, "
               "step 1 | later steps | evictions / remats |",
               "|---|---|---|---|---|---|---|---|"]
@@ -187,7 +192,7 @@ def part_b(dev, lines, names, fractions):
             budget = int(frac * eager_peak)
             try:
                 res, peaks, times, ss = run_variant(
-                    build, dev, lambda m: dtr.budget(budget, device=dev, count=m))
+                    build, dev, budget_session(budget, dev))
             except dtr.BudgetExceededError as e:
                 lines.append(f"| {name} | | {frac} | infeasible ({e.smallest_feasible_bytes / MiB:.1f} MiB "
                              f"needed) | - | - | - | - |")
