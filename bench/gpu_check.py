@@ -39,24 +39,9 @@ from torch.utils._pytree import tree_map  # noqa: E402
 import dtr  # noqa: E402
 import models as test_models  # noqa: E402  (tests/models.py)
 from bench import models as bench_models  # noqa: E402
+from bench.run import flat_tensors, resident_base  # noqa: E402
 
 MiB = 1 << 20
-
-
-def storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
-
-
-def flat_tensors(x):
-    out = []
-    tree_map(lambda t: out.append(t) if isinstance(t, torch.Tensor) else None, x)
-    return out
 
 
 def to_device(x, dev):
@@ -92,7 +77,7 @@ def train(model, batches, dev, session_fn, record_peaks=False):
     losses, peaks, times, sessions = [], [], [], []
     for inp in batches:
         opt.zero_grad(set_to_none=True)
-        resident = storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(inp)])
+        resident = resident_base(model, inp)
 
         def step():
             with session_fn(model, inp) as s:

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 import dtr  # noqa: E402
 from bench import models as bench_models  # noqa: E402
-from bench.gpu_check import flat_tensors, storage_bytes, to_device  # noqa: E402
+from bench.gpu_check import to_device  # noqa: E402
+from bench.run import resident_base  # noqa: E402
 from dtr import runtime as rt  # noqa: E402
 
 MiB = 1 << 20
@@ -48,8 +49,7 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         loss = model(*batches[0]); loss.backward(); del loss
         model.zero_grad(set_to_none=True)
-        eager_peak = torch.cuda.max_memory_allocated() - base + storage_bytes(
-            [*model.parameters(), *model.buffers(), *flat_tensors(batches[0])])
+        eager_peak = torch.cuda.max_memory_allocated() - base + resident_base(model, batches[0])
         budget = int(frac * eager_peak)
         orig = rt.Runtime._dispatch
         worst = {"gap": -1 << 62}
@@ -64,7 +64,7 @@ def main():
             return out
 
         for i, b in enumerate(batches):
-            resident = storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(b)])
+            resident = resident_base(model, b)
             torch.cuda.synchronize()
             base0 = torch.cuda.memory_allocated()
             if i == 1:

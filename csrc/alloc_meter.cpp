@@ -108,10 +108,6 @@ bool install() {
   return true;
 }
 
-bool installed() {
-  return g_metered != nullptr;
-}
-
 int64_t current_bytes() {
   return g_current.load(std::memory_order_relaxed);
 }

@@ -1,6 +1,6 @@
 // A counting wrapper around the CPU allocator, so the runtime can learn how
 // much scratch an op allocates while it runs (see Note [Measured op scratch]
-// in dtr/runtime.py).
+// in dtr/scratch.py).
 #pragma once
 
 #include <cstdint>
@@ -13,7 +13,6 @@ namespace dtr::meter {
 // is its data pointer (the default allocator's layout, which
 // raw_allocate/raw_deallocate rely on); then nothing is measured.
 bool install();
-bool installed();
 
 // Bytes currently allocated through the wrapper and not yet freed.
 int64_t current_bytes();

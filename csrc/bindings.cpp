@@ -135,15 +135,6 @@ PyObject* guarded(F&& body) {
   PyPool* pool = self_pool(self);                                                \
   if (pool == nullptr) return nullptr;
 
-PyObject* fast_touch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  DTR_FAST_PROLOGUE("touch", 2)
-  int64_t sid;
-  double now;
-  if (!as_sid(args[0], &sid) || !as_double(args[1], &now)) return nullptr;
-  pool->touch(sid, now);
-  Py_RETURN_NONE;
-}
-
 #define DTR_FAST_SID_METHOD(NAME, CALL)                                                   \
   PyObject* fast_##NAME(PyObject* self, PyObject* const* args, Py_ssize_t nargs,          \
                         PyObject* kwnames) {                                              \
@@ -161,29 +152,20 @@ DTR_FAST_SID_METHOD(evicted, pool->evicted(sid); Py_RETURN_NONE)
 DTR_FAST_SID_METHOD(locks, return PyLong_FromLongLong(pool->locks(sid)))
 DTR_FAST_SID_METHOD(cost, return PyFloat_FromDouble(pool->cost(sid)))
 
-PyObject* fast_add_cost(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
-                        PyObject* kwnames) {
-  DTR_FAST_PROLOGUE("add_cost", 2)
-  int64_t sid;
-  double c;
-  if (!as_sid(args[0], &sid) || !as_double(args[1], &c)) return nullptr;
-  return guarded([&]() -> PyObject* {
-    pool->add_cost(sid, c);
-    Py_RETURN_NONE;
-  });
-}
+// (sid, double) methods: touch(sid, now), add_cost(sid, cost), rematerialized(sid, now).
+#define DTR_FAST_SID_DOUBLE_METHOD(NAME, CALL)                                            \
+  PyObject* fast_##NAME(PyObject* self, PyObject* const* args, Py_ssize_t nargs,          \
+                        PyObject* kwnames) {                                              \
+    DTR_FAST_PROLOGUE(#NAME, 2)                                                           \
+    int64_t sid;                                                                          \
+    double x;                                                                             \
+    if (!as_sid(args[0], &sid) || !as_double(args[1], &x)) return nullptr;                \
+    return guarded([&]() -> PyObject* { CALL; Py_RETURN_NONE; });                         \
+  }
 
-PyObject* fast_rematerialized(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
-                              PyObject* kwnames) {
-  DTR_FAST_PROLOGUE("rematerialized", 2)
-  int64_t sid;
-  double now;
-  if (!as_sid(args[0], &sid) || !as_double(args[1], &now)) return nullptr;
-  return guarded([&]() -> PyObject* {
-    pool->rematerialized(sid, now);
-    Py_RETURN_NONE;
-  });
-}
+DTR_FAST_SID_DOUBLE_METHOD(touch, pool->touch(sid, x))
+DTR_FAST_SID_DOUBLE_METHOD(add_cost, pool->add_cost(sid, x))
+DTR_FAST_SID_DOUBLE_METHOD(rematerialized, pool->rematerialized(sid, x))
 
 PyObject* fast_choose_victim(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
                              PyObject* kwnames) {
@@ -268,10 +250,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("native_policies", &dtr::native_policy_names,
         "Names of the policies the C++ pool implements.");
 
-  // See Note [Measured op scratch] in dtr/runtime.py.
+  // See Note [Measured op scratch] in dtr/scratch.py.
   m.def("meter_install", &dtr::meter::install,
         "Prepare the counting CPU allocator (once per process); False if it cannot wrap this allocator.");
-  m.def("meter_installed", &dtr::meter::installed);
   m.def("meter_current", &dtr::meter::current_bytes,
         "Bytes currently allocated through the metered CPU allocator.");
   m.def("meter_begin", &dtr::meter::begin, "Start a window: reset the peak; returns the current bytes.");

@@ -28,7 +28,7 @@ import torch
 from . import _ext
 from .ops import OpInfo, workspace_bytes
 
-__all__ = ["enable", "enabled", "planned", "begin", "record"]
+__all__ = ["enable", "planned", "should_measure", "begin", "record"]
 
 # (op, input shapes, arguments) -> largest scratch bytes measured; shares its key
 # (and its clearing) with the runtime's output-size cache.
@@ -44,10 +44,6 @@ def enable() -> bool:
         C = _ext._C
         if C is not None and os.environ.get("DTR_MEASURE_SCRATCH", "1") != "0":
             _state["on"] = bool(C.meter_install())
-    return _state["on"]
-
-
-def enabled() -> bool:
     return _state["on"]
 
 
