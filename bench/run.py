@@ -263,6 +263,7 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
             for k in ("evictions", "rematerializations", "remat_seconds", "search_seconds", "ops",
                       "op_seconds", "eager_evictions", "unplanned_ops"):
                 row[k] = statistics.median(s[k] for s in timed)
+            row["remat_by_op"] = timed[-1].get("remat_by_op", {})
         if timeline:
             phase = "the timeline step"
             batch = batch_fn(2 + timed_steps)
@@ -494,6 +495,12 @@ def mib(x) -> str:
     return "-" if x is None else f"{x / MiB:.1f}"
 
 
+def top_remats(r: dict, n: int = 3) -> str:
+    by = sorted((r.get("remat_by_op") or {}).items(), key=lambda kv: -kv[1][1])[:n]
+    return ", ".join(f"{k.replace('aten.', '').replace('.default', '')} {v[1]:.3f} s ({v[0]:.0f}x)"
+                     for k, v in by) or "none"
+
+
 def table(rows: List[dict], eager: dict) -> str:
     et = eager.get("step_s")
     ep = eager.get("measured_peak")
@@ -708,10 +715,17 @@ def summarize(name, rows) -> List[str]:
     if low_static is not None and low_static["step_s"] > 1.5 * et:
         line += f" (lowest static peak at any step time: {point(low_static)})"
     out.append(line)
+    nl = by.get("dtr no limit")
+    book = nl["step_s"] - et if nl and nl["status"] == "ok" else None
     half = [r for r in rows if uses_dtr(r) and r["method"].endswith("@0.5")]
     for r in half:
         res = (f"{r['step_s'] / et:.2f}x eager step time, measured peak "
                f"{r['measured_peak'] / r['budget_bytes']:.3f}x budget" if r["status"] == "ok" else r["status"])
+        if r["status"] == "ok" and r["kind"] == "dtr" and r.get("remat_seconds") is not None:
+            res += (f"; of its {r['step_s'] - et:.3f} s over eager, recomputation takes "
+                    f"{r['remat_seconds']:.3f} s (most: {top_remats(r)})")
+            if book is not None:
+                res += f"; bookkeeping is about {book:.3f} s (no-limit step - eager step)"
         out.append(f"- {name}: at 0.5 of eager's peak: {r['method']}: {res}")
     if not half:
         out.append(f"- {name}: at 0.5 of eager's peak: not run")
@@ -719,7 +733,6 @@ def summarize(name, rows) -> List[str]:
             and r["measured_peak"] > r["budget_bytes"] * (1 + SLACK)]
     out.append(f"- {name}: dtr rows whose measured peak exceeds budget+{SLACK:.0%}: "
                + (", ".join(over) if over else "none"))
-    nl = by.get("dtr no limit")
     if nl and nl["status"] == "ok":
         out.append(f"- {name}: dtr with no limit (bookkeeping only): {nl['step_s'] / et:.2f}x eager; "
                    f"bookkeeping overhead (no-limit step - eager step) / no-limit step = "

@@ -53,6 +53,8 @@ class Stats:
     peak_bytes: int = 0
     tracked_bytes: int = 0
     unplanned_ops: int = 0
+    # op name -> [recomputations, seconds running that op (not its inputs' recomputes)]
+    remat_by_op: Dict[str, List[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -319,13 +321,22 @@ class Runtime:
                 else:
                     vals.append(self._plain_value(inp, recipe))
             need = recipe.out_bytes
+            steal = None
+            if recipe.mutation is not None:
+                steal = self._stealable_bases(recipe, locked)
+                need -= sum(recipe.inputs[b].storage.nbytes
+                            for (_, b, _), st in zip(recipe.mutation, steal) if st)
             need += _scratch.planned(op_info(recipe.func), recipe.size_key, need, vals)
             if recipe.rng is not None:  # replay saves the current RNG state meanwhile
                 need += _rng.host_bytes(recipe.rng.device)
             if need:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
-            outs = self._run_recipe(recipe, vals)
+            t0 = perf_counter()
+            outs = self._run_recipe(recipe, vals, steal)
+            by_op = self.stats.remat_by_op.setdefault(op_info(recipe.func).name, [0, 0.0])
+            by_op[0] += 1
+            by_op[1] += perf_counter() - t0
             # A recompute is an access like any other: its inputs are fresh again
             # (else the values recomputes start from look stale and are evicted
             # first, and every later recompute starts further back), and the
@@ -347,6 +358,25 @@ class Runtime:
                 pool.unlock(rec.sid)
                 if rec.banish_pending:
                     self._maybe_banish(rec)
+
+    def _stealable_bases(self, recipe: Recipe, locked: List[StorageRecord]) -> List[bool]:
+        # Note [Stealing on recompute]
+        # Recomputing an in-place op writes into its old base. Its first run
+        # took that memory over (Note [In-place ops]); a recompute may do the
+        # same when nothing else can see the old value: no wrapper (rebinding
+        # moved them all to the new storage), not pinned, and locked only by
+        # this recompute (an op in progress may be about to read it). The old
+        # value is then evicted (its recipe still rebuilds it if needed) and
+        # the recompute allocates nothing. Copying it instead made a dropout
+        # mask (empty_like, bernoulli_, div_) cost three times its memory to
+        # recompute, and that pressure evicted values needed next.
+        out = []
+        for _, base_idx, _ in recipe.mutation:
+            rec = recipe.inputs[base_idx].storage
+            ours = sum(1 for r in locked if r is rec)
+            out.append(not rec.pinned and rec.nwrappers == 0 and rec.resident
+                       and self.pool.locks(rec.sid) == ours)
+        return out
 
     def _plain_value(self, inp: PlainInput, recipe: Recipe) -> torch.Tensor:
         t = inp.tensor
@@ -376,7 +406,7 @@ class Runtime:
                 "from them is evicted.")
         return t
 
-    def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+    def _run_recipe(self, recipe: Recipe, vals: List, steal=None) -> List[Optional[torch.Tensor]]:
         # Note [Recompute below autograd]
         # A recompute can start outside __torch_dispatch__ (dtr.unwrap, the
         # gradient hook). There autograd would record the recomputed op and
@@ -384,24 +414,29 @@ class Runtime:
         # memory the budget cannot see. Recomputes always run below autograd,
         # as the op first ran.
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            return self._run_recipe_with_grad_mode(recipe, vals)
+            return self._run_recipe_with_grad_mode(recipe, vals, steal)
 
-    def _run_recipe_with_grad_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+    def _run_recipe_with_grad_mode(self, recipe: Recipe, vals: List, steal) -> List[Optional[torch.Tensor]]:
         prev = torch.is_grad_enabled()
         if prev != recipe.grad_enabled:
             torch._C._set_grad_enabled(recipe.grad_enabled)
             try:
-                return self._run_recipe_in_mode(recipe, vals)
+                return self._run_recipe_in_mode(recipe, vals, steal)
             finally:
                 torch._C._set_grad_enabled(prev)
-        return self._run_recipe_in_mode(recipe, vals)
+        return self._run_recipe_in_mode(recipe, vals, steal)
 
-    def _run_recipe_in_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
+    def _run_recipe_in_mode(self, recipe: Recipe, vals: List, steal) -> List[Optional[torch.Tensor]]:
         mutation = recipe.mutation
         if mutation is not None:
             bases = []
-            for slot, base_idx, chain in mutation:
-                base = vals[base_idx].clone()
+            for k, (slot, base_idx, chain) in enumerate(mutation):
+                if steal is not None and steal[k]:
+                    # See Note [Stealing on recompute]: the memory moves to the new storage.
+                    base = vals[base_idx]
+                    self._evict(recipe.inputs[base_idx].storage, counted=False)
+                else:
+                    base = vals[base_idx].clone()
                 vals[slot] = _replay_chain(chain, base)
                 bases.append(base)
             args, kwargs = fill_args(recipe.targs, recipe.tkwargs, vals)
@@ -656,11 +691,16 @@ class Runtime:
                 continue
             if src is not None:
                 parent = cells[src]
-                vrec = Recipe(func, targs, tkwargs, [parent] + [x for j, x in enumerate(inputs) if j != src],
-                              None, cost, is_view=True,
-                              out_index=k if len(outs) > 1 or isinstance(out, (list, tuple)) else None)
-                # The view recipe reads its parent as input 0: remap the template.
-                vrec.targs, vrec.tkwargs = _move_slot_first(targs, tkwargs, src)
+                out_index = k if len(outs) > 1 or isinstance(out, (list, tuple)) else None
+                if src == 0:  # the usual case (a view of self): the template is already right
+                    vrec = Recipe(func, targs, tkwargs, inputs, None, cost, is_view=True,
+                                  out_index=out_index)
+                else:
+                    # The view recipe reads its parent as input 0: remap the template.
+                    vargs, vkwargs = _move_slot_first(targs, tkwargs, src)
+                    vrec = Recipe(func, vargs, vkwargs,
+                                  [parent] + [x for j, x in enumerate(inputs) if j != src],
+                                  None, cost, is_view=True, out_index=out_index)
                 cell = Cell(o, vrec, 0, parent.storage)
                 vrec.outputs.append(weakref.ref(cell))
                 parent.storage.cells.append(weakref.ref(cell))

@@ -81,10 +81,13 @@ def test_summarize_bookkeeping_and_missing_rows():
         return dict(method=method, kind=kind, step_s=step_s, measured_peak=peak_mib * run.MiB, status="ok", **kw)
 
     rows = [row("eager", "eager", 1.0, 100), row("dtr no limit", "dtr", 1.25, 101, ops=10),
-            row("dtr dtr_eq @0.5", "dtr", 3.0, 50, budget_bytes=50 * run.MiB)]
+            row("dtr dtr_eq @0.5", "dtr", 3.0, 50, budget_bytes=50 * run.MiB, remat_seconds=1.2,
+                remat_by_op={"aten.bmm.default": [2, 0.3], "aten.addmm.default": [3, 0.9]})]
     lines = "\n".join(run.summarize("lstm", rows))
     assert "(no-limit step - eager step) / no-limit step = 20%" in lines
     assert "at 0.5 of eager's peak: dtr dtr_eq @0.5: 3.00x eager step time" in lines
+    assert ("of its 2.000 s over eager, recomputation takes 1.200 s (most: addmm 0.900 s (3x), "
+            "bmm 0.300 s (2x)); bookkeeping is about 0.250 s") in lines
     assert "at <= 1.5x eager step time: dtr 101.0 MiB (1.01x eager's peak, dtr no limit" in lines
     assert "vs best static tool none" in lines
 
