@@ -96,3 +96,20 @@ def test_script_entry_point_help():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--help"],
                        cwd="/", env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--quick" in p.stdout
+
+
+def test_smallest_row_retries_a_budget_that_fails_when_run_again(monkeypatch):
+    calls = []
+
+    def fake(name, size, cfg, steps, limit, timeline=False):
+        calls.append(cfg.budget)
+        status = "BudgetExceededError at the warm-up step" if cfg.budget < 1030 else "ok"
+        return dict(method=cfg.label, budget_bytes=cfg.budget, status=status)
+
+    monkeypatch.setattr(run, "run_isolated", fake)
+    r = run.run_smallest("gpt", "quick", "dtr_eq", 1000, 2000, 1, 10.0, False)
+    assert calls == [1000, 1020, 1040] and r["status"] == "ok" and r["budget_bytes"] == 1040
+    assert "failed when run again (0.500, 0.510 of eager's peak)" in r["note"]
+    calls.clear()
+    r = run.run_smallest("gpt", "quick", "dtr_eq", 900, 2000, 1, 10.0, False)
+    assert calls == [900, 918, 936] and r["status"].startswith("BudgetExceeded")
