@@ -113,3 +113,14 @@ def test_smallest_row_retries_a_budget_that_fails_when_run_again(monkeypatch):
     calls.clear()
     r = run.run_smallest("gpt", "quick", "dtr_eq", 900, 2000, 1, 10.0, False)
     assert calls == [900, 918, 936] and r["status"].startswith("BudgetExceeded")
+
+
+def test_dispatch_floor_writes_its_table(tmp_path):
+    out = tmp_path / "floor.md"
+    p = subprocess.run([sys.executable, "-m", "bench.dispatch_floor", "--size", "quick", "--models", "lstm",
+                        "--reps", "1", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| lstm |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and cells[2].endswith("x)") and cells[3].endswith("x)")
