@@ -12,7 +12,7 @@ picks how that stack runs:
 ``build(name, size)`` gives ``(model, batch_fn)``; ``batch_fn(step)`` makes the
 inputs of one step deterministically (the same for every variant).
 Sizes: ``"full"`` is what the benchmark runs (an eager training step takes about
-1 s of CPU time on one thread for GPT and ResNet, 0.5-0.6 s for U-Net and LSTM, and
+1 s of CPU time on one thread for GPT, ResNet, U-Net and LSTM, and
 0.04 s for the TreeLSTM, whose ten thousand tiny ops per step make dtr's bookkeeping
 the whole cost at any larger size; see bench/README.md), ``"quick"`` and ``"tiny"``
 are for the quick mode and the tests.
@@ -301,8 +301,8 @@ SIZES: Dict[str, Dict[str, dict]] = {
     "full": {
         "gpt": dict(vocab=8192, seq=256, d=384, layers=8, heads=12, batch=2),  # 20.6M parameters
         "resnet": dict(widths=(32, 64, 128, 256), per_stage=2, batch=24, image=64),
-        "lstm": dict(vocab=2048, d=256, layers=4, seq=64, batch=48),
-        "unet": dict(base=16, depth=4, batch=8, image=128),
+        "lstm": dict(vocab=2048, d=256, layers=4, seq=64, batch=80),
+        "unet": dict(base=16, depth=4, batch=14, image=128),
         "treelstm": dict(d=128, h=128, trees=2, nodes=48),
     },
     "quick": {

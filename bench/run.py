@@ -804,7 +804,7 @@ def main(argv=None):
     else:
         args.models = args.models or M.MODELS
         args.size = args.size or "full"
-        args.steps = args.steps or 2
+        args.steps = args.steps or 3
         args.fractions = FRACTIONS
         args.policies = ["dtr_eq", "msps_sqrt", "lru"]
         args.compile_budgets = COMPILE_BUDGETS
