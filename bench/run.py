@@ -567,13 +567,17 @@ def plot_frontier(name, rows, eager, path):
         if pts:
             ax.plot([p[1] for p in pts], [p[0] for p in pts], "o-", c=color, label=f"dtr ({pol})")
     markers = {"ckpt": ("s", "tab:green"), "compile": ("^", "tab:red"), "dtr": ("D", "tab:purple")}
+    labelled = []  # (x, y) of the points labelled so far: nearby labels are stacked downwards
     for r in rows:
         special = r["kind"] == "dtr" and (not r.get("budget_bytes") or "checkpoint's peak" in r["method"])
         if r["kind"] in markers and r["status"] == "ok" and r.get("step_s") and (r["kind"] != "dtr" or special):
             m, c = markers[r["kind"]]
             x, y = r["step_s"] / et, r["measured_peak"] / ep
             ax.scatter([x], [y], marker=m, c=c, s=60)
-            ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            near = sum(1 for (u, v) in labelled if abs(u - x) < 0.25 * max(x, u) and abs(v - y) < 0.03)
+            labelled.append((x, y))
+            ax.annotate(r["method"].replace("checkpoint's peak", "ckpt peak"), (x, y), fontsize=7,
+                        xytext=(4, 2 - 9 * near), textcoords="offset points")
     ax.scatter([], [], marker="s", c="tab:green", label="torch.utils.checkpoint")
     ax.scatter([], [], marker="^", c="tab:red", label="torch.compile")
     xs = [r["step_s"] / et for r in rows if r.get("step_s") and r["status"] == "ok"]
