@@ -69,33 +69,6 @@ def resident_base(model, batch) -> int:
     return storage_bytes([*model.parameters(), *model.buffers(), *flat_tensors(batch)])
 
 
-def alloc_timeline(fn: Callable[[], Any]):
-    """Run fn under the profiler; (result, list of live bytes after each allocator event).
-
-    Same walk as dtr.measure.peak_memory (PITFALLS 16), keeping the whole series.
-    """
-    from torch.profiler import ProfilerActivity, profile
-    from torch._C._profiler import _EventType
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        n = stack.pop()
-        if n.tag == _EventType.Allocation:
-            f = n.extra_fields
-            if str(f.device).startswith("cpu"):
-                events.append((n.start_time_ns, f.alloc_size))
-        stack.extend(n.children)
-    events.sort(key=lambda e: e[0])
-    cur, series = 0, []
-    for _, size in events:
-        cur += size
-        series.append(cur)
-    return result, series
-
-
 class StepTimeout(Exception):
     pass
 
@@ -268,7 +241,7 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
             phase = "the timeline step"
             batch = batch_fn(2 + timed_steps)
             opt.zero_grad(set_to_none=True)  # gradients None at its start, as base_bytes assumes
-            (loss, _), series = alloc_timeline(lambda: step(batch))
+            (loss, _), series = dtr.measure.memory_timeline(step, batch)
             row["losses"].append(loss)
             row["timeline"] = [base + x for x in series]
     except dtr.BudgetExceededError as e:

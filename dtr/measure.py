@@ -6,11 +6,11 @@ useless because glibc keeps freed memory. On CUDA: the caching allocator's
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 
-__all__ = ["peak_memory"]
+__all__ = ["peak_memory", "memory_timeline"]
 
 
 def _walk_allocations(nodes, out):
@@ -23,6 +23,24 @@ def _walk_allocations(nodes, out):
             f = n.extra_fields
             out.append((n.start_time_ns, f.alloc_size, str(f.device)))
         stack.extend(n.children)
+
+
+def memory_timeline(fn: Callable[..., Any], *args, **kwargs) -> Tuple[Any, List[int]]:
+    """Run ``fn(*args, **kwargs)`` on CPU under the torch profiler; return (its result, the
+    bytes allocated above the start after each of the CPU allocator's events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        result = fn(*args, **kwargs)
+    events = []
+    _walk_allocations(prof.profiler.kineto_results.experimental_event_tree(), events)
+    events.sort(key=lambda e: e[0])
+    cur, series = 0, []
+    for _, size, devname in events:
+        if devname.startswith("cpu"):
+            cur += size
+            series.append(cur)
+    return result, series
 
 
 def peak_memory(fn: Callable[..., Any], *args, device="cpu", **kwargs) -> Tuple[Any, int]:
@@ -39,17 +57,5 @@ def peak_memory(fn: Callable[..., Any], *args, device="cpu", **kwargs) -> Tuple[
         result = fn(*args, **kwargs)
         torch.cuda.synchronize(dev)
         return result, torch.cuda.max_memory_allocated(dev) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        result = fn(*args, **kwargs)
-    events = []
-    _walk_allocations(prof.profiler.kineto_results.experimental_event_tree(), events)
-    events.sort(key=lambda e: e[0])
-    cur = peak = 0
-    for _, size, devname in events:
-        if devname.startswith("cpu"):
-            cur += size
-            if cur > peak:
-                peak = cur
-    return result, peak
+    result, series = memory_timeline(fn, *args, **kwargs)
+    return result, max([0, *series])

@@ -343,3 +343,17 @@ def test_allocation_meter_counts_only_inside_its_window():
     with pytest.raises(RuntimeError, match="without an open window"):
         C.meter_end(-1)
     del outside
+
+
+def test_memory_timeline_follows_allocations_and_gives_the_peak():
+    def f():
+        a = torch.empty(1 << 18)           # 1 MiB
+        b = torch.empty(1 << 19)           # 2 MiB: 3 MiB live
+        del a                              # 2 MiB
+        c = torch.empty(1 << 17)           # 0.5 MiB: 2.5 MiB
+        return b, c
+
+    _, series = dtr.measure.memory_timeline(f)
+    assert series == [1 << 20, 3 << 20, 2 << 20, 5 << 19], series
+    _, peak = peak_memory(f)
+    assert peak == max(series) == 3 << 20
