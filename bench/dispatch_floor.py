@@ -21,6 +21,7 @@ the floor of doing it in Python at the dispatch level (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -84,7 +85,7 @@ def measure(name: str, size: str, reps: int) -> dict:
     batch = batch_fn(1)
     count = [model, *flat_tensors(batch)]
     ctxs = {
-        "eager": lambda: _Null(),
+        "eager": contextlib.nullcontext,
         "do-nothing wrapper": DoNothingMode,
         "dtr no limit": lambda: dtr.budget(None, count=count),
     }
@@ -95,7 +96,6 @@ def measure(name: str, size: str, reps: int) -> dict:
         with ctx():
             loss = model(*batch)
             loss.backward()
-        return float(loss.detach()) if type(loss) is torch.Tensor else None
 
     times = {k: [] for k in ctxs}
     for k, c in ctxs.items():  # warm-up: caches, dtr's per-(op, shapes) learning
@@ -106,14 +106,6 @@ def measure(name: str, size: str, reps: int) -> dict:
             step(c)
             times[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> None:

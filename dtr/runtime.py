@@ -320,21 +320,20 @@ class Runtime:
                     vals.append(v)
                 else:
                     vals.append(self._plain_value(inp, recipe))
-            need = recipe.out_bytes
-            steal = None
-            if recipe.mutation is not None:
-                steal = self._stealable_bases(recipe, locked)
-                need -= sum(recipe.inputs[b].storage.nbytes
-                            for (_, b, _), st in zip(recipe.mutation, steal) if st)
-            need += _scratch.planned(op_info(recipe.func), recipe.size_key, need, vals)
+            info = op_info(recipe.func)
+            stolen = self._stealable_bases(recipe, locked) if recipe.mutation is not None else []
+            need = recipe.out_bytes - sum(rec.nbytes for rec in stolen)
+            need += _scratch.planned(info, recipe.size_key, need, vals)
             if recipe.rng is not None:  # replay saves the current RNG state meanwhile
                 need += _rng.host_bytes(recipe.rng.device)
             if need:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
+            for rec in stolen:  # Note [Stealing on recompute]: its memory moves to the new value
+                self._evict(rec, counted=False)
             t0 = perf_counter()
-            outs = self._run_recipe(recipe, vals, steal)
-            by_op = self.stats.remat_by_op.setdefault(op_info(recipe.func).name, [0, 0.0])
+            outs = self._run_recipe(recipe, vals)
+            by_op = self.stats.remat_by_op.setdefault(info.name, [0, 0.0])
             by_op[0] += 1
             by_op[1] += perf_counter() - t0
             # A recompute is an access like any other: its inputs are fresh again
@@ -359,7 +358,7 @@ class Runtime:
                 if rec.banish_pending:
                     self._maybe_banish(rec)
 
-    def _stealable_bases(self, recipe: Recipe, locked: List[StorageRecord]) -> List[bool]:
+    def _stealable_bases(self, recipe: Recipe, locked: List[StorageRecord]) -> List[StorageRecord]:
         # Note [Stealing on recompute]
         # Recomputing an in-place op writes into its old base. Its first run
         # took that memory over (Note [In-place ops]); a recompute may do the
@@ -367,15 +366,19 @@ class Runtime:
         # moved them all to the new storage), not pinned, and locked only by
         # this recompute (an op in progress may be about to read it). The old
         # value is then evicted (its recipe still rebuilds it if needed) and
-        # the recompute allocates nothing. Copying it instead made a dropout
-        # mask (empty_like, bernoulli_, div_) cost three times its memory to
-        # recompute, and that pressure evicted values needed next.
+        # the recompute allocates nothing; _run_recipe_in_mode writes into a
+        # base whose storage is no longer resident instead of a copy of it (it
+        # was just materialized and locked, so only this eviction makes it so).
+        # Copying it instead made a dropout mask (empty_like, bernoulli_, div_)
+        # cost three times its memory to recompute, and that pressure evicted
+        # values needed next.
         out = []
         for _, base_idx, _ in recipe.mutation:
             rec = recipe.inputs[base_idx].storage
             ours = sum(1 for r in locked if r is rec)
-            out.append(not rec.pinned and rec.nwrappers == 0 and rec.resident
-                       and self.pool.locks(rec.sid) == ours)
+            if (not rec.pinned and rec.nwrappers == 0 and rec.resident
+                    and self.pool.locks(rec.sid) == ours):
+                out.append(rec)
         return out
 
     def _plain_value(self, inp: PlainInput, recipe: Recipe) -> torch.Tensor:
@@ -406,7 +409,7 @@ class Runtime:
                 "from them is evicted.")
         return t
 
-    def _run_recipe(self, recipe: Recipe, vals: List, steal=None) -> List[Optional[torch.Tensor]]:
+    def _run_recipe(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
         # Note [Recompute below autograd]
         # A recompute can start outside __torch_dispatch__ (dtr.unwrap, the
         # gradient hook). There autograd would record the recomputed op and
@@ -414,29 +417,26 @@ class Runtime:
         # memory the budget cannot see. Recomputes always run below autograd,
         # as the op first ran.
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            return self._run_recipe_with_grad_mode(recipe, vals, steal)
+            return self._run_recipe_with_grad_mode(recipe, vals)
 
-    def _run_recipe_with_grad_mode(self, recipe: Recipe, vals: List, steal) -> List[Optional[torch.Tensor]]:
+    def _run_recipe_with_grad_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
         prev = torch.is_grad_enabled()
         if prev != recipe.grad_enabled:
             torch._C._set_grad_enabled(recipe.grad_enabled)
             try:
-                return self._run_recipe_in_mode(recipe, vals, steal)
+                return self._run_recipe_in_mode(recipe, vals)
             finally:
                 torch._C._set_grad_enabled(prev)
-        return self._run_recipe_in_mode(recipe, vals, steal)
+        return self._run_recipe_in_mode(recipe, vals)
 
-    def _run_recipe_in_mode(self, recipe: Recipe, vals: List, steal) -> List[Optional[torch.Tensor]]:
+    def _run_recipe_in_mode(self, recipe: Recipe, vals: List) -> List[Optional[torch.Tensor]]:
         mutation = recipe.mutation
         if mutation is not None:
             bases = []
-            for k, (slot, base_idx, chain) in enumerate(mutation):
-                if steal is not None and steal[k]:
-                    # See Note [Stealing on recompute]: the memory moves to the new storage.
-                    base = vals[base_idx]
-                    self._evict(recipe.inputs[base_idx].storage, counted=False)
-                else:
-                    base = vals[base_idx].clone()
+            for slot, base_idx, chain in mutation:
+                base = vals[base_idx]
+                if recipe.inputs[base_idx].storage.resident:  # else taken over: Note [Stealing on recompute]
+                    base = base.clone()
                 vals[slot] = _replay_chain(chain, base)
                 bases.append(base)
             args, kwargs = fill_args(recipe.targs, recipe.tkwargs, vals)
@@ -691,16 +691,11 @@ class Runtime:
                 continue
             if src is not None:
                 parent = cells[src]
-                out_index = k if len(outs) > 1 or isinstance(out, (list, tuple)) else None
-                if src == 0:  # the usual case (a view of self): the template is already right
-                    vrec = Recipe(func, targs, tkwargs, inputs, None, cost, is_view=True,
-                                  out_index=out_index)
-                else:
-                    # The view recipe reads its parent as input 0: remap the template.
-                    vargs, vkwargs = _move_slot_first(targs, tkwargs, src)
-                    vrec = Recipe(func, vargs, vkwargs,
-                                  [parent] + [x for j, x in enumerate(inputs) if j != src],
-                                  None, cost, is_view=True, out_index=out_index)
+                vrec = Recipe(func, targs, tkwargs, [parent] + [x for j, x in enumerate(inputs) if j != src],
+                              None, cost, is_view=True,
+                              out_index=k if len(outs) > 1 or isinstance(out, (list, tuple)) else None)
+                # The view recipe reads its parent as input 0: remap the template.
+                vrec.targs, vrec.tkwargs = _move_slot_first(targs, tkwargs, src)
                 cell = Cell(o, vrec, 0, parent.storage)
                 vrec.outputs.append(weakref.ref(cell))
                 parent.storage.cells.append(weakref.ref(cell))
@@ -908,6 +903,8 @@ def _renumber(a, src: int):
 
 def _move_slot_first(targs, tkwargs, src):
     """Renumber template slots so that input ``src`` becomes input 0."""
+    if src == 0:  # the usual case (a view of self): already so
+        return targs, tkwargs
     return [_renumber(a, src) for a in targs], {k: _renumber(v, src) for k, v in tkwargs.items()}
 
 
