@@ -11,6 +11,7 @@
 
 #include "alloc_meter.h"
 #include "pool.h"
+#include "runtime_bindings.h"
 
 namespace py = pybind11;
 
@@ -332,4 +333,6 @@ PYBIND11_MODULE(_C, m) {
 
   // See Note [Fast calls].
   install_fast_methods(m.attr("CppPool"));
+
+  dtr::bind_runtime(m);
 }

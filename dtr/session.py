@@ -30,7 +30,22 @@ from .mode import DTRMode
 from .policies import SearchOptions
 from .runtime import Runtime, Stats
 
-__all__ = ["budget", "Session", "parse_budget"]
+__all__ = ["budget", "Session", "parse_budget", "RUNTIMES"]
+
+# Note [Two runtimes]
+# "python" is dtr/runtime.py under a TorchDispatchMode: the readable reference.
+# "cpp" is the same design in csrc/, with no Python per op (dtr/cpp_runtime.py);
+# it does not yet implement everything the reference does (docs/design.md).
+# The default is "python" until it does; DTR_RUNTIME sets it for a process.
+RUNTIMES = ("python", "cpp")
+
+
+def _runtime_kind(runtime: Optional[str]) -> str:
+    kind = runtime if runtime is not None else os.environ.get("DTR_RUNTIME", "python")
+    if kind not in RUNTIMES:
+        source = "runtime=" if runtime is not None else "the environment variable DTR_RUNTIME="
+        raise ValueError(f"dtr: unknown runtime {source}{kind!r}; expected one of {list(RUNTIMES)}")
+    return kind
 
 _UNITS = {
     "": 1, "b": 1,
@@ -130,12 +145,20 @@ class Session:
     """One dtr runtime and its statistics. Returned by ``dtr.budget``."""
 
     def __init__(self, limit, policy="dtr_eq", *, device=None, search: Optional[SearchOptions] = None,
-                 pool: str = "auto", count=(), _evict_all: bool = False):
+                 pool: str = "auto", count=(), runtime: Optional[str] = None,
+                 _evict_all: bool = False):
         self.budget_bytes = parse_budget(limit)
         _policies.get(policy)  # validates the name
         self.device = _check_device(device)
-        self.runtime = Runtime(self.budget_bytes, policy, search or SearchOptions(),
-                               evict_all=_evict_all, pool_impl=pool)
+        self.runtime_kind = _runtime_kind(runtime)
+        if self.runtime_kind == "cpp":
+            from .cpp_runtime import CppRuntime
+
+            self.runtime = CppRuntime(self.budget_bytes, policy, search or SearchOptions(),
+                                      evict_all=_evict_all, pool_impl=pool)
+        else:
+            self.runtime = Runtime(self.budget_bytes, policy, search or SearchOptions(),
+                                   evict_all=_evict_all, pool_impl=pool)
         self._count = _tensors_to_count(count)
         self._mode: Optional[DTRMode] = None
         self._outer: Optional["Session"] = None
@@ -164,8 +187,11 @@ class Session:
             return outer
         for t in self._count:
             self.runtime.count_plain(t)
-        self._mode = DTRMode(self.runtime)
-        self._mode.__enter__()
+        if self.runtime_kind == "cpp":
+            self.runtime.enter()
+        else:
+            self._mode = DTRMode(self.runtime)
+            self._mode.__enter__()
         _FrozenHeap.enter()
         stack.append(self)
         return self
@@ -180,7 +206,10 @@ class Session:
             return False
         mode, self._mode = self._mode, None
         try:
-            mode.__exit__(exc_type, exc, tb)
+            if mode is not None:
+                mode.__exit__(exc_type, exc, tb)
+            else:
+                self.runtime.exit()
             self.runtime.close()
         finally:
             _FrozenHeap.exit()
@@ -210,7 +239,8 @@ def _tensors_to_count(count):
 
 
 def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
-           search: Optional[SearchOptions] = None, pool: str = "auto", count=()) -> Session:
+           search: Optional[SearchOptions] = None, pool: str = "auto", count=(),
+           runtime: Optional[str] = None) -> Session:
     """Run the block under a memory limit, evicting and recomputing values as needed.
 
     ``limit``: bytes as an int, or a string such as "8GB" or "512MiB"; None tracks
@@ -218,6 +248,8 @@ def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
     or a callable ``score(entry, pool, now)``. ``device``: checked to exist; on CUDA
     the allocator's own count is respected too. ``count``: modules or tensors to count
     against the budget from the start (a plain tensor is otherwise counted from its
-    first use in the block, so parameters not yet used would not be).
+    first use in the block, so parameters not yet used would not be). ``runtime``:
+    "python" or "cpp" (see Note [Two runtimes]); default: $DTR_RUNTIME, else "python".
     """
-    return Session(limit, policy, device=device, search=search, pool=pool, count=count)
+    return Session(limit, policy, device=device, search=search, pool=pool, count=count,
+                   runtime=runtime)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _ext
 from .records import Cell
 
 __all__ = ["DTRTensor", "unwrap", "is_dtr_tensor"]
@@ -116,7 +117,10 @@ def _runtime_of(args, kwargs):
 
 
 def is_dtr_tensor(t) -> bool:
-    return type(t) is DTRTensor
+    """Whether ``t`` is a tensor of either runtime (a wrapper whose value dtr may evict)."""
+    if type(t) is DTRTensor:
+        return True
+    return isinstance(t, torch.Tensor) and _ext._C is not None and _ext._C.is_dtr(t)
 
 
 def unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,8 @@ def unwrap(t: torch.Tensor) -> torch.Tensor:
     returned tensor stays valid. It shares memory with ``t``.
     """
     if type(t) is not DTRTensor:
+        if _ext._C is not None and isinstance(t, torch.Tensor):
+            return _ext._C.unwrap(t)  # the C++ runtime's tensors; plain ones come back as they are
         return t
     cell = t._cell
     return cell.storage.runtime.escape(cell)

@@ -6,10 +6,10 @@ from .session import Session
 __all__ = ["evict_everything"]
 
 
-def evict_everything(policy="dtr_eq") -> Session:
+def evict_everything(policy="dtr_eq", *, runtime=None) -> Session:
     """Like ``dtr.budget`` with no limit, but evicts every evictable value after every op.
 
     Every value an op needs is then recomputed from its recipe, so running any
     code under it and comparing with eager checks recomputation at its harshest.
     """
-    return Session(None, policy, _evict_all=True)
+    return Session(None, policy, runtime=runtime, _evict_all=True)

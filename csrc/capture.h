@@ -1,0 +1,43 @@
+// The per-thread "mode" and the guard kernels run under.
+//
+// Note [Capturing plain-only ops]
+// An op whose inputs are all plain tensors (the first op on a parameter) has
+// no dtr tensor to route it to the fallback. While a block is open on a
+// thread, kDTRKey is in that thread's TLS include set, so every op there
+// reaches the fallback, which decides (Note [What gets wrapped] in
+// dtr/runtime.py). Factories are not captured (BackendSelect redispatches
+// with an explicit key set), which is what PITFALLS 10 wants. The include
+// bit is set and cleared on the raw key set: removing a backend key with
+// DispatchKeySet subtraction keeps its backend bit, and a stray PrivateUse
+// bit sends every later CPU op to a backend that does not exist.
+#pragma once
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+namespace dtr {
+
+class Runtime;
+
+// The runtime of the block open on this thread (null when none).
+Runtime* active_runtime();
+
+struct BlockToken {
+  Runtime* previous = nullptr;
+  bool was_included = false;
+};
+BlockToken enter_block(Runtime* rt);
+void exit_block(const BlockToken& token);
+
+// Kernels run below dtr and below autograd: kDTRKey out of the TLS include
+// set (so the plain values the op now has stay plain), autograd excluded (a
+// recompute must not record a graph; see Note [Recompute below autograd] in
+// dtr/runtime.py).
+class BelowDTRGuard {
+ public:
+  BelowDTRGuard();
+
+ private:
+  c10::impl::ForceDispatchKeyGuard guard_;
+};
+
+}  // namespace dtr

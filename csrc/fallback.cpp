@@ -1,0 +1,132 @@
+// The boxed fallback on kDTRKey: every op that sees a dtr tensor, or runs on
+// a thread with an open block, comes here (below autograd).
+//
+// Note [What the fallback handles]
+// Ops with a dtr tensor among their arguments go to its runtime
+// (Runtime::dispatch: materialize -> make room -> run -> record). Ops with
+// only plain tensors are captured by the block's TLS include (Note [Capturing
+// plain-only ops]); they become dtr values only when autograd records them and
+// they make new memory (Note [What gets wrapped] in dtr/runtime.py): under
+// no_grad (optimizers), views of plain tensors, in-place writes into plain
+// tensors and ops without tensor results run as they are.
+//
+// Note [Direct registrations]
+// A backend fallback is outranked by kernels registered for the
+// CompositeExplicitAutograd(NonFunctional) alias keys, which cover every
+// backend key, ours included: structured ops (add, mm, neg) would run their
+// composite kernel on the wrapper and fail on its missing storage. So the
+// same boxed function is registered directly on kDTRKey for each such op.
+// Ops registered later (custom ops) are picked up by register_new_ops(),
+// called when a block opens. Ops that are only CompositeImplicitAutograd are
+// left alone: they must keep decomposing above autograd.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <unordered_set>
+
+#include "capture.h"
+#include "errors.h"
+#include "fallback.h"
+#include "grad_hook.h"
+#include "op_traits.h"
+#include "runtime.h"
+#include "wrapper.h"
+
+namespace dtr {
+namespace {
+
+// The runtime of the first dtr tensor among the arguments (null if none).
+Runtime* runtime_of_args(const torch::jit::Stack& stack, size_t first) {
+  for (size_t i = first; i < stack.size(); ++i) {
+    const c10::IValue& v = stack[i];
+    if (v.isTensor()) {
+      if (DTRTensorImpl* w = dtr_impl(v.toTensor())) return w->cell()->storage->runtime.get();
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) {
+        if (DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr) {
+          return w->cell()->storage->runtime.get();
+        }
+      }
+    } else if (v.isOptionalTensorList()) {
+      for (std::optional<at::Tensor> t : v.toOptionalTensorList()) {
+        if (DTRTensorImpl* w = (t && t->defined()) ? dtr_impl(*t) : nullptr) {
+          return w->cell()->storage->runtime.get();
+        }
+      }
+    }
+  }
+  return nullptr;
+}
+
+// A parameter reached only through a view (Linear's weight.t()) still needs
+// Note [Plain gradients]: its .grad would be a dtr tensor.
+void hook_plain_leaves(const torch::jit::Stack& stack, size_t first) {
+  for (size_t i = first; i < stack.size(); ++i) {
+    if (!stack[i].isTensor()) continue;
+    const at::Tensor& t = stack[i].toTensor();
+    if (t.defined() && t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
+  }
+}
+
+bool wraps_plain_outputs(const OpTraits& traits) {
+  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
+         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
+}
+
+void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  with_python_errors([&] {
+    const size_t first = stack->size() - op.schema().arguments().size();
+    Runtime* owner = runtime_of_args(*stack, first);
+    Runtime* active = active_runtime();
+    if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(op_traits(op)))) {
+      if (active != nullptr && c10::GradMode::is_enabled()) hook_plain_leaves(*stack, first);
+      BelowDTRGuard below;
+      op.callBoxed(stack);
+      return;
+    }
+    // A block open on this thread takes the op, also for tensors of a finished session.
+    (active != nullptr ? active : owner)->dispatch(op, stack);
+  });
+}
+
+std::mutex registration_mu;
+std::unordered_set<std::string>* registered = nullptr;
+std::vector<c10::RegistrationHandleRAII>* handles = nullptr;
+size_t ops_seen = 0;
+
+}  // namespace
+
+void register_new_ops() {
+  auto& d = c10::Dispatcher::singleton();
+  std::lock_guard<std::mutex> g(registration_mu);
+  if (registered == nullptr) {
+    // Kept for the process: deregistering at exit would race torch's own teardown.
+    registered = new std::unordered_set<std::string>();
+    handles = new std::vector<c10::RegistrationHandleRAII>();
+  }
+  std::vector<c10::OperatorName> names = d.getAllOpNames();
+  if (names.size() == ops_seen) return;
+  ops_seen = names.size();
+  for (const auto& name : names) {
+    auto op = d.findOp(name);
+    if (!op) continue;
+    if (!op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) &&
+        !op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutogradNonFunctional)) {
+      continue;
+    }
+    if (op->hasKernelForDispatchKey(kDTRKey)) continue;
+    std::string key = c10::toString(name);
+    if (!registered->insert(key).second) continue;
+    handles->push_back(d.registerImpl(name, kDTRKey,
+                                      c10::KernelFunction::makeFromBoxedFunction<&fallback>(),
+                                      std::nullopt, nullptr, "dtr direct registration"));
+  }
+}
+
+}  // namespace dtr
+
+TORCH_LIBRARY_IMPL(_, PrivateUse3, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&dtr::fallback>());
+}

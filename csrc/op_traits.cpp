@@ -1,0 +1,83 @@
+#include "op_traits.h"
+
+#include <ATen/core/enum_tag.h>
+
+#include <mutex>
+#include <unordered_map>
+
+namespace dtr {
+namespace {
+
+struct RunningStats {
+  const char* name;
+  int mean, var, training;
+};
+
+// See Note [Hidden running-stat updates] in dtr/ops.py (the same table).
+constexpr RunningStats kRunningStats[] = {
+    {"aten::native_batch_norm", 3, 4, 5},
+    {"aten::_native_batch_norm_legit", 3, 4, 5},
+    {"aten::_batch_norm_with_update", 3, 4, -1},
+    {"aten::cudnn_batch_norm", 3, 4, 5},
+    {"aten::miopen_batch_norm", 3, 4, 5},
+    {"aten::batch_norm_update_stats", 1, 2, -1},
+};
+
+OpTraits compute(const c10::OperatorHandle& op) {
+  const c10::FunctionSchema& schema = op.schema();
+  OpTraits t;
+  const std::string& full = schema.name();  // "aten::add"
+  std::string ns = full.substr(0, full.find("::"));
+  std::string base = full.substr(full.find("::") + 2);
+  t.name = ns + "." + base + "." + (schema.overload_name().empty() ? "default" : schema.overload_name());
+  for (const auto& r : schema.returns()) {
+    if (r.type()->kind() == c10::TypeKind::TensorType ||
+        r.type()->str().find("Tensor") != std::string::npos) {
+      t.returns_tensor = true;
+    }
+    if (r.alias_info() != nullptr && !r.alias_info()->isWrite()) t.is_view = true;
+  }
+  const auto& args = schema.arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* ai = args[i].alias_info();
+    if (ai != nullptr && ai->isWrite()) t.written.push_back(static_cast<int>(i));
+    if (args[i].name() == "generator") t.generator = static_cast<int>(i);
+    if (args[i].name() == "device") t.device_args.push_back(static_cast<int>(i));
+  }
+  t.seeded = op.hasTag(at::Tag::nondeterministic_seeded);
+  t.unsupported = op.hasTag(at::Tag::inplace_view) || base == "resize_" ||
+                  base == "resize_as_" || base == "set_" || base == "_resize_output_";
+  t.alias_ok = full == "aten::detach" || full == "aten::alias";
+  t.collective = ns == "c10d" || ns == "_c10d_functional" || ns == "c10d_functional" ||
+                 ns == "_c10d_functional_autograd" || ns == "_dtensor";
+  for (const auto& rs : kRunningStats) {
+    if (full == rs.name && schema.overload_name().empty()) {
+      t.running_mean = rs.mean;
+      t.running_var = rs.var;
+      t.training = rs.training;
+      // Handled as scratch inputs, not as mutations.
+      std::vector<int> kept;
+      for (int w : t.written) {
+        if (w != rs.mean && w != rs.var) kept.push_back(w);
+      }
+      t.written = std::move(kept);
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+const OpTraits& op_traits(const c10::OperatorHandle& op) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, std::unique_ptr<OpTraits>> cache;
+  const void* key = &op.schema();
+  std::lock_guard<std::mutex> g(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  auto& slot = cache[key];
+  slot = std::make_unique<OpTraits>(compute(op));
+  return *slot;
+}
+
+}  // namespace dtr

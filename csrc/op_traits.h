@@ -1,0 +1,37 @@
+// What the C++ runtime needs to know about an operator, read once from its schema.
+//
+// The Python runtime's dtr/ops.py is the reference: the same classification,
+// computed once per operator and cached by schema address (stable for the
+// operator's lifetime).
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
+#include <vector>
+
+namespace dtr {
+
+struct OpTraits {
+  std::string name;         // "aten.add.Tensor", as str(torch.ops.aten.add.Tensor)
+  bool is_view = false;     // returns alias an argument without writing it
+  bool alias_ok = false;    // detach/alias: the output is the same value (same cell)
+  bool seeded = false;      // draws random numbers (Tag nondeterministic_seeded)
+  bool returns_tensor = false;
+  bool unsupported = false; // changes a tensor's metadata or storage in place
+  bool collective = false;  // communication: never replayed (Note [Collectives] in dtr/ops.py)
+  // Arguments the schema marks as written (in-place, out=, _foreach_*_).
+  std::vector<int> written;
+  // See Note [Hidden running-stat updates] in dtr/ops.py: positions of
+  // running_mean/running_var and of `training` (-1: always trains).
+  int running_mean = -1, running_var = -1, training = -2;
+  // The `generator` argument, if the schema has one.
+  int generator = -1;
+  // Arguments named `device` (set to meta when planning output sizes).
+  std::vector<int> device_args;
+};
+
+// Cached per operator; thread-safe.
+const OpTraits& op_traits(const c10::OperatorHandle& op);
+
+}  // namespace dtr

@@ -1,0 +1,988 @@
+#include "runtime.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <chrono>
+#include <unordered_set>
+
+#include "capture.h"
+#include "errors.h"
+#include "grad_hook.h"
+#include "op_traits.h"
+#include "wrapper.h"
+
+namespace dtr {
+namespace {
+
+// See Note [Tiny values] in dtr/runtime.py.
+constexpr int64_t kMinEvictableBytes = 32;
+
+double now_seconds() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+// Bytes the device's allocator takes for a storage (see allocated_bytes in dtr/runtime.py).
+int64_t storage_bytes(const at::Tensor& t) {
+  int64_t n = static_cast<int64_t>(t.storage().nbytes());
+  if (t.is_cuda() && n) n = (n + 511) & ~int64_t(511);
+  return n;
+}
+
+// Output bytes and least-seen cost per (op, input metadata, arguments), shared
+// by every runtime: a property of the op (Note [Stable costs] in dtr/runtime.py).
+struct SizeEntry {
+  int64_t bytes;
+  double cost;
+};
+std::mutex size_mu;
+std::unordered_map<uint64_t, SizeEntry> size_cache;
+
+inline uint64_t mix(uint64_t h, uint64_t v) {
+  v *= 0x9E3779B97F4A7C15ULL;
+  v ^= v >> 31;
+  h ^= v + 0x632BE59BD9B4E019ULL + (h << 6) + (h >> 2);
+  return h;
+}
+
+uint64_t hash_tensor(uint64_t h, const at::Tensor& t) {
+  if (!t.defined()) return mix(h, 0x55);
+  h = mix(h, static_cast<uint64_t>(t.scalar_type()));
+  h = mix(h, static_cast<uint64_t>(t.device().type()));
+  for (int64_t s : t.sizes()) h = mix(h, static_cast<uint64_t>(s));
+  h = mix(h, 0x77);
+  for (int64_t s : t.strides()) h = mix(h, static_cast<uint64_t>(s));
+  return h;
+}
+
+// False when an argument cannot be hashed (then nothing is cached).
+bool hash_ivalue(uint64_t& h, const c10::IValue& v) {
+  if (v.isTensor()) {
+    h = hash_tensor(h, v.toTensor());
+  } else if (v.isNone()) {
+    h = mix(h, 1);
+  } else if (v.isInt()) {
+    h = mix(mix(h, 2), static_cast<uint64_t>(v.toInt()));
+  } else if (v.isDouble()) {
+    double d = v.toDouble();
+    uint64_t bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    h = mix(mix(h, 3), bits);
+  } else if (v.isBool()) {
+    h = mix(mix(h, 4), v.toBool());
+  } else if (v.isIntList()) {
+    h = mix(h, 5);
+    for (int64_t x : v.toIntList()) h = mix(h, static_cast<uint64_t>(x));
+  } else if (v.isTensorList()) {
+    h = mix(h, 6);
+    for (const at::Tensor& t : v.toTensorList()) h = hash_tensor(h, t);
+  } else if (v.isOptionalTensorList()) {
+    h = mix(h, 7);
+    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) {
+      h = t ? hash_tensor(h, *t) : mix(h, 8);
+    }
+  } else if (v.isScalar()) {
+    // Complex/SymInt scalars fall through as not hashable.
+    return false;
+  } else if (v.isString()) {
+    h = mix(mix(h, 9), std::hash<std::string>()(v.toStringRef()));
+  } else if (v.isDevice()) {
+    h = mix(mix(h, 10), static_cast<uint64_t>(v.toDevice().type()));
+  } else if (v.isGenerator()) {
+    h = mix(h, 11);
+  } else if (v.isDoubleList()) {
+    h = mix(h, 12);
+    for (double d : v.toDoubleList()) {
+      uint64_t bits;
+      std::memcpy(&bits, &d, sizeof bits);
+      h = mix(h, bits);
+    }
+  } else if (v.isBoolList()) {
+    h = mix(h, 13);
+    for (bool b : v.toBoolList()) h = mix(h, b);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+at::Tensor to_meta(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  return at::empty_strided(t.sizes(), t.strides(), t.options().device(c10::kMeta));
+}
+
+c10::IValue meta_ivalue(const c10::IValue& v) {
+  if (v.isTensor()) return to_meta(v.toTensor());
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> out;
+    for (const at::Tensor& t : v.toTensorList()) out.push_back(to_meta(t));
+    return out;
+  }
+  if (v.isOptionalTensorList()) {
+    c10::List<std::optional<at::Tensor>> out;
+    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) {
+      out.push_back(t ? std::optional<at::Tensor>(to_meta(*t)) : std::nullopt);
+    }
+    return out;
+  }
+  if (v.isGenerator()) return c10::IValue();
+  return v;
+}
+
+// Calls f(tensor) for every tensor of a return or argument value.
+template <typename F>
+void for_each_tensor(const c10::IValue& v, F&& f) {
+  if (v.isTensor()) {
+    f(v.toTensor());
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorList()) f(t);
+  } else if (v.isOptionalTensorList()) {
+    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
+  }
+}
+
+std::vector<at::Tensor> flat_tensors(const torch::jit::Stack& stack, size_t first) {
+  std::vector<at::Tensor> out;
+  for (size_t i = first; i < stack.size(); ++i) {
+    for_each_tensor(stack[i], [&](const at::Tensor& t) { out.push_back(t); });
+  }
+  return out;
+}
+
+c10::weak_intrusive_ptr<Cell> no_cell() {
+  return c10::weak_intrusive_ptr<Cell>(c10::intrusive_ptr<Cell>());
+}
+
+const c10::StorageImpl* storage_of(const at::Tensor& t) {
+  return t.defined() && t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------------
+
+StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
+    : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
+
+StorageRecord::~StorageRecord() { runtime->storage_died(this); }
+
+Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all)
+    : pool_(policy, search), limit_(limit), evict_all_(evict_all) {}
+
+Runtime::~Runtime() = default;
+
+std::optional<int64_t> Runtime::limit() {
+  Lock g(mu_);
+  return limit_;
+}
+
+void Runtime::set_limit(std::optional<int64_t> limit) {
+  Lock g(mu_);
+  limit_ = limit;
+}
+
+Stats Runtime::stats() {
+  Lock g(mu_);
+  stats_.tracked_bytes = tracked();
+  return stats_;
+}
+
+bool Runtime::has_live_values() {
+  Lock g(mu_);
+  return !records_.empty();
+}
+
+void Runtime::note_peak(int64_t reserved) {
+  int64_t t = tracked();
+  stats_.tracked_bytes = t;
+  if (t + reserved > stats_.peak_bytes) stats_.peak_bytes = t + reserved;
+}
+
+c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double cost, bool pinned,
+                                                       const std::vector<int64_t>& parents) {
+  int64_t sid = next_sid_++;
+  auto rec = c10::make_intrusive<StorageRecord>(
+      c10::intrusive_ptr<Runtime>::reclaim_copy(this), sid, nbytes, pinned);
+  records_[sid] = rec.get();
+  bool evictable = !pinned && (nbytes >= kMinEvictableBytes || evict_all_);
+  pool_.add(sid, nbytes, cost, clock_, evictable, parents);
+  pool_bytes_ += nbytes;
+  return rec;
+}
+
+void Runtime::storage_died(StorageRecord* rec) {
+  Lock g(mu_);
+  records_.erase(rec->sid);
+  pool_.remove(rec->sid);
+  if (rec->resident && !rec->escaped) pool_bytes_ -= rec->nbytes;
+}
+
+void Runtime::count_plain(const at::Tensor& t) {
+  const c10::StorageImpl* st = storage_of(t);
+  if (st == nullptr || st->data() == nullptr) return;
+  if (plain_.count(st)) return;
+  int64_t nb = storage_bytes(t);
+  plain_.emplace(st, std::make_pair(c10::weak_intrusive_ptr<c10::StorageImpl>(t.storage().getWeakStorageImpl()), nb));
+  plain_bytes_ += nb;
+  if (plain_.size() >= plain_sweep_at_) {
+    for (auto it = plain_.begin(); it != plain_.end();) {
+      if (it->second.first.expired()) {
+        plain_bytes_ -= it->second.second;
+        it = plain_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    plain_sweep_at_ = std::max<size_t>(1024, 2 * plain_.size());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Wrappers report to their storage record
+// ---------------------------------------------------------------------------
+
+void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
+  Lock g(mu_, std::try_to_lock);
+  if (!g.owns_lock()) {
+    std::lock_guard<std::mutex> pg(pending_mu_);
+    pending_.push_back(std::move(cell));
+    return;
+  }
+  release_locked(std::move(cell));
+}
+
+void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {
+  StorageRecord& rec = *cell->storage;
+  rec.nwrappers -= 1;
+  if (rec.nwrappers == 0) {
+    rec.wrappers.clear();
+    maybe_banish(rec);
+  } else if (rec.wrappers.size() > 2 * static_cast<size_t>(rec.nwrappers) + 8) {
+    auto& w = rec.wrappers;
+    w.erase(std::remove_if(w.begin(), w.end(), [](const auto& p) { return p.expired(); }), w.end());
+  }
+  // `cell` (and what only it kept alive) is released here, under the lock.
+}
+
+void Runtime::drain_pending() {
+  std::vector<c10::intrusive_ptr<Cell>> pending;
+  {
+    std::lock_guard<std::mutex> pg(pending_mu_);
+    if (pending_.empty()) return;
+    pending.swap(pending_);
+  }
+  for (auto& c : pending) release_locked(std::move(c));
+}
+
+void Runtime::maybe_banish(StorageRecord& rec) {
+  // See Note [Eager eviction] in dtr/runtime.py.
+  rec.banish_pending = false;
+  if (rec.nwrappers == 0 && rec.resident && !rec.pinned) {
+    if (pool_.locks(rec.sid) > 0) {
+      rec.banish_pending = true;
+    } else {
+      evict(rec, /*counted=*/false);
+      stats_.eager_evictions += 1;
+    }
+  }
+}
+
+void Runtime::close() {
+  Lock g(mu_);
+  drain_pending();
+  closed_ = true;
+  std::vector<c10::weak_intrusive_ptr<StorageRecord>> kept;
+  kept.swap(kept_);
+  for (auto& w : kept) {
+    auto rec = w.lock();
+    if (rec && rec->nwrappers == 0) maybe_banish(*rec);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Eviction and recomputation
+// ---------------------------------------------------------------------------
+
+void Runtime::evict(StorageRecord& rec, bool counted) {
+  for (auto& w : rec.cells) {
+    if (auto c = w.lock()) c->value.reset();
+  }
+  rec.cells.clear();
+  rec.resident = false;
+  pool_.evicted(rec.sid);
+  pool_bytes_ -= rec.nbytes;
+  if (counted) stats_.evictions += 1;
+}
+
+void Runtime::set_value(Cell& cell, at::Tensor value) {
+  cell.value = std::move(value);
+  StorageRecord& rec = *cell.storage;
+  rec.cells.emplace_back(c10::intrusive_ptr<Cell>::reclaim_copy(&cell));
+  if (!rec.resident) {
+    rec.resident = true;
+    pool_.rematerialized(rec.sid, clock_);
+    pool_bytes_ += rec.nbytes;
+    note_peak();
+  }
+}
+
+void Runtime::make_room(int64_t need, const std::string& opname, int64_t working) {
+  if (!limit_) return;
+  const int64_t limit = *limit_;
+  if (tracked() + need <= limit) return;
+  const double t0 = now_seconds();
+  struct AddTime {
+    Stats& s;
+    double t0;
+    ~AddTime() { s.search_seconds += now_seconds() - t0; }
+  } add_time{stats_, t0};
+  while (tracked() + need > limit) {
+    const Entry* victim = pool_.choose_victim(clock_);
+    if (victim == nullptr) {
+      const int64_t pinned = tracked();
+      const int64_t smallest = pinned + need;
+      DTRError e(DTRError::kBudgetExceeded,
+                 "dtr: budget of " + format_bytes(limit) + " cannot be met at op " + opname +
+                     ": it needs " + format_bytes(need) + " for its outputs on top of " +
+                     format_bytes(pinned) +
+                     " that cannot be evicted (plain tensors such as parameters, inputs and "
+                     "gradients: " + format_bytes(plain_bytes_) +
+                     "; locked inputs and unrecomputable values: " + format_bytes(pool_bytes_) +
+                     "). The op's own working set is " + format_bytes(working) +
+                     ". The smallest budget that would have worked here is at least " +
+                     format_bytes(smallest) + ": retry the step with dtr.budget(" +
+                     std::to_string(smallest) + ") or more.");
+      e.op = opname;
+      e.needed_bytes = need;
+      e.pinned_bytes = pinned;
+      e.budget_bytes = limit;
+      e.smallest_feasible_bytes = smallest;
+      throw e;
+    }
+    auto it = records_.find(victim->sid);
+    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
+    evict(*it->second, /*counted=*/true);
+  }
+}
+
+void Runtime::unlock_all(std::vector<int64_t>& locked) {
+  for (int64_t sid : locked) {
+    pool_.unlock(sid);
+    auto it = records_.find(sid);
+    if (it != records_.end() && it->second->banish_pending) maybe_banish(*it->second);
+  }
+  locked.clear();
+}
+
+// Note [Iterative materialization]
+// Recomputing an evicted value may need its evicted inputs first, and theirs:
+// chains thousands deep (an unrolled RNN). The walk keeps its own stack of
+// frames instead of recursing, each frame holding the locks on the inputs it
+// has made resident so far (so making room for the next input cannot evict
+// them), exactly as dtr/runtime.py's recursive materialize does.
+struct Runtime::Frame {
+  c10::intrusive_ptr<Cell> cell;
+  size_t next = 0;
+  std::vector<int64_t> locked;
+};
+
+void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
+  if (target->value.defined()) return;
+  const bool outermost = depth_ == 0;
+  const double t0 = outermost ? now_seconds() : 0.0;
+  ++depth_;
+  std::vector<Frame> frames;
+  frames.push_back(Frame{target});
+  try {
+    while (!frames.empty()) {
+      const size_t top = frames.size() - 1;
+      if (frames[top].cell->value.defined()) {
+        unlock_all(frames[top].locked);
+        frames.pop_back();
+        continue;
+      }
+      Recipe* recipe = frames[top].cell->recipe.get();
+      if (recipe == nullptr) {
+        throw DTRError(DTRError::kRecompute,
+                       "dtr: internal error: an unrecomputable value was evicted; please report this");
+      }
+      bool descended = false;
+      while (frames[top].next < recipe->inputs.size()) {
+        const auto& in = recipe->inputs[frames[top].next];
+        if (in.cell) {
+          if (!in.cell->value.defined()) {
+            frames.push_back(Frame{in.cell});
+            descended = true;
+            break;
+          }
+          pool_.lock(in.cell->storage->sid);
+          frames[top].locked.push_back(in.cell->storage->sid);
+        }
+        frames[top].next += 1;
+      }
+      if (descended) continue;
+      recompute(*recipe, frames[top].locked);
+      if (!frames[top].cell->value.defined()) {
+        throw DTRError(DTRError::kRecompute, "dtr: recomputing " + op_traits(recipe->op).name +
+                                                 " did not produce the value it was recorded for");
+      }
+      unlock_all(frames[top].locked);
+      frames.pop_back();
+    }
+  } catch (...) {
+    for (auto& f : frames) unlock_all(f.locked);
+    --depth_;
+    if (outermost) stats_.remat_seconds += now_seconds() - t0;
+    throw;
+  }
+  --depth_;
+  if (outermost) stats_.remat_seconds += now_seconds() - t0;
+}
+
+namespace {
+
+at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
+  const at::Tensor& t = in.plain;
+  if (!t.defined()) return t;
+  if (in.scratch) {
+    BelowDTRGuard below;  // the copy is scratch, not a value of the block
+    return t.clone();
+  }
+  if (t._version() != in.version) {
+    std::ostringstream msg;
+    msg << "dtr: cannot recompute " << traits.name
+        << ": one of its inputs, a tensor made outside the dtr block (shape " << t.sizes() << ", "
+        << t.scalar_type() << "), was modified in place after the value was computed (version "
+        << in.version << " -> " << t._version()
+        << "), so recomputing would give a different result. Read the values you need "
+           "(loss.item(), ...) before changing its inputs in place (for example before "
+           "optimizer.step()), or use a larger budget so the value is not evicted.";
+    throw DTRError(DTRError::kStaleInput, msg.str());
+  }
+  return t;
+}
+
+// The argument stack of a recipe with these input values.
+void fill_stack(const Recipe& r, const std::vector<at::Tensor>& vals, torch::jit::Stack& stack) {
+  std::vector<c10::IValue> args = r.args;
+  std::vector<c10::List<at::Tensor>> lists(args.size());
+  std::vector<c10::List<std::optional<at::Tensor>>> olists(args.size());
+  for (size_t i = 0; i < r.slots.size(); ++i) {
+    const Slot& s = r.slots[i];
+    switch (s.kind) {
+      case Slot::kTensor:
+        args[s.arg] = vals[i];
+        break;
+      case Slot::kTensorList:
+        if (lists[s.arg].size() == 0 && r.list_sizes[s.arg] > 0) {
+          lists[s.arg].resize(r.list_sizes[s.arg]);
+        }
+        lists[s.arg].set(s.elem, vals[i]);
+        args[s.arg] = lists[s.arg];
+        break;
+      case Slot::kOptionalTensorList:
+        if (olists[s.arg].size() == 0 && r.list_sizes[s.arg] > 0) {
+          olists[s.arg].resize(r.list_sizes[s.arg]);
+        }
+        olists[s.arg].set(s.elem, vals[i]);
+        args[s.arg] = olists[s.arg];
+        break;
+    }
+  }
+  for (auto& a : args) stack.push_back(std::move(a));
+}
+
+}  // namespace
+
+void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
+  const OpTraits& traits = op_traits(r.op);
+  std::vector<at::Tensor> vals;
+  vals.reserve(r.inputs.size());
+  int64_t locked_bytes = 0;
+  for (const auto& in : r.inputs) {
+    if (in.cell) {
+      vals.push_back(in.cell->value);
+      locked_bytes += in.cell->storage->nbytes;
+    } else {
+      vals.push_back(plain_value(in, traits));
+    }
+  }
+  if (r.out_bytes) {
+    make_room(r.out_bytes, traits.name + " (recomputing an evicted value)", r.out_bytes + locked_bytes);
+  }
+  torch::jit::Stack stack;
+  fill_stack(r, vals, stack);
+  const double t0 = now_seconds();
+  {
+    c10::AutoGradMode grad(r.grad_enabled);
+    BelowDTRGuard below;
+    RNGReplayGuard rng(r.rng);
+    r.op.callBoxed(&stack);
+  }
+  auto& by_op = stats_.remat_by_op[traits.name];
+  by_op.first += 1;
+  by_op.second += now_seconds() - t0;
+  // A recompute is an access like any other (see dtr/runtime.py's _recompute).
+  clock_ += r.cost;
+  for (int64_t sid : locked) pool_.touch(sid, clock_);
+  std::vector<at::Tensor> outs = flat_tensors(stack, 0);
+  for (size_t k = 0; k < r.outputs.size() && k < outs.size(); ++k) {
+    auto cell = r.outputs[k].lock();
+    if (!cell || cell->value.defined() || !outs[k].defined()) continue;
+    StorageRecord& rec = *cell->storage;
+    if (cell->view_src >= 0 && !rec.resident) continue;
+    set_value(*cell, outs[k]);
+    pool_.touch(rec.sid, clock_);
+    if (rec.nwrappers == 0 && cell->view_src < 0) {
+      kept_.emplace_back(c10::intrusive_ptr<StorageRecord>::reclaim_copy(&rec));
+    }
+  }
+  stats_.rematerializations += 1;
+}
+
+// ---------------------------------------------------------------------------
+// Escapes
+// ---------------------------------------------------------------------------
+
+at::Tensor Runtime::escape(const c10::intrusive_ptr<Cell>& cell) {
+  Lock g(mu_);
+  drain_pending();
+  materialize(cell);
+  StorageRecord& rec = *cell->storage;
+  if (!rec.escaped) {
+    if (!rec.pinned) {
+      rec.pinned = true;
+      pool_.pin(rec.sid);
+    }
+    rec.escaped = true;
+    pool_bytes_ -= rec.nbytes;
+    count_plain(cell->value);
+  }
+  return cell->value;
+}
+
+void Runtime::count_plain_tensor(const at::Tensor& t) {
+  Lock g(mu_);
+  count_plain(t);
+}
+
+void Runtime::evict_everything() {
+  Lock g(mu_);
+  for (int64_t sid : pool_.unlocked_candidates()) {
+    auto it = records_.find(sid);
+    if (it != records_.end() && it->second->resident) evict(*it->second, /*counted=*/true);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The per-op path
+// ---------------------------------------------------------------------------
+
+at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,
+                                std::vector<int64_t>& locked) {
+  DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
+  if (w == nullptr) {
+    if (t.defined()) {
+      count_plain(t);
+      if (t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
+    }
+    return t;
+  }
+  const c10::intrusive_ptr<Cell>& cell = w->cell();
+  if (cell->storage->runtime.get() != this) {
+    // A tensor of another (finished) session: its value, as a plain input.
+    at::Tensor v = cell->storage->runtime->escape(cell);
+    count_plain(v);
+    return v;
+  }
+  materialize(cell);
+  pool_.lock(cell->storage->sid);
+  locked.push_back(cell->storage->sid);
+  *cell_out = cell;
+  return cell->value;
+}
+
+int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
+                                      const torch::jit::Stack& stack, size_t first, uint64_t* key) {
+  uint64_t h = reinterpret_cast<uintptr_t>(&op.schema());
+  bool hashable = true;
+  for (size_t i = first; i < stack.size() && hashable; ++i) hashable = hash_ivalue(h, stack[i]);
+  *key = hashable ? (h | 1) : 0;
+  if (hashable) {
+    std::lock_guard<std::mutex> g(size_mu);
+    auto it = size_cache.find(*key);
+    if (it != size_cache.end()) return it->second.bytes;
+  }
+  // First sight: run the op on meta tensors.
+  torch::jit::Stack meta;
+  for (size_t i = first; i < stack.size(); ++i) meta.push_back(meta_ivalue(stack[i]));
+  for (int d : traits.device_args) {
+    if (!meta[d].isNone()) meta[d] = c10::Device(c10::kMeta);
+  }
+  try {
+    BelowDTRGuard below;
+    op.callBoxed(&meta);
+  } catch (const std::exception&) {
+    stats_.unplanned_ops += 1;
+    return 0;
+  }
+  int64_t total = 0;
+  const bool cuda = std::any_of(stack.begin() + first, stack.end(), [](const c10::IValue& v) {
+    return v.isTensor() && v.toTensor().defined() && v.toTensor().is_cuda();
+  });
+  for (const at::Tensor& o : flat_tensors(meta, 0)) {
+    if (!o.defined()) continue;
+    int64_t n = static_cast<int64_t>(o.storage().nbytes());
+    if (cuda && n) n = (n + 511) & ~int64_t(511);
+    total += n;
+  }
+  return total;
+}
+
+double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const double t0 = now_seconds();
+  {
+    BelowDTRGuard below;
+    op.callBoxed(stack);
+  }
+  const double cost = now_seconds() - t0;
+  stats_.op_seconds += cost;
+  return cost;
+}
+
+void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  Lock g(mu_);
+  drain_pending();
+  const OpTraits& traits = op_traits(op);
+  const size_t nargs = op.schema().arguments().size();
+  const size_t first = stack->size() - nargs;
+  stats_.ops += 1;
+
+  // 1. Inputs: dtr values materialized and locked, plain tensors counted.
+  std::vector<int64_t> locked;
+  struct Unlock {
+    Runtime* rt;
+    std::vector<int64_t>& locked;
+    ~Unlock() { rt->unlock_all(locked); }
+  } unlock{this, locked};
+  std::vector<c10::IValue> original(stack->begin() + first, stack->end());
+  std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
+  std::vector<at::Tensor> vals;
+  std::vector<Slot> slots;
+  std::vector<int32_t> list_sizes(nargs, 0);
+  bool any_dtr = false;
+  for (size_t i = 0; i < nargs; ++i) {
+    c10::IValue& iv = (*stack)[first + i];
+    auto take = [&](const at::Tensor& t, Slot slot) -> at::Tensor {
+      c10::intrusive_ptr<Cell> cell;
+      at::Tensor v = input_value(t, &cell, locked);
+      any_dtr = any_dtr || cell;
+      cells.push_back(std::move(cell));
+      vals.push_back(v);
+      slots.push_back(slot);
+      return v;
+    };
+    if (iv.isTensor()) {
+      const at::Tensor& t = iv.toTensor();
+      if (!t.defined()) continue;
+      iv = take(t, Slot{static_cast<int32_t>(i), -1, Slot::kTensor});
+    } else if (iv.isTensorList()) {
+      c10::List<at::Tensor> in = iv.toTensorList();
+      c10::List<at::Tensor> out;
+      out.reserve(in.size());
+      for (size_t k = 0; k < in.size(); ++k) {
+        out.push_back(take(in.get(k), Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
+                                           Slot::kTensorList}));
+      }
+      list_sizes[i] = static_cast<int32_t>(in.size());
+      iv = out;
+    } else if (iv.isOptionalTensorList()) {
+      c10::List<std::optional<at::Tensor>> in = iv.toOptionalTensorList();
+      c10::List<std::optional<at::Tensor>> out;
+      for (size_t k = 0; k < in.size(); ++k) {
+        std::optional<at::Tensor> t = in.get(k);
+        if (t && t->defined()) {
+          out.push_back(take(*t, Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
+                                      Slot::kOptionalTensorList}));
+        } else {
+          out.push_back(std::nullopt);
+        }
+      }
+      list_sizes[i] = static_cast<int32_t>(in.size());
+      iv = out;
+    }
+  }
+
+  if (traits.unsupported && any_dtr) {
+    throw DTRError(DTRError::kUnsupportedOp,
+                   "dtr: " + traits.name +
+                       " changes a tensor's shape or storage in place, which dtr cannot track; "
+                       "use the out-of-place form (for example x = x.unsqueeze(0) instead of "
+                       "x.unsqueeze_(0)) or call it outside the dtr block");
+  }
+  if (!traits.written.empty()) {
+    dispatch_mutation(op, traits, stack, first, original);
+    return;
+  }
+
+  // 2. Make room for the outputs before running, so the budget holds.
+  uint64_t key = 0;
+  const int64_t planned = planned_output_bytes(op, traits, *stack, first, &key);
+  if (planned > 0) {
+    int64_t locked_bytes = 0;
+    for (const auto& c : cells) {
+      if (c) locked_bytes += c->storage->nbytes;
+    }
+    make_room(planned, traits.name, planned + locked_bytes);
+  }
+  note_peak(planned);
+
+  // The recipe's argument template, taken before the kernel consumes the stack.
+  auto recipe = c10::make_intrusive<Recipe>(op);
+  recipe->args.assign(stack->begin() + first, stack->end());
+  for (const Slot& s : slots) recipe->args[s.arg] = c10::IValue();
+  recipe->slots = slots;
+  recipe->list_sizes = list_sizes;
+  recipe->grad_enabled = c10::GradMode::is_enabled();
+  if (traits.seeded) {
+    c10::Device device = vals.empty() ? c10::Device(c10::kCPU) : vals[0].device();
+    const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
+    recipe->rng = capture_rng(gen, device);
+  }
+
+  // 3. Run.
+  double cost = run_timed(op, stack);
+  if (key) {
+    std::lock_guard<std::mutex> sg(size_mu);
+    auto [it, inserted] = size_cache.try_emplace(key, SizeEntry{planned, cost});
+    if (!inserted) {
+      if (it->second.cost < cost) cost = it->second.cost;  // Note [Stable costs]
+      else it->second.cost = cost;
+    }
+  }
+  recipe->cost = cost;
+  clock_ += cost;
+  for (const auto& c : cells) {
+    if (c) pool_.touch(c->storage->sid, clock_);
+  }
+  if (!traits.returns_tensor) return;
+
+  // 4. Record: a recipe input per tensor argument; running stats as scratch copies.
+  bool training = true;
+  if (traits.training >= 0) {
+    const c10::IValue& tr = recipe->args[traits.training];
+    training = tr.isBool() ? tr.toBool() : true;
+  }
+  recipe->inputs.resize(vals.size());
+  for (size_t i = 0; i < vals.size(); ++i) {
+    RecipeInput& in = recipe->inputs[i];
+    if (cells[i]) {
+      in.cell = cells[i];
+    } else {
+      in.plain = vals[i];
+      if (vals[i].defined()) in.version = vals[i]._version();
+      const int32_t arg = slots[i].arg;
+      in.scratch = training && (arg == traits.running_mean || arg == traits.running_var);
+    }
+  }
+  std::vector<int64_t> parents;
+  for (const auto& c : cells) {
+    if (c) parents.push_back(c->storage->sid);
+  }
+  std::unordered_map<const c10::StorageImpl*, size_t> input_storages;  // -> input index
+  for (size_t i = 0; i < vals.size(); ++i) {
+    if (const auto* st = storage_of(vals[i])) input_storages.try_emplace(st, i);
+  }
+  std::unordered_map<const c10::StorageImpl*, c10::intrusive_ptr<StorageRecord>> fresh;
+  int64_t new_bytes = 0;
+  size_t k = 0;
+  auto record = [&](const at::Tensor& o) -> at::Tensor {
+    const size_t index = k++;
+    if (!o.defined()) {
+      recipe->outputs.push_back(no_cell());
+      return o;
+    }
+    if (traits.alias_ok && !cells.empty() && cells[0]) {
+      recipe->outputs.push_back(no_cell());
+      return make_wrapper(cells[0], o);
+    }
+    const c10::StorageImpl* st = storage_of(o);
+    auto src = st ? input_storages.find(st) : input_storages.end();
+    if (src != input_storages.end()) {
+      const size_t j = src->second;
+      if (!cells[j]) {  // a view of a plain tensor stays plain
+        recipe->outputs.push_back(no_cell());
+        return o;
+      }
+      auto cell = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(index),
+                                            static_cast<int32_t>(j), cells[j]->storage);
+      cell->value = o;
+      cells[j]->storage->cells.emplace_back(cell);
+      pool_.add_cost(cells[j]->storage->sid, cost);
+      recipe->outputs.emplace_back(cell);
+      return make_wrapper(std::move(cell), o);
+    }
+    c10::intrusive_ptr<StorageRecord> rec;
+    auto same = fresh.find(st);
+    if (same != fresh.end()) {
+      rec = same->second;
+    } else {
+      const int64_t nb = storage_bytes(o);
+      new_bytes += nb;
+      rec = new_storage(nb, cost, traits.collective, parents);
+      fresh.emplace(st, rec);
+    }
+    auto cell = c10::make_intrusive<Cell>(traits.collective ? c10::intrusive_ptr<Recipe>() : recipe,
+                                          static_cast<int32_t>(index), -1, rec);
+    cell->value = o;
+    rec->cells.emplace_back(cell);
+    recipe->outputs.emplace_back(cell);
+    return make_wrapper(std::move(cell), o);
+  };
+  for (size_t i = first; i < stack->size(); ++i) {
+    c10::IValue& r = (*stack)[i];
+    if (r.isTensor()) {
+      r = record(r.toTensor());
+    } else if (r.isTensorList()) {
+      c10::List<at::Tensor> in = r.toTensorList();
+      c10::List<at::Tensor> out;
+      out.reserve(in.size());
+      for (const at::Tensor& t : in) out.push_back(record(t));
+      r = out;
+    }
+  }
+  recipe->out_bytes = new_bytes;
+  if (key && new_bytes != planned) {
+    std::lock_guard<std::mutex> sg(size_mu);
+    size_cache[key].bytes = new_bytes;
+  }
+  note_peak();
+  if (evict_all_) {
+    unlock_all(locked);
+    evict_everything();
+  }
+}
+
+// Note [In-place ops in the C++ runtime, for now]
+// The written value's old storage is treated as dtr/runtime.py does: its
+// cells lose their values (their recipes rebuild the old value for whoever
+// recorded it) and every wrapper of it is rebound to a new storage holding
+// the written memory. That new storage has no recipe yet, so it is pinned:
+// exact, but not evictable, until the C++ runtime records mutation recipes
+// (Note [In-place ops] in dtr/runtime.py). An unrecomputable old storage keeps
+// its old value in a copy instead.
+void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
+                                torch::jit::Stack* stack, size_t first,
+                                const std::vector<c10::IValue>& original_args) {
+  struct Target {
+    c10::intrusive_ptr<StorageRecord> old;
+    c10::intrusive_ptr<Cell> base;
+    at::Tensor base_copy;
+  };
+  std::vector<Target> targets;
+  std::unordered_set<int64_t> seen;
+  std::vector<int64_t> locked;
+  struct Unlock {
+    Runtime* rt;
+    std::vector<int64_t>& locked;
+    ~Unlock() { rt->unlock_all(locked); }
+  } unlock{this, locked};
+  for (int w : traits.written) {
+    for_each_tensor(original_args[w], [&](const at::Tensor& t) {
+      DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr;
+      if (impl == nullptr || impl->cell()->storage->runtime.get() != this) return;
+      c10::intrusive_ptr<StorageRecord> old = impl->cell()->storage;
+      if (!seen.insert(old->sid).second) {
+        throw DTRError(DTRError::kUnsupportedOp,
+                       "dtr: " + traits.name +
+                           " writes to two views of the same storage at once; dtr cannot preserve "
+                           "that aliasing. Run it outside the dtr block.");
+      }
+      c10::intrusive_ptr<Cell> base = impl->cell();
+      while (Cell* p = base->view_parent()) base = c10::intrusive_ptr<Cell>::reclaim_copy(p);
+      materialize(base);
+      pool_.lock(old->sid);
+      locked.push_back(old->sid);
+      // Every alias gets its value now, so that it can be rebound to the written memory.
+      for (auto& ref : old->wrappers) {
+        if (auto wimpl = ref.lock()) materialize(static_cast<DTRTensorImpl*>(wimpl.get())->cell());
+      }
+      Target tg{old, base, at::Tensor()};
+      if (old->pinned || !base->recipe) {
+        make_room(old->nbytes, traits.name, old->nbytes);
+        BelowDTRGuard below;
+        tg.base_copy = base->value.clone();
+      }
+      targets.push_back(std::move(tg));
+    });
+  }
+  const double cost = run_timed(op, stack);
+  clock_ += cost;
+
+  for (Target& tg : targets) {
+    StorageRecord& old = *tg.old;
+    auto fresh = new_storage(old.nbytes, cost, /*pinned=*/true, {});
+    std::unordered_map<const Cell*, c10::intrusive_ptr<Cell>> moved;
+    std::vector<std::pair<c10::intrusive_ptr<c10::TensorImpl>, c10::intrusive_ptr<Cell>>> rebinds;
+    for (auto& ref : old.wrappers) {
+      auto wimpl = ref.lock();
+      if (!wimpl) continue;
+      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
+      if (w->cell()->storage.get() != &old) continue;
+      auto& nc = moved[w->cell().get()];
+      if (!nc) {
+        nc = c10::make_intrusive<Cell>(c10::intrusive_ptr<Recipe>(), 0, -1, fresh);
+        nc->value = w->cell()->value;
+        fresh->cells.emplace_back(nc);
+      }
+      rebinds.emplace_back(std::move(wimpl), nc);
+    }
+    if (tg.base_copy.defined()) {
+      for (auto& ref : old.cells) {
+        if (auto c = ref.lock()) c->value.reset();
+      }
+      old.cells.clear();
+      set_value(*tg.base, tg.base_copy);
+    } else {
+      evict(old, /*counted=*/false);
+    }
+    for (auto& [wimpl, nc] : rebinds) {
+      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
+      at::Tensor v = nc->value;
+      w->rebind(nc, v);
+    }
+  }
+  // Return what eager returns: the written arguments themselves.
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> by_inner;
+  for (const c10::IValue& a : original_args) {
+    for_each_tensor(a, [&](const at::Tensor& t) {
+      if (DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr) {
+        if (impl->cell()->value.defined()) by_inner[impl->cell()->value.unsafeGetTensorImpl()] = t;
+      }
+    });
+  }
+  auto back = [&](const at::Tensor& o) -> at::Tensor {
+    if (!o.defined()) return o;
+    auto it = by_inner.find(o.unsafeGetTensorImpl());
+    if (it == by_inner.end()) return o;
+    dtr_impl(it->second)->sync_metadata(o);
+    return it->second;
+  };
+  for (size_t i = first; i < stack->size(); ++i) {
+    c10::IValue& r = (*stack)[i];
+    if (r.isTensor()) {
+      r = back(r.toTensor());
+    } else if (r.isTensorList()) {
+      c10::List<at::Tensor> in = r.toTensorList();
+      c10::List<at::Tensor> out;
+      for (const at::Tensor& t : in) out.push_back(back(t));
+      r = out;
+    }
+  }
+  note_peak();
+}
+
+}  // namespace dtr

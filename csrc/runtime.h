@@ -1,0 +1,121 @@
+// The C++ runtime: materialize inputs -> make room -> run -> record.
+//
+// The same object and the same decisions as dtr/runtime.py's Runtime (the
+// readable reference); see docs/design.md. One Runtime per dtr.budget
+// session. Every method that touches records takes the runtime's lock
+// (recursive: eviction and recomputation nest inside an op).
+//
+// What this runtime does not do yet (the Python runtime does; step by step):
+// in-place writes into a dtr tensor make the written storage unevictable
+// instead of recording a recipe for it, kernel scratch is not reserved, and
+// policies given as Python callables are refused.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "pool.h"
+#include "records.h"
+#include "stats.h"
+
+namespace dtr {
+
+struct OpTraits;
+
+class Runtime : public c10::intrusive_ptr_target {
+ public:
+  Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all);
+  ~Runtime() override;
+
+  // The per-op path for an op with a dtr tensor among its inputs, or a
+  // plain-only op whose outputs are to become dtr values.
+  void dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+
+  // The value of `cell` as a plain tensor; its storage is never evicted again.
+  at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
+  // A wrapper of `cell` died or was rebound (see Note [Deferred releases]).
+  void wrapper_released(c10::intrusive_ptr<Cell> cell);
+  // ~StorageRecord.
+  void storage_died(StorageRecord* rec);
+
+  // Counts a plain tensor against the budget from now on (dtr.budget's count=).
+  void count_plain_tensor(const at::Tensor& t);
+  void evict_everything();
+  // The block ended: from now on keep nothing no wrapper refers to.
+  void close();
+  bool closed() const { return closed_; }
+  bool has_live_values();
+
+  std::optional<int64_t> limit();
+  void set_limit(std::optional<int64_t> limit);
+  bool evict_all() const { return evict_all_; }
+  void set_evict_all(bool v) { evict_all_ = v; }
+  Stats stats();
+  const Pool& pool() const { return pool_; }
+
+ private:
+  using Lock = std::unique_lock<std::recursive_mutex>;
+  struct Frame;
+
+  // 1. inputs
+  at::Tensor input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,
+                         std::vector<int64_t>& locked);
+  void count_plain(const at::Tensor& t);
+  void materialize(const c10::intrusive_ptr<Cell>& cell);
+  // 2. room
+  int64_t planned_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
+                               const torch::jit::Stack& stack, size_t first, uint64_t* key);
+  void make_room(int64_t need, const std::string& opname, int64_t working);
+  // 3. run
+  double run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+  void recompute(Recipe& recipe, std::vector<int64_t>& locked);
+  // 4. record
+  c10::intrusive_ptr<StorageRecord> new_storage(int64_t nbytes, double cost, bool pinned,
+                                                const std::vector<int64_t>& parents);
+  void set_value(Cell& cell, at::Tensor value);
+  void dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
+                         torch::jit::Stack* stack, size_t first,
+                         const std::vector<c10::IValue>& original_args);
+
+  void evict(StorageRecord& rec, bool counted);
+  void maybe_banish(StorageRecord& rec);
+  void unlock_all(std::vector<int64_t>& locked);
+  void drain_pending();
+  void release_locked(c10::intrusive_ptr<Cell> cell);
+  void note_peak(int64_t reserved = 0);
+  int64_t tracked() const { return pool_bytes_ + plain_bytes_; }
+
+  std::recursive_mutex mu_;
+  Pool pool_;
+  std::optional<int64_t> limit_;
+  bool evict_all_;
+  bool closed_ = false;
+  double clock_ = 0.0;
+  int64_t next_sid_ = 0;
+  int64_t pool_bytes_ = 0;   // resident, not escaped storages
+  int64_t plain_bytes_ = 0;  // plain tensors the block touched, while alive
+  Stats stats_;
+  std::unordered_map<int64_t, StorageRecord*> records_;
+  // Plain storages counted, by address; weak so that their death shows.
+  std::unordered_map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
+      plain_;
+  size_t plain_sweep_at_ = 1024;
+  // Recomputed storages no wrapper refers to (see Note [Eager eviction] in dtr/runtime.py).
+  std::vector<c10::weak_intrusive_ptr<StorageRecord>> kept_;
+  // Note [Deferred releases]
+  // A wrapper can die on any thread (Python's garbage collector, autograd's
+  // graph teardown) while another thread holds the lock: it must not wait
+  // (that thread may be waiting for the GIL the dying thread holds), so its
+  // cell is queued and released by the next op.
+  std::mutex pending_mu_;
+  std::vector<c10::intrusive_ptr<Cell>> pending_;
+  int depth_ = 0;
+};
+
+}  // namespace dtr

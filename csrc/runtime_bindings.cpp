@@ -1,0 +1,119 @@
+// dtr._C's C++ runtime: the class dtr._C.Runtime and the module functions
+// dtr/cpp_runtime.py calls. Called once per block or per escape, never per op.
+#include <torch/csrc/utils/pybind.h>
+#include <torch/extension.h>
+
+#include "capture.h"
+#include "errors.h"
+#include "fallback.h"
+#include "runtime.h"
+#include "runtime_bindings.h"
+#include "wrapper.h"
+
+namespace py = pybind11;
+
+namespace dtr {
+namespace {
+
+dtr::SearchOptions search_options(const py::handle& search) {
+  dtr::SearchOptions out;
+  if (search.is_none()) return out;
+  py::object above = search.attr("sample_above");
+  if (!above.is_none()) out.sample_above = above.cast<int64_t>();
+  out.min_evictable_fraction = search.attr("min_evictable_fraction").cast<double>();
+  unsigned long long s = PyLong_AsUnsignedLongLongMask(search.attr("seed").ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  out.seed = static_cast<uint64_t>(s);
+  return out;
+}
+
+// Runs f without the GIL (the runtime's lock may be held by a thread waiting
+// for it), turning a DTRError into its dtr.errors exception.
+template <typename F>
+auto no_gil(F&& f) {
+  try {
+    py::gil_scoped_release release;
+    return f();
+  } catch (const DTRError& e) {
+    set_python_error(e);
+    throw py::error_already_set();
+  }
+}
+
+py::dict stats_dict(const Stats& s) {
+  py::dict d;
+  d["ops"] = s.ops;
+  d["evictions"] = s.evictions;
+  d["eager_evictions"] = s.eager_evictions;
+  d["rematerializations"] = s.rematerializations;
+  d["remat_seconds"] = s.remat_seconds;
+  d["search_seconds"] = s.search_seconds;
+  d["op_seconds"] = s.op_seconds;
+  d["peak_bytes"] = s.peak_bytes;
+  d["tracked_bytes"] = s.tracked_bytes;
+  d["unplanned_ops"] = s.unplanned_ops;
+  py::dict by_op;
+  for (const auto& [name, v] : s.remat_by_op) {
+    py::list entry;
+    entry.append(v.first);
+    entry.append(v.second);
+    by_op[py::str(name)] = entry;
+  }
+  d["remat_by_op"] = by_op;
+  return d;
+}
+
+struct PyBlockToken {
+  BlockToken token;
+  c10::intrusive_ptr<Runtime> runtime;  // kept alive while its block is open
+};
+
+}  // namespace
+
+void bind_runtime(py::module_& m) {
+  py::class_<PyBlockToken>(m, "BlockToken");
+  py::class_<Runtime, c10::intrusive_ptr<Runtime>>(m, "Runtime",
+                                                   "The C++ runtime of one dtr session (dtr/cpp_runtime.py).")
+      .def(py::init([](std::optional<int64_t> limit, const std::string& policy, py::object search,
+                       bool evict_all) {
+             return c10::make_intrusive<Runtime>(limit, policy_from_name(policy),
+                                                 search_options(search), evict_all);
+           }),
+           py::arg("limit"), py::arg("policy"), py::arg("search"), py::arg("evict_all"))
+      .def_property("limit", &Runtime::limit, [](Runtime& rt, std::optional<int64_t> v) {
+        no_gil([&] { rt.set_limit(v); });
+      })
+      .def_property("evict_all", &Runtime::evict_all, &Runtime::set_evict_all)
+      .def_property_readonly("closed", &Runtime::closed)
+      .def("stats", [](Runtime& rt) { return stats_dict(no_gil([&] { return rt.stats(); })); })
+      .def("close", [](Runtime& rt) { no_gil([&] { rt.close(); }); })
+      .def("evict_everything", [](Runtime& rt) { no_gil([&] { rt.evict_everything(); }); })
+      .def("has_live_values", [](Runtime& rt) { return no_gil([&] { return rt.has_live_values(); }); })
+      .def("count_plain", [](Runtime& rt, const at::Tensor& t) { no_gil([&] { rt.count_plain_tensor(t); }); })
+      .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });
+
+  m.def("enter_block", [](c10::intrusive_ptr<Runtime> rt) {
+    register_new_ops();
+    PyBlockToken t;
+    t.token = enter_block(rt.get());
+    t.runtime = std::move(rt);
+    return t;
+  });
+  m.def("exit_block", [](const PyBlockToken& t) { exit_block(t.token); });
+  m.def("is_dtr", [](const at::Tensor& t) { return is_dtr(t); },
+        "Whether t is a tensor of the C++ runtime.");
+  m.def("unwrap", [](const at::Tensor& t) -> at::Tensor {
+    DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
+    if (w == nullptr) return t;
+    c10::intrusive_ptr<Cell> cell = w->cell();
+    return no_gil([&] { return cell->storage->runtime->escape(cell); });
+  });
+  m.def("runtime_of", [](const at::Tensor& t) -> py::object {
+    DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
+    if (w == nullptr) return py::none();
+    return py::cast(w->cell()->storage->runtime);
+  });
+  m.def("register_new_ops", &register_new_ops);
+}
+
+}  // namespace dtr

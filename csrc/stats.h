@@ -1,0 +1,26 @@
+// Counters of one C++ runtime, read by dtr.Stats (the same fields).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+namespace dtr {
+
+struct Stats {
+  int64_t ops = 0;
+  int64_t evictions = 0;
+  int64_t eager_evictions = 0;
+  int64_t rematerializations = 0;
+  double remat_seconds = 0.0;
+  double search_seconds = 0.0;
+  double op_seconds = 0.0;
+  int64_t peak_bytes = 0;
+  int64_t tracked_bytes = 0;
+  int64_t unplanned_ops = 0;
+  // op name -> (recomputations, seconds running that op, not its inputs' recomputes)
+  std::unordered_map<std::string, std::pair<int64_t, double>> remat_by_op;
+};
+
+}  // namespace dtr

@@ -1,0 +1,72 @@
+// The TensorImpl user code holds in place of an evictable value.
+//
+// Note [The wrapper]
+// A DTRTensorImpl carries its value's metadata (sizes, strides, offset, dtype,
+// device) and a reference to its Cell; the data lives in the cell, which the
+// runtime may evict and recompute at any time. Its key set is the value's
+// minus the Python keys plus the runtime's backend key (kDTRKey), so ops that
+// see one reach the boxed fallback (csrc/fallback.cpp), and the TensorImpl
+// constructor adds that key's autograd key: autograd runs above the wrapper
+// with its ordinary kernels. The device reported is the value's own (a
+// PrivateUse device aborts in autograd's InputMetadata). Storage access throws:
+// anything reading raw memory must unwrap first (dtr.unwrap).
+// Shallow copies (autograd's SavedVariable, detach) share the cell and count
+// as wrappers of its storage.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/TensorImpl.h>
+
+#include "records.h"
+
+namespace dtr {
+
+// The backend key of dtr tensors. PrivateUse3: accelerator plug-ins take
+// PrivateUse1 first.
+constexpr c10::DispatchKey kDTRKey = c10::DispatchKey::PrivateUse3;
+constexpr c10::BackendComponent kDTRBackend = c10::BackendComponent::PrivateUse3Bit;
+
+class DTRTensorImpl final : public c10::TensorImpl {
+ public:
+  DTRTensorImpl(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+  DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10::Device device,
+                c10::intrusive_ptr<Cell> cell);
+
+  const c10::intrusive_ptr<Cell>& cell() const { return cell_; }
+  // Points this wrapper at another cell (in-place ops rebind every alias).
+  void rebind(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+  // Copies sizes and strides from the value (after in-place metadata changes).
+  void sync_metadata(const at::Tensor& value);
+
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      const c10::VariableVersion& version_counter,
+      bool allow_tensor_metadata_change) const override;
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      c10::VariableVersion&& version_counter,
+      bool allow_tensor_metadata_change) const override;
+  void shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) override;
+  void release_resources() override;
+
+ private:
+  const char* tensorimpl_type_name() const override { return "DTRTensorImpl"; }
+  template <typename Version>
+  c10::intrusive_ptr<c10::TensorImpl> copy_core(Version&& version, bool allow_change) const;
+  friend at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+  // Counts this wrapper in its storage record.
+  void attach();
+
+  c10::intrusive_ptr<Cell> cell_;
+};
+
+inline DTRTensorImpl* dtr_impl(const at::TensorBase& t) {
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (!impl->key_set().has_backend(kDTRBackend)) return nullptr;
+  return dynamic_cast<DTRTensorImpl*>(impl);
+}
+
+inline bool is_dtr(const at::TensorBase& t) { return t.defined() && dtr_impl(t) != nullptr; }
+
+// A new wrapper of `value`, which lives in `cell`.
+at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+
+}  // namespace dtr
