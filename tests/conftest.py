@@ -4,6 +4,8 @@ import warnings
 
 import pytest
 import torch
+
+import dtr
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -14,6 +16,69 @@ settings.register_profile(
 settings.register_profile(
     "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Note [One suite, two runtimes]
+# Test modules that exercise the runtime use the `runtime` fixture (pytestmark =
+# pytest.mark.usefixtures("runtime")): each of their tests runs once per runtime, with
+# DTR_RUNTIME set so that every dtr.budget in the test picks it. The C++ runtime lands in
+# steps (issue 14); what it does not implement yet is listed in CPP_NOT_YET and marked as
+# a strict xfail, so that each entry must be removed the moment it starts passing.
+RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
+
+_MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
+_ESCAPES = "C++ runtime step 3: repr/tolist/numpy/deepcopy/torch.save of C++ wrappers"
+_BUDGET = "C++ runtime step 4: measured kernel scratch and RNG-state accounting"
+_PYPOLICY = "C++ runtime: policies given as Python callables"
+_COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
+_DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
+CPP_NOT_YET = {
+    "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
+    "test_semantics.py::test_non_tensor_results_pass_through": _ESCAPES,
+    "test_semantics.py::test_escapes_behave_like_plain_tensors": _ESCAPES,
+    "test_semantics.py::test_deepcopy_and_repr": _ESCAPES,
+    "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
+    "test_budget.py::test_sessions_on_several_threads": _BUDGET,
+    "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
+    "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
+    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
+    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
+    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[treelstm]": _BUDGET,
+    "test_compile.py::": _COMPILE,
+    "test_distributed.py::test_ddp_bit_identical_under_tight_budget": _DISTRIBUTED,
+    "test_distributed.py::test_ddp_options_bit_identical_under_budget": _DISTRIBUTED,
+    "test_distributed.py::test_collectives_run_once_and_values_exact": _DISTRIBUTED,
+    "test_distributed.py::test_fsdp2_keep_gathered_bit_identical_under_tight_budget": _DISTRIBUTED,
+    "test_distributed.py::test_fsdp2_resharded_parameters_raise_a_clear_error": _DISTRIBUTED,
+}
+
+
+def pytest_configure(config):
+    # .ci/run sets DTR_REQUIRE_EXTENSION=1: the C++ half of the suite must not vanish
+    # because the extension failed to build.
+    if os.environ.get("DTR_REQUIRE_EXTENSION") == "1" and not dtr._ext.available():
+        raise pytest.UsageError("dtr: DTR_REQUIRE_EXTENSION=1 but dtr._C is not built: "
+                                f"{getattr(dtr._ext, '_IMPORT_ERROR', '')}")
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request, monkeypatch):
+    monkeypatch.setenv("DTR_RUNTIME", request.param)
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("runtime") != "cpp":
+            continue
+        # The id without the runtime's part: "test_x[cpp-mlp]" -> "test_x[mlp]".
+        where = item.nodeid.split("/")[-1].replace("[cpp-", "[").replace("-cpp]", "]")
+        where = where.replace("[cpp]", "")
+        for prefix, reason in CPP_NOT_YET.items():
+            if where.startswith(prefix):
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+                break
 
 
 @pytest.fixture(autouse=True)

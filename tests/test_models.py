@@ -5,6 +5,8 @@ import dtr
 from harness import assert_same, peak_tracked, train
 from models import MODELS
 
+pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
+
 
 @pytest.fixture(scope="module")
 def eager_runs():

@@ -1,7 +1,9 @@
 """Hypothesis: random op programs under random budgets and eviction orders equal eager;
 a stateful machine checks the runtime's invariants after every step."""
 import gc
+import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, note, strategies as st
@@ -9,6 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import dtr
 from dtr.policies import SearchOptions
+
+def _pool():
+    # The Python runtime is checked on the Python pool; the C++ runtime has only its own.
+    return "auto" if os.environ.get("DTR_RUNTIME") == "cpp" else "python"
 
 N = 4
 
@@ -97,6 +103,7 @@ def test_random_programs_under_evict_everything(program):
     _same(ref, got)
 
 
+@pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
 @given(programs, st.floats(0.3, 1.0), st.integers(0, 2**16), st.sampled_from(["random", "dtr_eq", "lru"]))
 def test_random_programs_under_random_budgets_and_eviction_orders(program, frac, seed, policy):
     note(program)
@@ -107,7 +114,7 @@ def test_random_programs_under_random_budgets_and_eviction_orders(program, frac,
     for _ in range(4):
         try:
             got = run_program(program, lambda: dtr.budget(
-                budget, policy=policy, search=SearchOptions(seed=seed), pool="python"))
+                budget, policy=policy, search=SearchOptions(seed=seed), pool=_pool()))
             break
         except dtr.BudgetExceededError as e:
             # Infeasible is a legitimate answer, but only below what is pinned or locked.
@@ -126,7 +133,8 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @initialize(limit=st.integers(2_000, 20_000))
     def open_session(self, limit):
-        self.session = dtr.budget(limit, pool="python")
+        # The machine checks the Python runtime's own records and pool.
+        self.session = dtr.budget(limit, pool="python", runtime="python")
         self.session.__enter__()
         self.rt = self.session.runtime
         self.pairs = []

@@ -8,6 +8,8 @@ from dtr.sim import record
 from dtr.sim.trace import Call, Constant, Mutate, Release
 from models import MLP
 
+pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
+
 
 def _record_step(path, model, x):
     with record(str(path)) as r:
