@@ -68,7 +68,19 @@ OpTraits compute(const c10::OperatorHandle& op) {
 
 }  // namespace
 
+static const OpTraits& op_traits_locked(const c10::OperatorHandle& op);
+
 const OpTraits& op_traits(const c10::OperatorHandle& op) {
+  // Every op asks: a per-thread copy of the lookup answers without the lock.
+  thread_local std::unordered_map<const void*, const OpTraits*> local;
+  auto hit = local.find(&op.schema());
+  if (hit != local.end()) return *hit->second;
+  const OpTraits& traits = op_traits_locked(op);
+  local.emplace(&op.schema(), &traits);
+  return traits;
+}
+
+static const OpTraits& op_traits_locked(const c10::OperatorHandle& op) {
   static std::mutex mu;
   static std::unordered_map<const void*, std::unique_ptr<OpTraits>> cache;
   const void* key = &op.schema();

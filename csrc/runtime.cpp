@@ -668,7 +668,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     std::vector<int64_t>& locked;
     ~Unlock() { rt->unlock_all(locked); }
   } unlock{this, locked};
-  std::vector<c10::IValue> original(stack->begin() + first, stack->end());
+  // The wrappers themselves, for what an in-place op returns.
+  std::vector<c10::IValue> original;
+  if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
   std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
   std::vector<at::Tensor> vals;
   std::vector<Slot> slots;
@@ -792,11 +794,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   for (const auto& c : cells) {
     if (c) parents.push_back(c->storage->sid);
   }
-  std::unordered_map<const c10::StorageImpl*, size_t> input_storages;  // -> input index
+  // Ops have few inputs and outputs: linear scans, no per-op hash tables.
+  c10::SmallVector<std::pair<const c10::StorageImpl*, size_t>, 4> input_storages;  // -> input index
   for (size_t i = 0; i < vals.size(); ++i) {
-    if (const auto* st = storage_of(vals[i])) input_storages.try_emplace(st, i);
+    if (const auto* st = storage_of(vals[i])) input_storages.emplace_back(st, i);
   }
-  std::unordered_map<const c10::StorageImpl*, c10::intrusive_ptr<StorageRecord>> fresh;
+  c10::SmallVector<std::pair<const c10::StorageImpl*, c10::intrusive_ptr<StorageRecord>>, 2> fresh;
   int64_t new_bytes = 0;
   size_t k = 0;
   auto record = [&](const at::Tensor& o) -> at::Tensor {
@@ -810,7 +813,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       return make_wrapper(cells[0], o);
     }
     const c10::StorageImpl* st = storage_of(o);
-    auto src = st ? input_storages.find(st) : input_storages.end();
+    auto src = std::find_if(input_storages.begin(), input_storages.end(),
+                            [&](const auto& p) { return st != nullptr && p.first == st; });
     if (src != input_storages.end()) {
       const size_t j = src->second;
       if (!cells[j]) {  // a view of a plain tensor stays plain
@@ -826,14 +830,14 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       return make_wrapper(std::move(cell), o);
     }
     c10::intrusive_ptr<StorageRecord> rec;
-    auto same = fresh.find(st);
+    auto same = std::find_if(fresh.begin(), fresh.end(), [&](const auto& p) { return p.first == st; });
     if (same != fresh.end()) {
       rec = same->second;
     } else {
       const int64_t nb = storage_bytes(o);
       new_bytes += nb;
       rec = new_storage(nb, cost, traits.collective, parents);
-      fresh.emplace(st, rec);
+      fresh.emplace_back(st, rec);
     }
     auto cell = c10::make_intrusive<Cell>(traits.collective ? c10::intrusive_ptr<Recipe>() : recipe,
                                           static_cast<int32_t>(index), -1, rec);
