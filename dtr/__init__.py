@@ -9,6 +9,9 @@
 import torch  # noqa: F401  (before the C++ extension)
 
 from . import _ext  # noqa: F401  (warns once when dtr._C is missing)
+from . import device_memory
+# See Note [Counting CPU allocator]: every CPU tensor made from here on is counted.
+device_memory.install_cpu_counter()
 from . import measure, policies, scratch, testing
 from . import policies_extra  # noqa: F401  (registers dtr_regions, dtr_eq_sqrt)
 from .errors import (BudgetExceededError, DTRError, RecomputeError, StaleInputError,
