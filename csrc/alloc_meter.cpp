@@ -89,6 +89,11 @@ struct CountingCPUAllocator final : c10::Allocator {
   }
 };
 
+CountingCPUAllocator* counting_allocator() {
+  static auto* a = new CountingCPUAllocator();  // never destroyed: frees come until exit
+  return a;
+}
+
 std::mutex g_install_mu;
 bool g_tried = false;
 bool g_installed = false;
@@ -102,12 +107,18 @@ bool install() {
   if (g_tried) return g_installed;
   g_tried = true;
   if (c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator()) return false;
-  static auto* counting = new CountingCPUAllocator();  // never destroyed: frees come until exit
   // Priority 1, above the default allocator's 0. Storages made before keep
   // their own deleter, so they are never counted, in or out.
-  c10::SetCPUAllocator(counting, /*priority=*/1);
-  g_installed = c10::GetCPUAllocator() == counting;
+  c10::SetCPUAllocator(counting_allocator(), /*priority=*/1);
+  g_installed = c10::GetCPUAllocator() == counting_allocator();
   return g_installed;
+}
+
+bool set_counting(bool on) {
+  std::lock_guard<std::mutex> guard(g_install_mu);
+  if (!g_installed) return false;
+  c10::SetCPUAllocator(on ? counting_allocator() : c10::GetDefaultCPUAllocator(), /*priority=*/1);
+  return true;
 }
 
 bool installed() {

@@ -26,6 +26,12 @@ bool installed();
 // it is one relaxed atomic load.
 int64_t current_bytes();
 
+// For benchmarks only (bench/cpu_counter.py): makes c10's default allocator the CPU
+// allocator again (on=false) or the counting one (on=true), so that eager code can be
+// timed with and without it in one process. Allocations made while off are not counted
+// (their frees neither); false when install() did not succeed.
+bool set_counting(bool on);
+
 // Opens a measuring window (Note [Metering windows]): the peak is reset to the
 // current bytes, which are returned; -1 when another window is open (on
 // another thread), and then there is nothing to end.

@@ -254,6 +254,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("meter_install", &dtr::meter::install,
         "Install the counting CPU allocator (once per process); False if another allocator is in place.");
   m.def("meter_installed", &dtr::meter::installed, "Whether the counting CPU allocator is installed.");
+  m.def("_meter_set_counting", &dtr::meter::set_counting, py::arg("on"),
+        "Benchmarks only: switch the CPU allocator between the counting and the default one.");
   m.def("meter_current", &dtr::meter::current_bytes,
         "Bytes of live CPU storage allocated through the counting allocator.");
   m.def("meter_begin", &dtr::meter::begin, "Start a window: reset the peak; returns the current bytes.");

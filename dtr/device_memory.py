@@ -88,19 +88,22 @@ class _StorageSet:
 
 
 def live_cpu_tensors() -> Iterator[torch.Tensor]:
-    """Plain CPU tensors reachable by the garbage collector (dtr's wrappers excluded)."""
+    """CPU tensors with real storage that the garbage collector reaches (dtr's wrappers,
+    torch.compile's fake tensors and other storage-less subclasses excluded)."""
     from .tensor import DTRTensor
 
     tensor = torch.Tensor
     for obj in gc.get_objects():
         # type(), not isinstance: some lazy module attributes warn when asked their __class__.
         t = type(obj)
-        if (t is tensor or issubclass(t, tensor)) and t is not DTRTensor:
-            try:
-                if obj.device.type == "cpu" and not obj.is_meta:
-                    yield obj
-            except Exception:  # noqa: BLE001 - exotic subclasses: not ours to count
+        if not (t is tensor or issubclass(t, tensor)) or t is DTRTensor:
+            continue
+        try:
+            if obj.device.type != "cpu" or obj.is_meta or obj.untyped_storage().data_ptr() == 0:
                 continue
+        except Exception:  # noqa: BLE001 - fake, functional, sparse: no storage to count
+            continue
+        yield obj
 
 
 _state = {"tried": False, "on": False}

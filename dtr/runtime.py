@@ -159,7 +159,7 @@ class Runtime:
             for t in _devmem.live_cpu_tensors():
                 self.count_plain(t)
         self._update_limit()
-        self.stats.budget_bytes = self._resolve(self._limits[0])
+        self.stats.budget_bytes = self._limits[0]
         self.check_entry()
 
     def _resolve(self, spec) -> Optional[int]:
@@ -171,14 +171,17 @@ class Runtime:
 
     def _update_limit(self) -> None:
         limit = None
-        for spec in self._limits:
+        for i, spec in enumerate(self._limits):
             n = self._resolve(spec)
+            if n is not None and self.device is not None:
+                self._limits[i] = n  # "auto" is resolved once, when the block's device is known
             if n is not None:
                 limit = n if limit is None else min(limit, n)
         self.limit = limit
 
-    def push_limit(self, spec) -> None:
-        """A nested block opens: its limit tightens the runtime's until ``pop_limit``."""
+    def push_limit(self, spec) -> Optional[int]:
+        """A nested block opens: its limit tightens the runtime's until ``pop_limit``.
+        Returns it in bytes (None for no limit, or "auto" while the device is unknown)."""
         self._limits.append(spec)
         self._update_limit()
         try:
@@ -186,6 +189,8 @@ class Runtime:
         except BaseException:
             self.pop_limit()
             raise
+        got = self._limits[-1]
+        return got if isinstance(got, int) else None
 
     def pop_limit(self) -> None:
         self._limits.pop()
@@ -395,6 +400,15 @@ class Runtime:
                         gc.collect()
                         used = self.bytes_in_use()
                         continue
+                    # Note [Over the budget without dtr]
+                    # The device's memory can pass the budget through no op of dtr's: after
+                    # the block (an optimizer step, other models) or an op whose output size
+                    # could not be planned. An op that allocates nothing cannot make that
+                    # worse, and after the block the budget is no promise any more: both
+                    # run once everything evictable is evicted. Only an op of an open block
+                    # that needs memory raises.
+                    if need == 0 or self.closed:
+                        return
                     self._raise_budget(need, opname, working, used)
                 rec = records[sid]()
                 if rec is None:  # pragma: no cover - records are removed when they die

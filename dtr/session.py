@@ -179,8 +179,7 @@ class Session:
             # See Note [Entry check]).
             outer = stack[-1]
             rt = outer.runtime
-            rt.push_limit(self._spec)
-            self._resolved = rt._resolve(self._spec)
+            self._resolved = rt.push_limit(self._spec)
             self._outer = outer
             self._saved = rt.evict_all
             rt.evict_all = rt.evict_all or self.runtime.evict_all

@@ -20,6 +20,7 @@ class Run:
     sessions: list = field(default_factory=list)
     rng_after: torch.Tensor = None
     base: int = 0  # CPU tensor bytes in use before the model was built (see headroom_peak)
+    step_bases: List[int] = field(default_factory=list)  # in use as each step's block opened
 
 
 def train(name: str, ctx: Callable[[], object] = contextlib.nullcontext, steps: int = 3,
@@ -33,6 +34,7 @@ def train(name: str, ctx: Callable[[], object] = contextlib.nullcontext, steps: 
     run = Run(model, opt, [], [], base=base)
     for inp in data[:steps]:
         opt.zero_grad(set_to_none=True)
+        run.step_bases.append(live_bytes())
         with ctx() as s:
             loss = model(*inp)
             loss.backward()
@@ -81,6 +83,13 @@ def live_bytes() -> int:
 def headroom_peak(run: Run) -> int:
     """The run's peak as dtr counted it, less what was in use before the run began."""
     return max(s.stats.peak_bytes for s in run.sessions) - run.base
+
+
+def step_room(run: Run) -> int:
+    """The most any step's block used above what was in use as it opened (its activations
+    and temporaries): with ``lambda: dtr.budget(budget_above(f * room))`` each step gets
+    that fraction of it above what is in use then."""
+    return max(s.stats.peak_bytes - b for s, b in zip(run.sessions, run.step_bases))
 
 
 def budget_above(extra: int) -> int:

@@ -30,6 +30,9 @@ def compiled_train(name: str, backend, ctx=contextlib.nullcontext, steps: int = 
     """harness.train, with the model compiled. Each step runs inside ``ctx()``."""
     torch._dynamo.reset()
     base = live_bytes()
+    if model_data is not None:  # made before the call: count it in the run, not in the base
+        base -= _storage_bytes([*model_data[0].parameters(), *model_data[0].buffers(),
+                                *(t for inp in model_data[1] for t in inp)])
     model, data = model_data if model_data is not None else models.make(name, 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     fwd = torch.compile(model, backend=backend, **compile_kw)
@@ -46,6 +49,11 @@ def compiled_train(name: str, backend, ctx=contextlib.nullcontext, steps: int = 
         opt.step()
     run.rng_after = torch.get_rng_state()
     return run
+
+
+def _storage_bytes(tensors):
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
 
 
 _EAGER = {}

@@ -402,3 +402,17 @@ def test_cuda_budget_is_the_caching_allocators_count():
     with pytest.raises(dtr.BudgetExceededError, match="already in use"):
         with dtr.budget(1024, device=dev):
             pass
+
+
+def test_ops_after_the_block_run_when_memory_outside_dtr_passed_its_budget():
+    # Note [Over the budget without dtr]: after the block the budget is no promise, and an op
+    # that allocates nothing never raises.
+    x = torch.randn(1 << 14)
+    with dtr.budget(live_bytes() + (1 << 20)) as s:
+        y = x * 2
+        z = y + 1
+    hog = torch.zeros(1 << 19)  # 2 MiB: now above the session's budget
+    assert s.runtime.bytes_in_use() > s.runtime.limit or not dtr.device_memory.cpu_counter_installed()
+    assert torch.equal(dtr.unwrap(z), x * 2 + 1)
+    assert (z - 1).sum().item() == pytest.approx(y.sum().item())
+    del hog
