@@ -244,7 +244,7 @@ def _tensors_to_count(count):
     return out
 
 
-def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
+def budget(limit: Union[int, str, float, None], policy="dtr_eq", *, device=None,
            search: Optional[SearchOptions] = None, pool: str = "auto", count=()) -> Session:
     """Run the block under a memory limit, evicting and recomputing values as needed.
 
