@@ -33,7 +33,8 @@ setup(
     python_requires=">=3.10",
     # torch is installed first, pinned (pip install torch==2.13.0): the
     # extension is built against it with --no-build-isolation.
-    install_requires=["torch>=2.13"],
+    # numpy: torch warns "Failed to initialize NumPy" without it (python -m dtr demo did).
+    install_requires=["torch>=2.13", "numpy"],
     extras_require={
         # The suite also runs the simulator and the benchmark's quick mode.
         "test": ["pytest", "hypothesis", "numpy", "scipy", "matplotlib", "tqdm"],

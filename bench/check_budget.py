@@ -5,8 +5,8 @@
     python -m bench.check_budget resnet none        # no limit
 
 Prints eager's measured peak, the budget, the measured peak of the dtr step (resident
-bytes at the step's start + the profiler's peak above it; after one warm-up step, with
-``count=`` the model and the batch, as in bench.run), dtr's own accounting
+bytes at the step's start + the profiler's peak above it; after one warm-up step, with a
+plain ``dtr.budget``, as in bench.run), dtr's own accounting
 (stats.peak_bytes), the loss of both, and the full message of a BudgetExceededError.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 import dtr
 from bench import models as M
-from bench.run import flat_tensors, resident_base
+from bench.run import resident_base
 
 MiB = 1 << 20
 
@@ -40,7 +40,7 @@ def one_step(name, size, budget, policy):
             loss = model(*batch)
             loss.backward()
             return loss.item(), None
-        with dtr.budget(budget, policy=policy, count=[model, *flat_tensors(batch)]) as s:
+        with dtr.budget(budget, policy=policy) as s:
             loss = model(*batch)
             loss.backward()
             v = loss.item()

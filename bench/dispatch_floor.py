@@ -12,7 +12,7 @@ rounds with one torch thread:
   ``_make_wrapper_subclass`` tensors holding the real ones, unwrapped before each
   op (what any ``__torch_dispatch__`` wrapper subclass pays: the Python call per
   op, the wrapper objects, autograd over them);
-- dtr with no limit (``dtr.budget(None, count=[model, *batch])``): that plus
+- dtr with no limit (``dtr.budget(None)``): that plus
   dtr's bookkeeping.
 
 The gap between the last two is what dtr's own per-op work costs; the first gap is
@@ -37,7 +37,6 @@ from torch.utils._pytree import tree_map
 
 import dtr
 from bench import models as M
-from bench.run import flat_tensors
 
 
 class _Wrapped(torch.Tensor):
@@ -83,11 +82,10 @@ def measure(name: str, size: str, reps: int) -> dict:
     model, batch_fn = M.build(name, size)
     model.train()
     batch = batch_fn(1)
-    count = [model, *flat_tensors(batch)]
     ctxs = {
         "eager": contextlib.nullcontext,
         "do-nothing wrapper": DoNothingMode,
-        "dtr no limit": lambda: dtr.budget(None, count=count),
+        "dtr no limit": lambda: dtr.budget(None),
     }
 
     def step(ctx):

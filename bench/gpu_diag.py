@@ -70,7 +70,7 @@ def main():
             if i == 1:
                 rt.Runtime._dispatch = patched
             torch.cuda.reset_peak_memory_stats()
-            with dtr.budget(budget, device=dev, count=model) as s:
+            with dtr.budget(budget, device=dev) as s:
                 loss = model(*b)
                 loss.backward()
                 del loss

@@ -133,11 +133,9 @@ def uses_dtr(row_or_cfg) -> bool:
 def make_stepper(model, cfg: Config):
     """(step, optimizer): ``step(batch) -> (loss float, dtr stats dict or None)`` runs one training step.
 
-    Under dtr, ``count=(model, *inputs)`` counts the parameters, buffers, gradients and the
-    step's input tensors against the budget from the start of the block, so the measured peak
-    (what is resident at the step's start + the profiler's peak) is what the budget bounds.
-    (With ``count=model`` alone a U-Net's 1 MiB label tensor counted only from its first use,
-    the loss, after the peak: measured 1.006-1.012x the budget.)
+    Under dtr, a plain ``dtr.budget(budget)``: it bounds all tensor memory of the device
+    (See Note [The budget is the device's memory] in dtr/device_memory.py), so the measured
+    peak (what is resident at the step's start + the profiler's peak) is what it bounds.
     """
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     model.ckpt = cfg.ckpt
@@ -152,8 +150,7 @@ def make_stepper(model, cfg: Config):
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        block = (dtr.budget(cfg.budget, policy=cfg.policy, count=[model, *flat_tensors(batch)])
-                 if under_dtr else contextlib.nullcontext())
+        block = dtr.budget(cfg.budget, policy=cfg.policy) if under_dtr else contextlib.nullcontext()
         with block as s:
             loss = fwd(*batch)
             loss.backward()

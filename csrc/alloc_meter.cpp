@@ -2,88 +2,101 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
-#include <array>
 #include <atomic>
+#include <cstring>
 #include <mutex>
-#include <unordered_map>
 
 namespace dtr::meter {
 namespace {
 
+// Note [Counting CPU allocator]
+// A CPU budget must bound every CPU tensor of the process (parameters,
+// gradients, optimizer state, data made before the block), as
+// torch.cuda.memory_allocated does on CUDA. c10 keeps no such count (its
+// ProfiledCPUMemoryReporter counts only while the profiler records), so dtr
+// installs this allocator at import: c10's alloc_cpu/free_cpu, as the default
+// allocator calls them, with the requested size written in a header of
+// gAlignment bytes in front of the data (so the data keeps its alignment).
+// The header, not a side table, because oneDNN allocates through
+// raw_allocate/raw_deallocate, which need the DataPtr's context to be its data
+// pointer: the deleter gets only that pointer, and finds the size before it.
+// Per allocation and free this adds one relaxed atomic add to what the default
+// allocator does (bench/cpu_counter.py measures it on eager code).
+//
+// It also stands in for the default allocator towards the profiler: it
+// reports each allocation with its requested size, and a free only if the
+// allocation was reported (the header records whether), exactly as the
+// default allocator's reporter does, so dtr.measure sees what it saw before.
+constexpr size_t kHeader = c10::gAlignment;
+struct Header {
+  int64_t nbytes;
+  bool reported;
+};
+static_assert(sizeof(Header) <= kHeader);
+
 std::atomic<int64_t> g_current{0};
 std::atomic<int64_t> g_peak{0};
+std::atomic<bool> g_window_open{false};
 
-// Note [Why a side table]
-// oneDNN allocates its scratch with raw_allocate/raw_deallocate, which need the
-// DataPtr's context to be its data pointer. So the wrapper cannot put the size
-// in a context of its own: it keeps each live allocation's size in a table,
-// sharded by address to keep lock contention between threads low.
-struct Shard {
-  std::mutex mu;
-  std::unordered_map<void*, size_t> sizes;
-};
-constexpr size_t kShards = 64;
-std::array<Shard, kShards>& shards() {
-  static auto* s = new std::array<Shard, kShards>();  // never destroyed: frees can come at exit
-  return *s;
-}
-Shard& shard_of(void* p) {
-  return shards()[(reinterpret_cast<uintptr_t>(p) >> 6) % kShards];
-}
-
-c10::Allocator* g_inner = nullptr;
-c10::DeleterFnPtr g_inner_delete = nullptr;
+const c10::Device kCPU(c10::DeviceType::CPU);
 
 void note_alloc(int64_t n) {
   int64_t cur = g_current.fetch_add(n, std::memory_order_relaxed) + n;
-  int64_t peak = g_peak.load(std::memory_order_relaxed);
-  while (cur > peak && !g_peak.compare_exchange_weak(peak, cur, std::memory_order_relaxed)) {
-  }
-}
-
-void metered_delete(void* ptr) {
-  if (ptr == nullptr) return;
-  size_t n = 0;
-  {
-    Shard& s = shard_of(ptr);
-    std::lock_guard<std::mutex> guard(s.mu);
-    auto it = s.sizes.find(ptr);
-    if (it != s.sizes.end()) {
-      n = it->second;
-      s.sizes.erase(it);
+  if (g_window_open.load(std::memory_order_relaxed)) {
+    int64_t peak = g_peak.load(std::memory_order_relaxed);
+    while (cur > peak && !g_peak.compare_exchange_weak(peak, cur, std::memory_order_relaxed)) {
     }
   }
-  g_current.fetch_sub(static_cast<int64_t>(n), std::memory_order_relaxed);
-  g_inner_delete(ptr);
 }
 
-struct MeteredCPUAllocator final : c10::Allocator {
+void counted_delete(void* data) {
+  if (data == nullptr) return;
+  char* base = static_cast<char*>(data) - kHeader;
+  const Header* h = reinterpret_cast<const Header*>(base);
+  int64_t n = h->nbytes;
+  bool reported = h->reported;
+  int64_t cur = g_current.fetch_sub(n, std::memory_order_relaxed) - n;
+  if (reported && c10::memoryProfilingEnabled()) {
+    c10::reportMemoryUsageToProfiler(data, -n, static_cast<size_t>(cur), 0, kCPU);
+  }
+  c10::free_cpu(base);
+}
+
+struct CountingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    c10::DataPtr d = g_inner->allocate(n);
-    void* data = d.get();
-    if (data == nullptr || d.get_context() != data || d.get_deleter() != g_inner_delete) {
-      return d;  // not the layout we wrap (e.g. n == 0): pass it through uncounted
-    }
-    c10::Device device = d.device();
-    d.release_context();
-    {
-      Shard& s = shard_of(data);
-      std::lock_guard<std::mutex> guard(s.mu);
-      s.sizes[data] = n;
-    }
+    if (n == 0) return {nullptr, nullptr, &counted_delete, kCPU};
+    void* base = c10::alloc_cpu(n + kHeader);  // throws c10::Error when out of memory
+    Header* h = static_cast<Header*>(base);
+    h->nbytes = static_cast<int64_t>(n);
+    h->reported = false;
+    void* data = static_cast<char*>(base) + kHeader;
     note_alloc(static_cast<int64_t>(n));
-    return {data, data, &metered_delete, device};
+    if (c10::memoryProfilingEnabled()) {
+      h->reported = true;
+      c10::reportMemoryUsageToProfiler(
+          data, static_cast<int64_t>(n), static_cast<size_t>(g_current.load(std::memory_order_relaxed)),
+          0, kCPU);
+    }
+    return {data, data, &counted_delete, kCPU};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &metered_delete; }
+  c10::DeleterFnPtr raw_deleter() const override { return &counted_delete; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
-    g_inner->copy_data(dest, src, count);
+    if (count) std::memcpy(dest, src, count);
   }
 };
 
-MeteredCPUAllocator* g_metered = nullptr;
+CountingCPUAllocator* counting_allocator() {
+  static auto* a = new CountingCPUAllocator();  // never destroyed: frees come until exit
+  return a;
+}
+
 std::mutex g_install_mu;
+bool g_tried = false;
+bool g_installed = false;
 // Held from begin() to end(): one measuring window at a time in the process.
 std::mutex g_window;
 
@@ -91,21 +104,26 @@ std::mutex g_window;
 
 bool install() {
   std::lock_guard<std::mutex> guard(g_install_mu);
-  if (g_metered != nullptr) return true;
-  c10::Allocator* inner = c10::GetCPUAllocator();
-  c10::DeleterFnPtr del = inner->raw_deleter();
-  if (del == nullptr) return false;
-  {
-    // The wrapper relies on context == data and the raw deleter; check once.
-    c10::DataPtr probe = inner->allocate(64);
-    if (probe.get() == nullptr || probe.get_context() != probe.get() || probe.get_deleter() != del) {
-      return false;
-    }
-  }
-  g_inner = inner;
-  g_inner_delete = del;
-  g_metered = new MeteredCPUAllocator();  // never destroyed: its storages outlive windows
+  if (g_tried) return g_installed;
+  g_tried = true;
+  if (c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator()) return false;
+  // Priority 1, above the default allocator's 0. Storages made before keep
+  // their own deleter, so they are never counted, in or out.
+  c10::SetCPUAllocator(counting_allocator(), /*priority=*/1);
+  g_installed = c10::GetCPUAllocator() == counting_allocator();
+  return g_installed;
+}
+
+bool set_counting(bool on) {
+  std::lock_guard<std::mutex> guard(g_install_mu);
+  if (!g_installed) return false;
+  c10::SetCPUAllocator(on ? counting_allocator() : c10::GetDefaultCPUAllocator(), /*priority=*/1);
   return true;
+}
+
+bool installed() {
+  std::lock_guard<std::mutex> guard(g_install_mu);
+  return g_installed;
 }
 
 int64_t current_bytes() {
@@ -113,28 +131,22 @@ int64_t current_bytes() {
 }
 
 // Note [Metering windows]
-// The wrapper is the CPU allocator only inside a window, so code outside one
-// (eager PyTorch, dtr's ops after their first run) pays nothing. Storages
-// allocated in a window keep the wrapper's deleter and are freed through it
-// whenever they die. Priority 1 is above the default allocator's 0; the
-// allocator in place before the window is put back after it (unless someone
-// replaced the wrapper meanwhile).
+// The count is always on; a window only tracks a peak over it, so an op's
+// scratch is what it allocated above its start and freed again before its
+// end. Allocations of other threads fall in the window too: the measurement
+// is an upper bound, which only makes the reservation safer.
 int64_t begin() {
-  TORCH_CHECK(g_metered != nullptr, "dtr: meter_begin before meter_install");
+  TORCH_CHECK(g_installed, "dtr: meter_begin without the counting CPU allocator installed");
   if (!g_window.try_lock()) return -1;  // another thread is measuring: skip this time
-  c10::SetCPUAllocator(g_metered, /*priority=*/1);
-  if (c10::GetCPUAllocator() != g_metered) {  // a higher-priority allocator is in place
-    g_window.unlock();
-    return -1;
-  }
   int64_t cur = g_current.load(std::memory_order_relaxed);
   g_peak.store(cur, std::memory_order_relaxed);
+  g_window_open.store(true, std::memory_order_relaxed);
   return cur;
 }
 
 std::pair<int64_t, int64_t> end(int64_t start) {
   TORCH_CHECK(start >= 0, "dtr: meter_end without an open window");
-  if (c10::GetCPUAllocator() == g_metered) c10::SetCPUAllocator(g_inner, /*priority=*/1);
+  g_window_open.store(false, std::memory_order_relaxed);
   int64_t peak = g_peak.load(std::memory_order_relaxed);
   int64_t cur = g_current.load(std::memory_order_relaxed);
   g_window.unlock();

@@ -1,6 +1,9 @@
-// A counting wrapper around the CPU allocator, so the runtime can learn how
-// much scratch an op allocates while it runs (see Note [Measured op scratch]
-// in dtr/scratch.py).
+// The CPU allocator dtr installs when it is imported: the default CPU
+// allocator plus an always-on count of the bytes of live CPU tensors (see
+// Note [Counting CPU allocator] in alloc_meter.cpp). A CPU budget is checked
+// against this count, the CPU equivalent of torch.cuda.memory_allocated;
+// the runtime also opens short windows on it to measure an op's scratch
+// (Note [Measured op scratch] in dtr/scratch.py).
 #pragma once
 
 #include <cstdint>
@@ -8,18 +11,30 @@
 
 namespace dtr::meter {
 
-// Prepares a counting wrapper around the current CPU allocator (once per
-// process). Returns false when the allocator is not one whose DataPtr context
-// is its data pointer (the default allocator's layout, which
-// raw_allocate/raw_deallocate rely on); then nothing is measured.
+// Makes the counting allocator the CPU allocator (once per process; later
+// calls return the first answer). Returns false, and changes nothing, when
+// the CPU allocator in place is not c10's default one (someone installed
+// their own), so there is nothing this wrapper knows how to count.
 bool install();
 
-// Bytes currently allocated through the wrapper and not yet freed.
+// Whether install() succeeded.
+bool installed();
+
+// Bytes of CPU tensor memory allocated through the counting allocator and not
+// yet freed: every CPU storage made since install(), as the torch profiler's
+// alloc_size counts it (the requested size). A C++ runtime reads this per op;
+// it is one relaxed atomic load.
 int64_t current_bytes();
 
-// Opens a measuring window (Note [Metering windows]): the wrapper becomes the CPU
-// allocator, the peak is reset to the current bytes, which are returned; -1 when
-// another window is open (on another thread), and then there is nothing to end.
+// For benchmarks only (bench/cpu_counter.py): makes c10's default allocator the CPU
+// allocator again (on=false) or the counting one (on=true), so that eager code can be
+// timed with and without it in one process. Allocations made while off are not counted
+// (their frees neither); false when install() did not succeed.
+bool set_counting(bool on);
+
+// Opens a measuring window (Note [Metering windows]): the peak is reset to the
+// current bytes, which are returned; -1 when another window is open (on
+// another thread), and then there is nothing to end.
 int64_t begin();
 // Closes it: (peak above start, bytes still allocated above start).
 std::pair<int64_t, int64_t> end(int64_t start);

@@ -251,11 +251,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("native_policies", &dtr::native_policy_names,
         "Names of the policies the C++ pool implements.");
 
-  // See Note [Measured op scratch] in dtr/scratch.py.
+  // See Note [Counting CPU allocator] in alloc_meter.cpp.
   m.def("meter_install", &dtr::meter::install,
-        "Prepare the counting CPU allocator (once per process); False if it cannot wrap this allocator.");
+        "Install the counting CPU allocator (once per process); False if another allocator is in place.");
+  m.def("meter_installed", &dtr::meter::installed, "Whether the counting CPU allocator is installed.");
+  m.def("_meter_set_counting", &dtr::meter::set_counting, py::arg("on"),
+        "Benchmarks only: switch the CPU allocator between the counting and the default one.");
   m.def("meter_current", &dtr::meter::current_bytes,
-        "Bytes currently allocated through the metered CPU allocator.");
+        "Bytes of live CPU storage allocated through the counting allocator.");
   m.def("meter_begin", &dtr::meter::begin, "Start a window: reset the peak; returns the current bytes.");
   m.def("meter_end", &dtr::meter::end, py::arg("start"),
         "End a window: (peak bytes above start, bytes still allocated above start).");

@@ -8,6 +8,7 @@
 
 #include "capture.h"
 #include "errors.h"
+#include "alloc_meter.h"
 #include "grad_hook.h"
 #include "op_traits.h"
 #include "wrapper.h"
@@ -190,6 +191,35 @@ Stats Runtime::stats() {
   return stats_;
 }
 
+int64_t Runtime::tracked() const {
+  if (meter_offset_) return meter::current_bytes() + *meter_offset_;
+  return pool_bytes_ + plain_bytes_;
+}
+
+void Runtime::use_cpu_meter(int64_t outside_bytes) {
+  Lock g(mu_);
+  meter_offset_ = outside_bytes;
+}
+
+int64_t Runtime::bytes_in_use() {
+  Lock g(mu_);
+  drain_pending();
+  return tracked();
+}
+
+int64_t Runtime::evict_to(int64_t limit) {
+  Lock g(mu_);
+  drain_pending();
+  while (tracked() > limit) {
+    const Entry* victim = pool_.choose_victim(clock_);
+    if (victim == nullptr) break;
+    auto it = records_.find(victim->sid);
+    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
+    evict(*it->second, /*counted=*/true);
+  }
+  return tracked();
+}
+
 bool Runtime::has_live_values() {
   Lock g(mu_);
   return !records_.empty();
@@ -348,9 +378,14 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
                  "dtr: budget of " + format_bytes(limit) + " cannot be met at op " + opname +
                      ": it needs " + format_bytes(need) + " for its outputs on top of " +
                      format_bytes(pinned) +
-                     " that cannot be evicted (plain tensors such as parameters, inputs and "
-                     "gradients: " + format_bytes(plain_bytes_) +
-                     "; locked inputs and unrecomputable values: " + format_bytes(pool_bytes_) +
+                     " in use that cannot be evicted (" +
+                     (meter_offset_ ? std::string("all CPU tensor memory: parameters, gradients, "
+                                                  "optimizer state, inputs, locked inputs and "
+                                                  "unrecomputable values")
+                                    : "plain tensors such as parameters, inputs and gradients: " +
+                                          format_bytes(plain_bytes_) +
+                                          "; locked inputs and unrecomputable values: " +
+                                          format_bytes(pool_bytes_)) +
                      "). The op's own working set is " + format_bytes(working) +
                      ". The smallest budget that would have worked here is at least " +
                      format_bytes(smallest) + ": retry the step with dtr.budget(" +

@@ -46,6 +46,18 @@ class Runtime : public c10::intrusive_ptr_target {
 
   // Counts a plain tensor against the budget from now on (dtr.budget's count=).
   void count_plain_tensor(const at::Tensor& t);
+  // Note [The C++ runtime's count of the device]
+  // With the counting CPU allocator installed (csrc/alloc_meter.h), the budget is
+  // checked against all CPU tensor memory, as dtr/runtime.py does: the meter's
+  // count plus `outside_bytes`, the tensors that were alive before the meter was
+  // installed (known to Python, taken as constant for the block: conservative if
+  // they die). Without it (and on CUDA, for now) the runtime's own count is used:
+  // its resident values plus the plain tensors its ops read.
+  void use_cpu_meter(int64_t outside_bytes);
+  int64_t bytes_in_use();
+  // Evicts until at most `limit` bytes are in use or nothing is left to evict
+  // (Note [Entry check] in dtr/runtime.py); returns the bytes then in use.
+  int64_t evict_to(int64_t limit);
   void evict_everything();
   // The block ended: from now on keep nothing no wrapper refers to.
   void close();
@@ -89,7 +101,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void drain_pending();
   void release_locked(c10::intrusive_ptr<Cell> cell);
   void note_peak(int64_t reserved = 0);
-  int64_t tracked() const { return pool_bytes_ + plain_bytes_; }
+  int64_t tracked() const;
 
   std::recursive_mutex mu_;
   Pool pool_;
@@ -100,6 +112,7 @@ class Runtime : public c10::intrusive_ptr_target {
   int64_t next_sid_ = 0;
   int64_t pool_bytes_ = 0;   // resident, not escaped storages
   int64_t plain_bytes_ = 0;  // plain tensors the block touched, while alive
+  std::optional<int64_t> meter_offset_;  // set: the CPU meter counts (see use_cpu_meter)
   Stats stats_;
   std::unordered_map<int64_t, StorageRecord*> records_;
   // Plain storages counted, by address; weak so that their death shows.

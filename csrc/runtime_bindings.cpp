@@ -90,6 +90,9 @@ void bind_runtime(py::module_& m) {
       .def("evict_everything", [](Runtime& rt) { no_gil([&] { rt.evict_everything(); }); })
       .def("has_live_values", [](Runtime& rt) { return no_gil([&] { return rt.has_live_values(); }); })
       .def("count_plain", [](Runtime& rt, const at::Tensor& t) { no_gil([&] { rt.count_plain_tensor(t); }); })
+      .def("use_cpu_meter", [](Runtime& rt, int64_t outside) { no_gil([&] { rt.use_cpu_meter(outside); }); })
+      .def("bytes_in_use", [](Runtime& rt) { return no_gil([&] { return rt.bytes_in_use(); }); })
+      .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });
 
   m.def("enter_block", [](c10::intrusive_ptr<Runtime> rt) {

@@ -376,8 +376,7 @@ class DTRBackend:
         if stack:
             rt = stack[-1].runtime
             saved = rt.limit
-            if self.budget_bytes is not None:
-                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+            rt.limit = rt.tightened(self.budget_bytes)
             return rt, saved
         if self.budget_bytes is None and not self._warned:
             self._warned = True  # once per backend (the registered "dtr": once per process)
@@ -392,7 +391,7 @@ class DTRBackend:
                 rt, restore = self._runtime_for_forward()
             elif self.budget_bytes is not None:
                 restore = rt.limit
-                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+                rt.limit = rt.tightened(self.budget_bytes)
         else:
             rt, restore = self._runtime_for_forward()
         try:

@@ -9,10 +9,13 @@ docs/design.md): policies given as Python callables, mutation recipes
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
+
+import torch
 
 from . import _ext
-from .runtime import Stats
+from . import device_memory as _devmem
+from .runtime import Stats, entry_error
 
 
 def _check(policy, pool: str) -> None:
@@ -34,12 +37,15 @@ class CppRuntime:
 
     kind = "cpp"
 
-    def __init__(self, budget_bytes: Optional[int], policy, search, evict_all: bool = False,
-                 pool_impl: str = "auto"):
+    def __init__(self, spec, policy, search, evict_all: bool = False, pool_impl: str = "auto"):
         _check(policy, pool_impl)
-        self._rt = _ext._C.Runtime(budget_bytes, policy, search, evict_all)
+        # One limit per open block, outermost first, as dtr/runtime.py's Runtime keeps them;
+        # "auto" and fractions are resolved when the device is bound.
+        self._limits: List = [spec]
+        self.device: Optional[torch.device] = None
+        self._rt = _ext._C.Runtime(spec if isinstance(spec, int) else None, policy, search,
+                                   evict_all)
         self.policy = policy
-        self._budget_bytes = budget_bytes
         self._token = None
 
     @property
@@ -49,6 +55,63 @@ class CppRuntime:
     @limit.setter
     def limit(self, value: Optional[int]) -> None:
         self._rt.limit = value
+
+    def _resolve(self, spec) -> Optional[int]:
+        if spec is None or isinstance(spec, int):
+            return spec
+        if self.device is None:
+            raise ValueError(
+                "dtr: runtime='cpp' resolves dtr.budget(\"auto\") and fractions when the block "
+                "opens, but the device is not known then on a machine with CUDA; pass "
+                "device='cuda' or device='cpu'")
+        return _devmem.auto_bytes(self.device, spec.fraction,
+                                  in_use=_devmem.bytes_in_use(self.device))
+
+    def _update_limit(self) -> None:
+        resolved = [self._resolve(spec) for spec in self._limits]
+        self._limits = resolved
+        ints = [n for n in resolved if n is not None]
+        self._rt.limit = min(ints) if ints else None
+
+    def bind_device(self, device) -> None:
+        """The device whose budget this is; resolves "auto" and checks entry, as
+        dtr/runtime.py's bind_device (See Note [The C++ runtime's count of the device])."""
+        if self.device is not None:
+            return
+        self.device = torch.device(device)
+        if self.device.type == "cpu" and _devmem.cpu_counter_installed():
+            self._rt.use_cpu_meter(_devmem._BEFORE_INSTALL.bytes)
+        self._update_limit()
+        self.check_entry()
+
+    def check_entry(self) -> None:
+        """Note [Entry check] in dtr/runtime.py."""
+        limit = self.limit
+        if limit is None or self.device is None:
+            return
+        used = self._rt.evict_to(limit)
+        if used > limit:
+            raise entry_error(used, limit, self.device)
+
+    def push_limit(self, spec) -> Optional[int]:
+        self._limits.append(spec)
+        self._update_limit()
+        try:
+            self.check_entry()
+        except BaseException:
+            self.pop_limit()
+            raise
+        return self._limits[-1]
+
+    def pop_limit(self) -> None:
+        self._limits.pop()
+        self._update_limit()
+
+    def tightened(self, spec) -> Optional[int]:
+        n = self._resolve(spec)
+        if n is None:
+            return self.limit
+        return n if self.limit is None else min(self.limit, n)
 
     @property
     def evict_all(self) -> bool:
@@ -60,7 +123,9 @@ class CppRuntime:
 
     @property
     def stats(self) -> Stats:
-        return Stats(budget_bytes=self._budget_bytes, policy=self.policy, **self._rt.stats())
+        first = self._limits[0]
+        return Stats(budget_bytes=first if isinstance(first, int) else None, policy=self.policy,
+                     **self._rt.stats())
 
     @property
     def closed(self) -> bool:
@@ -77,6 +142,8 @@ class CppRuntime:
 
     def enter(self) -> None:
         """Opens the block on this thread (the C++ "mode": see Note [Capturing plain-only ops])."""
+        if self.device is None and any(not (s is None or isinstance(s, int)) for s in self._limits):
+            self._resolve(self._limits[0])  # raises: the device must be known
         self._token = _ext._C.enter_block(self._rt)
 
     def exit(self) -> None:

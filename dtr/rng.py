@@ -58,6 +58,11 @@ def capture(generator: Optional[torch.Generator], device: torch.device) -> RNGSt
     return RNGState(generator, device, _get(generator, device))
 
 
+def reset(rng: RNGState) -> None:
+    """Set the generator back to the captured state (an op retried after running out of memory)."""
+    _set(rng.generator, rng.device, rng.state)
+
+
 class replay:
     """Context manager: run with the captured state, then restore the current one."""
 

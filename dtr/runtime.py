@@ -6,6 +6,7 @@ the objects; the notes below explain the less obvious decisions.
 """
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import weakref
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import device_memory as _devmem
 from . import rng as _rng
 from .cost import estimate_from_bytes, perf_counter
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
@@ -50,9 +52,14 @@ class Stats:
     remat_seconds: float = 0.0
     search_seconds: float = 0.0
     op_seconds: float = 0.0
+    # Bytes in use on the block's device as the runtime saw them at its ops (See
+    # Note [The budget is the device's memory]), plus the room made for the op running.
     peak_bytes: int = 0
     tracked_bytes: int = 0
     unplanned_ops: int = 0
+    # Ops that ran out of the allocator's memory and were retried after evicting;
+    # see Note [Out of memory].
+    oom_retries: int = 0
     # op name -> [recomputations, seconds running that op (not its inputs' recomputes)]
     remat_by_op: Dict[str, List[float]] = field(default_factory=dict)
 
@@ -86,15 +93,23 @@ def _storage_nbytes(t: torch.Tensor) -> int:
 class Runtime:
     """One pool of evictable values under one memory limit."""
 
-    def __init__(self, budget_bytes: Optional[int], policy="dtr_eq",
+    def __init__(self, budget_bytes=None, policy="dtr_eq",
                  search: SearchOptions = SearchOptions(), evict_all: bool = False,
                  pool_impl: str = "auto"):
-        self.limit = budget_bytes
+        # ``budget_bytes``: bytes, None, or an AutoBudget resolved once the device is known.
+        # One limit per open block, outermost first; ``limit`` is the tightest resolved one.
+        self._limits: List = [budget_bytes]
+        self.limit: Optional[int] = budget_bytes if isinstance(budget_bytes, int) else None
         self.policy = policy
         self.pool = make_pool(policy, search, pool_impl)
         _scratch.enable()
-        self.stats = Stats(budget_bytes=budget_bytes,
+        self.stats = Stats(budget_bytes=self.limit,
                            policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"))
+        # The block's device and the count of its allocator (None: the runtime's own
+        # count, models_memory); see Note [The budget is the device's memory].
+        self.device: Optional[torch.device] = None
+        self._meter = None
+        self.models_memory = True
         self.evict_all = evict_all
         self.lock = threading.RLock()
         self.clock = 0.0
@@ -115,11 +130,108 @@ class Runtime:
     # ------------------------------------------------------------------
     @property
     def tracked_bytes(self) -> int:
-        return self.pool_bytes + self.plain_bytes
+        return self.bytes_in_use()
+
+    def bytes_in_use(self) -> int:
+        """Tensor bytes in use on the block's device (See Note [The budget is the device's memory])."""
+        m = self._meter
+        if m is None:
+            return self.pool_bytes + self.plain_bytes
+        return m()
+
+    # ------------------------------------------------------------------
+    # The device and the limits of the open blocks
+    # ------------------------------------------------------------------
+    def bind_device(self, device) -> None:
+        """Fix the device whose memory the budget bounds, resolve "auto" limits, check entry.
+
+        Given to ``dtr.budget(device=...)``, or CPU when CUDA is not available, the device is
+        bound when the block opens; otherwise by the first plain tensor an op reads.
+        """
+        dev = torch.device(device)
+        if self.device is not None:
+            return
+        self.device = dev
+        self._meter = _devmem.meter_for(dev)
+        self.models_memory = self._meter is None
+        if self.models_memory and dev.type == "cpu":
+            # See Note [The budget is the device's memory]: the fallback counts what lives.
+            for t in _devmem.live_cpu_tensors():
+                self.count_plain(t)
+        self._update_limit()
+        self.stats.budget_bytes = self._limits[0]
+        self.check_entry()
+
+    def _resolve(self, spec) -> Optional[int]:
+        if spec is None or isinstance(spec, int):
+            return spec
+        if self.device is None:
+            return None
+        return _devmem.auto_bytes(self.device, spec.fraction, in_use=self.bytes_in_use())
+
+    def _update_limit(self) -> None:
+        limit = None
+        for i, spec in enumerate(self._limits):
+            n = self._resolve(spec)
+            if n is not None and self.device is not None:
+                self._limits[i] = n  # "auto" is resolved once, when the block's device is known
+            if n is not None:
+                limit = n if limit is None else min(limit, n)
+        self.limit = limit
+
+    def push_limit(self, spec) -> Optional[int]:
+        """A nested block opens: its limit tightens the runtime's until ``pop_limit``.
+        Returns it in bytes (None for no limit, or "auto" while the device is unknown)."""
+        self._limits.append(spec)
+        self._update_limit()
+        try:
+            self.check_entry()
+        except BaseException:
+            self.pop_limit()
+            raise
+        got = self._limits[-1]
+        return got if isinstance(got, int) else None
+
+    def pop_limit(self) -> None:
+        self._limits.pop()
+        self._update_limit()
+
+    def tightened(self, spec) -> Optional[int]:
+        """The limit ``spec`` would give on top of the current one (for dtr.compile's graphs)."""
+        n = self._resolve(spec)
+        if n is None:
+            return self.limit
+        return n if self.limit is None else min(self.limit, n)
+
+    def check_entry(self) -> None:
+        """Note [Entry check]
+
+        A block cannot start above its budget: memory in use that dtr cannot
+        evict would make every op's check fail with a message about that op.
+        Values of this session (a nested block) are evicted first; what is left
+        above the budget raises here, naming both numbers, before any op ran.
+        """
+        limit = self.limit
+        if limit is None or self.device is None:
+            return
+        with self.lock:
+            used = self.bytes_in_use()
+            while used > limit:
+                sid = self.pool.choose_victim(self.clock)
+                if sid is None:
+                    break
+                rec = self._records[sid]()
+                if rec is None:  # pragma: no cover - records are removed when they die
+                    self.pool.remove(sid)
+                    continue
+                self._evict(rec)
+                used = self.bytes_in_use()
+        if used > limit:
+            raise entry_error(used, limit, self.device)
 
     def _note_peak(self, reserved: int = 0) -> None:
         """Record the peak; ``reserved``: room made for an op about to run (outputs, scratch)."""
-        t = self.pool_bytes + self.plain_bytes
+        t = self.bytes_in_use()
         st = self.stats
         st.tracked_bytes = t
         t += reserved
@@ -127,7 +239,12 @@ class Runtime:
             st.peak_bytes = t
 
     def count_plain(self, t: torch.Tensor) -> None:
-        """Count a plain tensor's storage while it is alive (see PITFALLS 15)."""
+        """Count a plain tensor's storage while it is alive (see PITFALLS 15), where the runtime
+        keeps its own count of the device's memory (models_memory); binds the device."""
+        if self.device is None:
+            self.bind_device(t.device)
+        if not self.models_memory:
+            return
         st = t.untyped_storage()
         ptr = st.data_ptr()
         if ptr == 0:
@@ -249,40 +366,121 @@ class Runtime:
             self._note_peak()
 
     def make_room(self, need: int, opname: str, working: int) -> None:
+        """Evict until the device's bytes in use + ``need`` fit the limit, or raise.
+
+        The device's count is read again after each eviction: a value still
+        referenced elsewhere frees nothing, and then the next victim must.
+        """
         limit = self.limit
         if limit is None:
             return
-        if self.pool_bytes + self.plain_bytes + need <= limit:
+        used = self.bytes_in_use()
+        if used + need <= limit:
             return
         t0 = perf_counter()
         records = self._records
+        collected = False
         try:
-            while self.pool_bytes + self.plain_bytes + need > limit:
+            while used + need > limit:
                 sid = self.pool.choose_victim(self.clock)
                 if sid is None:
-                    self._raise_budget(need, opname, working)
+                    if need and not collected:
+                        # Tensors kept alive only by reference cycles count until collected.
+                        collected = True
+                        gc.collect()
+                        used = self.bytes_in_use()
+                        continue
+                    # Note [Over the budget without dtr]
+                    # The device's memory can pass the budget through no op of dtr's: after
+                    # the block (an optimizer step, other models) or an op whose output size
+                    # could not be planned. An op that allocates nothing cannot make that
+                    # worse, and after the block the budget is no promise any more: both
+                    # run once everything evictable is evicted. Only an op of an open block
+                    # that needs memory raises.
+                    if need == 0 or self.closed:
+                        return
+                    self._raise_budget(need, opname, working, used)
                 rec = records[sid]()
                 if rec is None:  # pragma: no cover - records are removed when they die
                     self.pool.remove(sid)
                     continue
                 self._evict(rec)
+                used = self.bytes_in_use()
         finally:
             self.stats.search_seconds += perf_counter() - t0
 
-    def _raise_budget(self, need: int, opname: str, working: int):
-        pinned = self.pool_bytes + self.plain_bytes
-        smallest = pinned + need
+    def _raise_budget(self, need: int, opname: str, working: int, used: int):
+        smallest = used + need
+        where = self.device.type if self.device is not None else "the device's"
         raise BudgetExceededError(
             f"dtr: budget of {_fmt(self.limit)} cannot be met at op {opname}: it needs "
-            f"{_fmt(need)} for its outputs on top of {_fmt(pinned)} that cannot be evicted "
-            f"(plain tensors such as parameters, inputs and gradients: {_fmt(self.plain_bytes)}; "
-            f"locked inputs and unrecomputable values: {_fmt(self.pool_bytes)}). "
+            f"{_fmt(need)} for its outputs and scratch on top of {_fmt(used)} of {where} tensor "
+            f"memory in use that dtr cannot evict: parameters, gradients, optimizer state, inputs "
+            f"and every other live tensor of the device, and of dtr's own values "
+            f"{_fmt(self.pool_bytes)} locked by this op or unrecomputable. "
             f"The op's own working set is {_fmt(working)}. The smallest budget that would have "
             f"worked here is at least {_fmt(smallest)}: retry the step with "
             f"dtr.budget({smallest}) or more.",
-            op=opname, needed_bytes=need, pinned_bytes=pinned, budget_bytes=self.limit,
+            op=opname, needed_bytes=need, pinned_bytes=used, budget_bytes=self.limit,
             smallest_feasible_bytes=smallest,
         )
+
+    def _evict_after_oom(self, target: int) -> bool:
+        """Evict victims holding at least ``target`` bytes; False when there was none to evict."""
+        freed = 0
+        records = self._records
+        while freed < target:
+            sid = self.pool.choose_victim(self.clock)
+            if sid is None:
+                break
+            rec = records[sid]()
+            if rec is None:  # pragma: no cover - records are removed when they die
+                self.pool.remove(sid)
+                continue
+            freed += rec.nbytes
+            self._evict(rec)
+        return freed > 0
+
+    def _retry_after_oom(self, exc: BaseException, opname: str, need: int, run, rng=None):
+        """Note [Out of memory]
+
+        The allocator can run out of memory below the budget ("auto" on CUDA
+        keeps only a reserve for the caching allocator's fragmentation, and
+        other processes share the device). The op has then changed nothing
+        (an out-of-place op's outputs are not allocated; in-place ops are not
+        retried): evict values holding at least what the op needs, doubling
+        each round, and run it again, with its generator set back to the state
+        it started from, until it runs or nothing is left to evict, which
+        raises BudgetExceededError (MegEngine's threshold-free DTR).
+        """
+        target = max(need, 1)
+        while True:
+            if not self._evict_after_oom(target):
+                used = self.bytes_in_use()
+                raise BudgetExceededError(
+                    f"dtr: the allocator ran out of memory at op {opname} with every value dtr "
+                    f"could evict evicted ({_fmt(used)} of tensor memory in use, the op needs about "
+                    f"{_fmt(need)}): {exc}. Give a smaller budget, a smaller batch, or free "
+                    f"tensors before the block.",
+                    op=opname, needed_bytes=need, pinned_bytes=used,
+                    budget_bytes=self.limit if self.limit is not None else used,
+                    smallest_feasible_bytes=used + need,
+                ) from exc
+            target *= 2
+            self.stats.oom_retries += 1
+            if rng is not None:
+                _rng.reset(rng)
+            try:
+                return run()
+            except torch.OutOfMemoryError as again:
+                exc = again
+
+    def _count_new_plain(self, out) -> None:
+        """Count plain tensors an op made (optimizer state, factories) where the runtime keeps
+        its own count (models_memory)."""
+        for o in _flat_outputs(out):
+            if isinstance(o, torch.Tensor) and type(o) is not DTRTensor:
+                self.count_plain(o)
 
     def materialize(self, cell: Cell) -> torch.Tensor:
         v = cell.value
@@ -332,7 +530,13 @@ class Runtime:
             for rec in stolen:  # Note [Stealing on recompute]: its memory moves to the new value
                 self._evict(rec, counted=False)
             t0 = perf_counter()
-            outs = self._run_recipe(recipe, vals)
+            try:
+                outs = self._run_recipe(recipe, vals)
+            except torch.OutOfMemoryError as exc:
+                if recipe.mutation is not None:
+                    raise
+                outs = self._retry_after_oom(exc, f"{recipe.func} (recomputing an evicted value)",
+                                             need, lambda: self._run_recipe(recipe, vals))
             by_op = self.stats.remat_by_op.setdefault(info.name, [0, 0.0])
             by_op[0] += 1
             by_op[1] += perf_counter() - t0
@@ -557,7 +761,7 @@ class Runtime:
                 self.release_kept()
             if self.evict_all:
                 self.evict_everything()
-            elif self.limit is not None and self.pool_bytes + self.plain_bytes > self.limit:
+            elif self.limit is not None and self.bytes_in_use() > self.limit:
                 # Only an op whose output size could not be planned gets here.
                 try:
                     self.make_room(0, info.name, 0)
@@ -619,7 +823,20 @@ class Runtime:
         if measure:
             start = _scratch.begin(device)
         t0 = perf_counter()
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            if measure:
+                _scratch.cancel(device, start)
+                measure = False
+            if info.mutated:  # it may have written part of its output: See Note [Out of memory]
+                raise
+            out = self._retry_after_oom(exc, info.name, _SIZE_CACHE.get(size_key) or 0,
+                                        lambda: func(*args, **kwargs), rng)
+        except BaseException:
+            if measure:
+                _scratch.cancel(device, start)
+            raise
         cost = perf_counter() - t0
         if measure:
             _scratch.record(size_key, device, start)
@@ -652,6 +869,8 @@ class Runtime:
             # the outputs are those plain tensors.
             return out
         if not any(c is not None for c in cells) and not _wrap_plain_outputs(info):
+            if self.models_memory:
+                self._count_new_plain(out)
             return out
 
         # Outputs that are one of the (plain) inputs written in place are returned as is.
@@ -835,6 +1054,20 @@ class Runtime:
             rec = ref() if ref is not None else None
             if rec is not None and rec.resident:
                 self._evict(rec)
+
+
+def entry_error(used: int, limit: int, device: torch.device) -> BudgetExceededError:
+    """The error of Note [Entry check] (both runtimes raise it)."""
+    return BudgetExceededError(
+        f"dtr: {_fmt(used)} of {device.type} tensor memory is already in use as the "
+        f"dtr.budget block opens, above its budget of {_fmt(limit)}. The budget bounds all "
+        f"tensor memory of the device: parameters, gradients, optimizer state, data made "
+        f"before the block and every other live tensor, not only what the step computes. "
+        f"Give a budget above {_fmt(used)} plus room for the step (or dtr.budget(\"auto\")), "
+        f"or free tensors before the block.",
+        op="<block entry>", needed_bytes=0, pinned_bytes=used, budget_bytes=limit,
+        smallest_feasible_bytes=used,
+    )
 
 
 def _device_of(vals) -> Optional[torch.device]:

@@ -6,17 +6,17 @@ allocate memory no tensor ever shows: oneDNN's RNN and convolution scratch,
 reordered weights, softmax and matmul temporaries. Room must be made for it
 before the op runs, or the allocator's peak passes the budget by it (an LSTM
 did by 26%). On CPU, with the C++ extension built, the runtime measures each op
-the first time it runs on given input shapes, with a counting wrapper that is
-the CPU allocator only while that op runs (csrc/alloc_meter.cpp, Note [Metering
-windows]): scratch = the peak allocated above
-the op's start minus what is still allocated at its end. Later runs of that
+the first time it runs on given input shapes, with a window on the counting
+CPU allocator installed at import (csrc/alloc_meter.cpp, Note [Metering
+windows]): scratch = the peak allocated above the op's start minus what is
+still allocated at its end. Later runs of that
 (op, shapes) and every recompute of it reserve that much. On CUDA the
 caching allocator keeps only a process-wide peak (resetting it would clobber
 the user's max_memory_allocated), so the scratch is bounded instead by the
 bytes the op allocated and freed again while it ran (cuDNN's workspaces: a
 U-Net passed its budget 2x before this). Before an (op, shapes) is first
 measured, the analytic estimates of Note [Op workspace] in ops.py stand in.
-Set DTR_MEASURE_SCRATCH=0 to leave the CPU allocator alone.
+Set DTR_MEASURE_SCRATCH=0 to reserve only the estimates.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from typing import Dict, Optional
 import torch
 
 from . import _ext
+from . import device_memory as _devmem
 from .ops import OpInfo, workspace_bytes
 
-__all__ = ["enable", "planned", "should_measure", "begin", "record"]
+__all__ = ["enable", "planned", "should_measure", "begin", "cancel", "record"]
 
 # (op, input shapes, arguments) -> largest scratch bytes measured; shares its key
 # (and its clearing) with the runtime's output-size cache.
@@ -38,12 +39,12 @@ _state = {"tried": False, "on": False}
 
 
 def enable() -> bool:
-    """Prepare the counting CPU allocator once per process; whether measurement is on."""
+    """Whether CPU scratch is measured: the counting CPU allocator is installed (at import of
+    dtr, See Note [Counting CPU allocator]) and DTR_MEASURE_SCRATCH is not 0."""
     if not _state["tried"]:
         _state["tried"] = True
-        C = _ext._C
-        if C is not None and os.environ.get("DTR_MEASURE_SCRATCH", "1") != "0":
-            _state["on"] = bool(C.meter_install())
+        _state["on"] = (_devmem.install_cpu_counter()
+                        and os.environ.get("DTR_MEASURE_SCRATCH", "1") != "0")
     return _state["on"]
 
 
@@ -71,6 +72,12 @@ def begin(device):
         st = torch.cuda.memory_stats(device)
         return st.get("allocated_bytes.all.freed", 0)
     return _ext._C.meter_begin()
+
+
+def cancel(device, start) -> None:
+    """Close the window opened by ``begin`` without recording (the op raised)."""
+    if (device is None or device.type != "cuda") and start >= 0:
+        _ext._C.meter_end(start)
 
 
 def record(size_key: tuple, device, start) -> int:

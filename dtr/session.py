@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from . import policies as _policies
+from .device_memory import AutoBudget
 from .mode import DTRMode
 from .policies import SearchOptions
 from .runtime import Runtime, Stats
@@ -54,8 +55,9 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30,
 }
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_FORMS = ('an int of bytes, or a string such as "8GB", "800MB", "512MiB", "1.5GiB" '
-          "(units B, KB, MB, GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024)")
+_FORMS = ('an int of bytes, a string such as "8GB", "800MB", "512MiB", "1.5GiB" '
+          "(units B, KB, MB, GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024), "
+          '"auto", or a float in (0, 1] for that fraction of "auto"')
 
 
 class _FrozenHeap:
@@ -94,14 +96,25 @@ class _FrozenHeap:
                 gc.unfreeze()
 
 
-def parse_budget(limit: Union[int, str, None]) -> Optional[int]:
-    """Bytes from an int or a string like "512MiB"; None means no limit."""
-    if limit is None:
-        return None
+def parse_budget(limit: Union[int, str, float, None]) -> Union[int, AutoBudget, None]:
+    """Bytes from an int or a string like "512MiB"; None means no limit; "auto" and a float
+    fraction give an AutoBudget, resolved on the block's device (See Note [Auto budget])."""
+    if limit is None or isinstance(limit, AutoBudget):
+        return limit
+    if isinstance(limit, float):
+        if not 0 < limit <= 1:
+            raise (ValueError if limit <= 0 else TypeError)(
+                f"dtr: budget must be {_FORMS}; got the float {limit!r}: a float is a fraction of "
+                f'"auto" and must be in (0, 1] (for bytes pass an int: {int(limit)})'
+                if limit > 1 else
+                f"dtr: budget must be positive, got {limit!r}; expected {_FORMS}")
+        return AutoBudget(limit)
     if isinstance(limit, bool) or not isinstance(limit, (int, str)):
         raise TypeError(f"dtr: budget must be {_FORMS}; got {limit!r} of type {type(limit).__name__}")
     if isinstance(limit, int):
         n = limit
+    elif limit.strip().lower() == "auto":
+        return AutoBudget(1.0)
     else:
         m = _BUDGET_RE.match(limit)
         if m is None or m.group(2).lower() not in _UNITS:
@@ -147,22 +160,32 @@ class Session:
     def __init__(self, limit, policy="dtr_eq", *, device=None, search: Optional[SearchOptions] = None,
                  pool: str = "auto", count=(), runtime: Optional[str] = None,
                  _evict_all: bool = False):
-        self.budget_bytes = parse_budget(limit)
+        self._spec = parse_budget(limit)
         _policies.get(policy)  # validates the name
         self.device = _check_device(device)
         self.runtime_kind = _runtime_kind(runtime)
         if self.runtime_kind == "cpp":
             from .cpp_runtime import CppRuntime
 
-            self.runtime = CppRuntime(self.budget_bytes, policy, search or SearchOptions(),
+            self.runtime = CppRuntime(self._spec, policy, search or SearchOptions(),
                                       evict_all=_evict_all, pool_impl=pool)
         else:
-            self.runtime = Runtime(self.budget_bytes, policy, search or SearchOptions(),
+            self.runtime = Runtime(self._spec, policy, search or SearchOptions(),
                                    evict_all=_evict_all, pool_impl=pool)
-        self._count = _tensors_to_count(count)
+        _tensors_to_count(count)  # checked, then unused: See Note [count= is a no-op]
+        self._resolved: Optional[int] = None
         self._mode: Optional[DTRMode] = None
         self._outer: Optional["Session"] = None
         self._saved = None
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        """This block's limit in bytes; for "auto" and fractions, once resolved on the device."""
+        if not isinstance(self._spec, AutoBudget):
+            return self._spec
+        if self._outer is None and self._resolved is None:
+            return self.runtime.stats.budget_bytes
+        return self._resolved
 
     @property
     def stats(self) -> Stats:
@@ -175,18 +198,23 @@ class Session:
     def __enter__(self) -> "Session":
         stack = _stack()
         if stack:
-            # Nested: join the outer session with the tighter limit.
+            # Nested: join the outer session with the tighter limit (checked at entry,
+            # See Note [Entry check]).
             outer = stack[-1]
             rt = outer.runtime
+            self._resolved = rt.push_limit(self._spec)
             self._outer = outer
-            self._saved = (rt.limit, rt.evict_all)
-            if self.budget_bytes is not None:
-                rt.limit = self.budget_bytes if rt.limit is None else min(rt.limit, self.budget_bytes)
+            self._saved = rt.evict_all
             rt.evict_all = rt.evict_all or self.runtime.evict_all
             stack.append(outer)
             return outer
-        for t in self._count:
-            self.runtime.count_plain(t)
+        # The device whose memory the budget bounds: known now when given or when CUDA is
+        # absent, else the device of the first plain tensor an op reads.
+        dev = self.device
+        if dev is None and not torch.cuda.is_available():
+            dev = torch.device("cpu")
+        if dev is not None:
+            self.runtime.bind_device(dev)  # resolves "auto"; raises above the budget
         if self.runtime_kind == "cpp":
             self.runtime.enter()
         else:
@@ -201,7 +229,8 @@ class Session:
         stack.pop()
         if self._outer is not None:
             rt = self._outer.runtime
-            rt.limit, rt.evict_all = self._saved
+            rt.pop_limit()
+            rt.evict_all = self._saved
             self._outer = None
             return False
         mode, self._mode = self._mode, None
@@ -220,7 +249,13 @@ class Session:
 
 
 def _tensors_to_count(count):
-    """Tensors named by ``count``: modules give their parameters, buffers and gradients."""
+    """Note [count= is a no-op]
+
+    ``count=`` once named the modules and tensors to count against the budget
+    from the block's start; the budget now counts all tensor memory of the
+    device (Note [The budget is the device's memory]), so the keyword is
+    accepted, its contents checked as before, and nothing else done with it.
+    """
     if isinstance(count, (torch.Tensor, torch.nn.Module)):
         count = [count]
     out = []
@@ -238,18 +273,23 @@ def _tensors_to_count(count):
     return out
 
 
-def budget(limit: Union[int, str, None], policy="dtr_eq", *, device=None,
+def budget(limit: Union[int, str, float, None], policy="dtr_eq", *, device=None,
            search: Optional[SearchOptions] = None, pool: str = "auto", count=(),
            runtime: Optional[str] = None) -> Session:
     """Run the block under a memory limit, evicting and recomputing values as needed.
 
-    ``limit``: bytes as an int, or a string such as "8GB" or "512MiB"; None tracks
-    without a limit. ``policy``: a registered name (see ``dtr.policies.available()``)
-    or a callable ``score(entry, pool, now)``. ``device``: checked to exist; on CUDA
-    the allocator's own count is respected too. ``count``: modules or tensors to count
-    against the budget from the start (a plain tensor is otherwise counted from its
-    first use in the block, so parameters not yet used would not be). ``runtime``:
-    "python" or "cpp" (see Note [Two runtimes]); default: $DTR_RUNTIME, else "python".
+    ``limit`` bounds all tensor memory of the block's device as its allocator counts
+    it (parameters, gradients, optimizer state, data made before the block, tensors
+    the step never touches): bytes as an int, a string such as "8GB" or "512MiB",
+    "auto" (what the device could hold, See Note [Auto budget]), a float in (0, 1]
+    for that fraction of "auto", or None to track without a limit. Memory in use
+    above the limit when the block opens raises BudgetExceededError there.
+    ``policy``: a registered name (see ``dtr.policies.available()``) or a callable
+    ``score(entry, pool, now)``. ``device``: the device whose memory is bounded
+    (default: CPU without CUDA, else the device of the first tensor an op reads).
+    ``count``: accepted for old code and ignored (See Note [count= is a no-op]).
+    ``runtime``: "python" or "cpp" (see Note [Two runtimes]); default: $DTR_RUNTIME,
+    else "python".
     """
     return Session(limit, policy, device=device, search=search, pool=pool, count=count,
                    runtime=runtime)

@@ -28,7 +28,8 @@ RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
 _MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
 _ESCAPES = "C++ runtime step 3: repr/tolist/numpy/deepcopy/torch.save of C++ wrappers"
-_BUDGET = "C++ runtime step 4: measured kernel scratch and RNG-state accounting"
+_BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
+           "passes the budget by up to a kernel's scratch")
 _PYPOLICY = "C++ runtime: policies given as Python callables"
 _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
@@ -38,12 +39,13 @@ CPP_NOT_YET = {
     "test_semantics.py::test_escapes_behave_like_plain_tensors": _ESCAPES,
     "test_semantics.py::test_deepcopy_and_repr": _ESCAPES,
     "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
-    "test_budget.py::test_sessions_on_several_threads": _BUDGET,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
-    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[treelstm]": _BUDGET,
+    "test_models.py::test_tight_budgets_are_exact_and_hold[cnn]": _BUDGET,
+    "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
+    "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
     "test_compile.py::": _COMPILE,
     "test_distributed.py::test_ddp_bit_identical_under_tight_budget": _DISTRIBUTED,
     "test_distributed.py::test_ddp_options_bit_identical_under_budget": _DISTRIBUTED,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass, field
 from typing import Callable, List
 
@@ -19,6 +20,8 @@ class Run:
     grads: List[List[torch.Tensor]]
     sessions: list = field(default_factory=list)
     rng_after: torch.Tensor = None
+    base: int = 0  # CPU tensor bytes in use before the model was built (see headroom_peak)
+    step_bases: List[int] = field(default_factory=list)  # in use as each step's block opened
 
 
 def is_plain(t) -> bool:
@@ -29,13 +32,15 @@ def is_plain(t) -> bool:
 def train(name: str, ctx: Callable[[], object] = contextlib.nullcontext, steps: int = 3,
           seed: int = 0, built=None) -> Run:
     """``built``: (model, data) made beforehand (threads must not share the global RNG)."""
+    base = live_bytes()
     model, data = built if built is not None else models.make(name, seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     if built is None:
         torch.manual_seed(1234)
-    run = Run(model, opt, [], [])
+    run = Run(model, opt, [], [], base=base)
     for inp in data[:steps]:
         opt.zero_grad(set_to_none=True)
+        run.step_bases.append(live_bytes())
         with ctx() as s:
             loss = model(*inp)
             loss.backward()
@@ -69,3 +74,34 @@ def assert_same(a: Run, b: Run) -> None:
 
 def peak_tracked(run: Run) -> int:
     return max(s.stats.peak_bytes for s in run.sessions)
+
+
+def gc_tensor_bytes() -> int:
+    """Live CPU tensor bytes counted without dtr's counter (dtr.device_memory's gc walk)."""
+    return dtr.device_memory.gc_cpu_tensor_bytes()
+
+
+def live_bytes() -> int:
+    """CPU tensor bytes in use now, as the budget counts them."""
+    return dtr.device_memory.cpu_tensor_bytes()
+
+
+def headroom_peak(run: Run) -> int:
+    """The run's peak as dtr counted it, less what was in use before the run began."""
+    return max(s.stats.peak_bytes for s in run.sessions) - run.base
+
+
+def step_room(run: Run) -> int:
+    """The most any step's block used above what was in use as it opened (its activations
+    and temporaries): with ``lambda: dtr.budget(budget_above(f * room))`` each step gets
+    that fraction of it above what is in use then."""
+    return max(s.stats.peak_bytes - b for s, b in zip(run.sessions, run.step_bases))
+
+
+def budget_above(extra: int) -> int:
+    """A budget leaving ``extra`` bytes above what is in use now.
+
+    Garbage of earlier tests is collected first: freed later, it would leave the block
+    more room than ``extra`` (test_compile's budget error did not raise after other tests)."""
+    gc.collect()
+    return live_bytes() + max(int(extra), 1)

@@ -58,7 +58,7 @@ def test_every_configuration_ran_and_losses_agree(quick):
         if r["kind"] == "dtr":
             assert r["dtr_peak_bytes"] > 0  # dtr's own accounting, reported beside the measurement
             if r["budget_bytes"]:
-                # count=model: the independently measured peak stays within the budget (+ op scratch).
+                # The budget bounds all tensor memory: so does the independent measurement.
                 assert r["measured_peak"] <= r["budget_bytes"] * (1 + run.SLACK), (r["method"], r["measured_peak"])
     # The compile row ran in its own process; its losses are compared (it may disagree: see
     # docs/performance.md, torch's activation_memory_budget recomputes dropout on CPU).

@@ -10,7 +10,8 @@ import torch
 
 import dtr
 from dtr.measure import peak_memory
-from harness import is_plain, assert_same, train
+from harness import (assert_same, budget_above, headroom_peak, is_plain, live_bytes, step_room,
+                     train)
 import models
 
 pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
@@ -23,6 +24,21 @@ pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes
 ])
 def test_parse_budget_forms(text, expected):
     assert dtr.parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text,fraction", [("auto", 1.0), (" AUTO ", 1.0), (0.8, 0.8), (1.0, 1.0),
+                                           (1e-3, 1e-3)])
+def test_parse_auto_and_fractions(text, fraction):
+    assert dtr.parse_budget(text) == dtr.device_memory.AutoBudget(fraction)
+
+
+@pytest.mark.parametrize("bad,err,match", [(0.0, ValueError, "positive"), (-0.5, ValueError, "positive"),
+                                           (1.5, TypeError, r"fraction of .auto. .* in \(0, 1\]"),
+                                           ("0.8", ValueError, "positive"),  # a string is bytes
+                                           ("autox", ValueError, "cannot parse")])
+def test_fraction_errors(bad, err, match):
+    with pytest.raises(err, match=match):
+        dtr.budget(bad)
 
 
 @pytest.mark.parametrize("bad", ["", "lots", "8 parsecs", "GB", "1.2.3GB", "-5GB"])
@@ -72,18 +88,19 @@ def test_custom_policies_by_callable_and_registry():
             dtr.policies.register("test_biggest_first", biggest_first)
         assert "test_biggest_first" in dtr.policies.available()
         eager = train("mlp")
-        run = train("mlp", lambda: dtr.budget(int(0.8 * _peak("mlp")), policy="test_biggest_first"))
+        room = 0.8 * _peak("mlp")
+        run = train("mlp", lambda: dtr.budget(budget_above(room), policy="test_biggest_first"))
         assert_same(eager, run)
         assert calls
-        run = train("mlp", lambda: dtr.budget(int(0.8 * _peak("mlp")), policy=biggest_first))
+        run = train("mlp", lambda: dtr.budget(budget_above(room), policy=biggest_first))
         assert_same(eager, run)
     finally:
         dtr.policies._REGISTRY.pop("test_biggest_first", None)
 
 
 def _peak(name):
-    run = train(name, lambda: dtr.budget(None))
-    return max(s.stats.peak_bytes for s in run.sessions)
+    """The most an unlimited step used above what was in use as its block opened."""
+    return step_room(train(name, lambda: dtr.budget(None)))
 
 
 def _snapshot(model, opt):
@@ -100,8 +117,9 @@ def test_infeasible_budget_raises_clearly_and_loses_nothing():
     opt.step()
     opt.zero_grad(set_to_none=True)
     params, state = _snapshot(model, opt)
+    budget = budget_above(2048)  # 2 KiB above what is in use: below the first op's needs
     with pytest.raises(dtr.BudgetExceededError) as info:
-        with dtr.budget("2KiB"):
+        with dtr.budget(budget):
             loss = model(*data[1])
             loss.backward()
         opt.step()
@@ -109,7 +127,7 @@ def test_infeasible_budget_raises_clearly_and_loses_nothing():
     msg = str(e)
     assert msg.startswith("dtr: budget of")
     assert "aten." in msg and e.op.startswith("aten.")
-    assert e.needed_bytes > 0 and e.budget_bytes == 2048
+    assert e.needed_bytes > 0 and e.budget_bytes == budget
     assert e.smallest_feasible_bytes > e.budget_bytes
     assert str(e.smallest_feasible_bytes) in msg
     assert isinstance(e, dtr.DTRError) and isinstance(e, RuntimeError)
@@ -142,7 +160,7 @@ def test_failed_block_leaks_nothing():
 
     def attempt():
         with pytest.raises(dtr.BudgetExceededError):
-            with dtr.budget("4KiB") as s:
+            with dtr.budget(budget_above(4096)) as s:
                 model(*data[0]).backward()
         return weakref.ref(s.runtime)
 
@@ -154,14 +172,15 @@ def test_failed_block_leaks_nothing():
 
 def test_nested_blocks_tighten_then_restore():
     x = torch.randn(64, 64)
-    with dtr.budget("1GiB") as outer:
-        with dtr.budget("1MiB") as inner:
+    big, small = budget_above(2**30), budget_above(2**20)
+    with dtr.budget(big) as outer:
+        with dtr.budget(small) as inner:
             assert inner is outer
-            assert outer.runtime.limit == 2**20
+            assert outer.runtime.limit == small
             y = x * 2
-        assert outer.runtime.limit == 2**30
-        with dtr.budget("2GiB"):
-            assert outer.runtime.limit == 2**30  # never looser than the outer block
+        assert outer.runtime.limit == big
+        with dtr.budget(big + 2**30):
+            assert outer.runtime.limit == big  # never looser than the outer block
         z = y + 1
     assert torch.equal(dtr.unwrap(z), x * 2 + 1)
 
@@ -194,7 +213,12 @@ def test_sessions_on_several_threads():
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    budgets = {name: int(0.85 * _peak(name)) for name in eager}
+    # One budget bounds the whole process's memory, both threads' steps together: room
+    # above what is in use when the threads start, for both models, their Adam states and
+    # the steps' peaks.
+    rooms = {name: headroom_peak(train(name, lambda: dtr.budget(None))) for name in eager}
+    budget = budget_above(0.95 * sum(rooms.values()))
+    budgets = {name: budget for name in eager}
     threads = [threading.Thread(target=work, args=(n, budgets[n])) for n in eager]
     for t in threads:
         t.start()
@@ -205,14 +229,16 @@ def test_sessions_on_several_threads():
         assert_same(eager[name], results[name])
 
 
-def _measured_step(model, data, ctx):
+def _measured_step(model, data, ctx, with_base=False):
     def step():
         with ctx() as s:
             loss = model(*data)
             loss.backward()
         model.zero_grad(set_to_none=True)
         return s
-    return peak_memory(step)
+    base = live_bytes()
+    s, peak = peak_memory(step)
+    return (s, peak, base) if with_base else (s, peak)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "treelstm"])
@@ -221,67 +247,53 @@ def test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget(name)
     _measured_step(model, data[0], contextlib.nullcontext)  # warm-up: lazy allocations
     _measured_step(model, data[0], lambda: dtr.budget(None))
     _, eager_peak = _measured_step(model, data[0], contextlib.nullcontext)
-    s, dtr_peak = _measured_step(model, data[0], lambda: dtr.budget(None))
+    s, dtr_peak, base = _measured_step(model, data[0], lambda: dtr.budget(None), with_base=True)
     assert abs(dtr_peak - eager_peak) <= 0.05 * eager_peak, (dtr_peak, eager_peak)
-    tracked = s.stats.peak_bytes
-    for frac in (0.9, 0.8):
-        budget = int(tracked * frac)
-        try:
-            s2, peak = _measured_step(model, data[0], lambda: dtr.budget(budget))
-        except dtr.BudgetExceededError:
-            continue
-        # The profiler sees only memory allocated during the step (not the
-        # parameters), so the measured peak must sit below the budget; 5%
-        # slack covers op-internal workspace the runtime cannot see.
-        assert peak <= budget * 1.05, (peak, budget)
-        assert s2.stats.peak_bytes <= budget
-
-
-def test_count_makes_parameters_count_from_the_start():
-    model, data = models.make("mlp")
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    with dtr.budget(None, count=model) as s:
-        assert s.runtime.plain_bytes == params
-        model(*data[0]).backward()
-    with dtr.budget(None) as s2:
-        assert s2.runtime.plain_bytes == 0
-    with pytest.raises(TypeError, match="count= takes modules and tensors"):
-        dtr.budget(None, count=[3])
-
-
-def _resident(model, data):
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers(), *[x for x in data if isinstance(x, torch.Tensor)]]:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
-
-
-@pytest.mark.skipif(not dtr._ext.available(), reason="op scratch is measured by the C++ extension")
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "lstm", "treelstm"])
-def test_budget_holds_for_the_allocator_with_measured_scratch(name):
-    # With count=model the budget covers everything resident in the step, so the
-    # allocator's peak (parameters and inputs + profiler peak above them) must
-    # stay within it, op scratch included (oneDNN's LSTM passed it by 26% when
-    # only convolution and BatchNorm scratch was estimated). Unlimited steps
-    # first: scratch is measured the first time an op runs on given shapes.
-    model, data = models.make(name)
-    _measured_step(model, data[0], lambda: dtr.budget(None, count=model))
-    s, peak = _measured_step(model, data[0], lambda: dtr.budget(None, count=model))
-    # Unlimited, dtr's count is what the allocator saw (RNG states included).
-    assert _resident(model, data[0]) + peak == s.stats.peak_bytes
-    assert any(v > 0 for v in dtr.scratch.MEASURED.values())
+    above = s.stats.peak_bytes - base
     checked = 0
-    for frac in (0.95, 0.85, 0.75):
-        budget = int(s.stats.peak_bytes * frac)
+    for frac in (0.9, 0.8):
+        budget = budget_above(above * frac)
         try:
-            s2, peak = _measured_step(model, data[0], lambda: dtr.budget(budget, count=model))
+            s2, peak, base = _measured_step(model, data[0], lambda: dtr.budget(budget), with_base=True)
         except dtr.BudgetExceededError:
             continue
         checked += 1
-        assert _resident(model, data[0]) + peak <= budget, (frac, peak, budget)
+        assert s2.stats.peak_bytes <= budget
+        if name == "lstm" and not dtr.device_memory.cpu_counter_installed():
+            # Without the counting allocator oneDNN's LSTM scratch is not measured (Note
+            # [The budget is the device's memory]): 1.18x the budget here. Documented limit.
+            continue
+        # What was in use at the start plus the profiler's peak above it: all of the
+        # device's tensor memory, which the budget bounds (2% slack, as test_device_budget).
+        assert base + peak <= budget * 1.02, (base, peak, budget)
+    assert checked
+
+
+@pytest.mark.skipif(not dtr.device_memory.cpu_counter_installed(),
+                    reason="op scratch is measured by the counting CPU allocator (C++ extension)")
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "lstm", "treelstm"])
+def test_budget_holds_for_the_allocator_with_measured_scratch(name):
+    # The budget covers all tensor memory, so the allocator's peak (what was in use
+    # at the start + the profiler's peak above it) must stay within it, op scratch
+    # included (oneDNN's LSTM passed it by 26% when only convolution and BatchNorm
+    # scratch was estimated). Unlimited steps first: scratch is measured the first
+    # time an op runs on given shapes.
+    model, data = models.make(name)
+    _measured_step(model, data[0], lambda: dtr.budget(None))
+    s, peak, base = _measured_step(model, data[0], lambda: dtr.budget(None), with_base=True)
+    # Unlimited, dtr's peak is the allocator's (it reserves the measured scratch exactly).
+    assert base + peak == s.stats.peak_bytes, (base, peak, s.stats.peak_bytes)
+    assert any(v > 0 for v in dtr.scratch.MEASURED.values())
+    above = s.stats.peak_bytes - base
+    checked = 0
+    for frac in (0.95, 0.85, 0.75):
+        budget = budget_above(above * frac)
+        try:
+            s2, peak, base = _measured_step(model, data[0], lambda: dtr.budget(budget), with_base=True)
+        except dtr.BudgetExceededError:
+            continue
+        checked += 1
+        assert base + peak <= budget, (frac, base, peak, budget)
     assert checked, "no budget below the unlimited peak was feasible"
 
 
@@ -301,9 +313,11 @@ def test_blocks_freeze_the_heap_and_give_it_back():
     with dtr.budget(None):
         n = gc.get_freeze_count()
         assert n > 0
-        with dtr.budget(None):  # nested: no second freeze
-            assert gc.get_freeze_count() == n
-        assert gc.get_freeze_count() == n
+        # Nested: no second freeze. (A frozen object may be freed meanwhile, which lowers
+        # the count by one: a second freeze would raise it.)
+        with dtr.budget(None):
+            assert 0 < gc.get_freeze_count() <= n
+        assert 0 < gc.get_freeze_count() <= n
     assert gc.get_freeze_count() == 0
     # A program that froze objects itself keeps its freeze.
     gc.freeze()
@@ -327,24 +341,26 @@ def test_blocks_freeze_the_heap_and_give_it_back():
         assert ref[0]() is None
 
 
-@pytest.mark.skipif(not dtr._ext.available(), reason="the allocation meter is in the C++ extension")
-def test_allocation_meter_counts_only_inside_its_window():
-    # Note [Metering windows]: eager code after a dtr block pays nothing.
+@pytest.mark.skipif(not dtr.device_memory.cpu_counter_installed(),
+                    reason="the counting CPU allocator is in the C++ extension")
+def test_allocation_meter_counts_always_and_windows_track_a_peak():
+    # Note [Counting CPU allocator] and Note [Metering windows].
     C = dtr._ext._C
-    assert dtr.scratch.enable()
+    assert C.meter_installed() and dtr.scratch.enable()
     before = C.meter_current()
     outside = torch.empty(1 << 16)
-    assert C.meter_current() == before
+    assert C.meter_current() == before + (1 << 18)
     start = C.meter_begin()
-    assert start >= 0
+    assert start == before + (1 << 18)
+    tmp = torch.empty(1 << 12)
+    del tmp
     inside = torch.empty(1 << 10)
     peak, kept = C.meter_end(start)
-    assert peak == kept == 4096
-    del inside
-    assert C.meter_current() == before  # freed through the wrapper after the window closed
+    assert (peak, kept) == (1 << 14, 4096)
+    del inside, outside
+    assert C.meter_current() == before
     with pytest.raises(RuntimeError, match="without an open window"):
         C.meter_end(-1)
-    del outside
 
 
 def test_memory_timeline_follows_allocations_and_gives_the_peak():

@@ -20,7 +20,7 @@ import torch.nn as nn
 import dtr
 import models
 from dtr.compile import DTRBackend, compile_backend
-from harness import is_plain, Run, assert_same, train
+from harness import Run, assert_same, budget_above, is_plain, live_bytes, train
 
 pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
 
@@ -31,11 +31,15 @@ def compiled_train(name: str, backend, ctx=contextlib.nullcontext, steps: int = 
                    model_data=None, **compile_kw) -> Run:
     """harness.train, with the model compiled. Each step runs inside ``ctx()``."""
     torch._dynamo.reset()
+    base = live_bytes()
+    if model_data is not None:  # made before the call: count it in the run, not in the base
+        base -= _storage_bytes([*model_data[0].parameters(), *model_data[0].buffers(),
+                                *(t for inp in model_data[1] for t in inp)])
     model, data = model_data if model_data is not None else models.make(name, 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     fwd = torch.compile(model, backend=backend, **compile_kw)
     torch.manual_seed(1234)
-    run = Run(model, opt, [], [])
+    run = Run(model, opt, [], [], base=base)
     for inp in data[:steps]:
         opt.zero_grad(set_to_none=True)
         with ctx() as s:
@@ -47,6 +51,11 @@ def compiled_train(name: str, backend, ctx=contextlib.nullcontext, steps: int = 
         opt.step()
     run.rng_after = torch.get_rng_state()
     return run
+
+
+def _storage_bytes(tensors):
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
 
 
 _EAGER = {}
@@ -65,9 +74,11 @@ def eager_runs():
 
 
 def _peak_unlimited(name):
+    """(the run, its peak above what was in use before it): budgets are that much above
+    what is in use (See Note [The budget is the device's memory])."""
     be = compile_backend(None)
     run = compiled_train(name, be, lambda: dtr.budget(None))
-    return run, max(s.stats.peak_bytes for s in run.sessions)
+    return run, max(s.stats.peak_bytes for s in run.sessions) - run.base
 
 
 def _own(be):
@@ -81,7 +92,7 @@ def _tight_runs(peak, run_at, fracs=(0.95, 0.9, 0.8, 0.7, 0.6)):
     """[(budget, run, backend)] for decreasing budgets until one is below the model's floor."""
     out = []
     for frac in fracs:
-        budget = int(peak * frac)
+        budget = budget_above(peak * frac)
         be = compile_backend(budget)
         try:
             run = run_at(be)
@@ -125,7 +136,7 @@ def test_tight_budgets_are_exact_and_hold(name, eager_runs):
 
 def test_backend_budget_is_used_and_enclosing_block_tightens_it(eager_runs):
     _, peak = _peak_unlimited("mlp")
-    loose, tight = int(peak * 2), int(peak * 0.85)
+    loose, tight = budget_above(peak * 2), budget_above(peak * 0.85)
     be = compile_backend(loose)
     run = compiled_train("mlp", be, lambda: dtr.budget(tight))
     assert_same(eager_runs["mlp"], run)
@@ -192,7 +203,7 @@ def test_graph_break_trains_correctly():
     run = compiled_train("broken", be, lambda: dtr.budget(None), model_data=_broken_model_data())
     assert be.frames == 2
     assert_same(eager, run)
-    peak = max(s.stats.peak_bytes for s in run.sessions)
+    peak = max(s.stats.peak_bytes for s in run.sessions) - run.base
     # At tight budgets the two frames share one session and one limit.
     tried = _tight_runs(peak, lambda be: compiled_train("broken", be, model_data=_broken_model_data()),
                         fracs=(0.9, 0.75, 0.6))
@@ -225,7 +236,7 @@ def test_new_shapes_recompile_and_dynamic_shapes_work():
 
 def test_budget_error_names_the_op():
     m, data = models.make("mlp")
-    c = torch.compile(m, backend=compile_backend(4096))
+    c = torch.compile(m, backend=compile_backend(budget_above(4096)))
     torch._dynamo.reset()
     with pytest.raises(dtr.BudgetExceededError) as ei:
         c(*data[0]).backward()

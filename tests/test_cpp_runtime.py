@@ -12,6 +12,7 @@ import torch
 
 import dtr
 from dtr import _ext
+from harness import budget_above, live_bytes
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
 
@@ -112,12 +113,38 @@ def test_random_ops_replay_and_leave_the_stream_where_eager_does():
 
 def test_budget_exceeded_is_the_dtr_error_with_its_fields():
     x = torch.randn(256, 256)
+    limit = budget_above(1000)
     with pytest.raises(dtr.BudgetExceededError) as info:
-        with dtr.budget(1000, runtime="cpp"):
+        with dtr.budget(limit, runtime="cpp"):
             x * 2
     e = info.value
-    assert "dtr: budget of" in str(e) and e.budget_bytes == 1000
-    assert e.needed_bytes == 256 * 256 * 4 and e.smallest_feasible_bytes > 1000
+    assert "dtr: budget of" in str(e) and "aten.mul.Tensor" in str(e) and e.budget_bytes == limit
+    assert e.needed_bytes == 256 * 256 * 4 and e.smallest_feasible_bytes > limit
+
+
+def test_memory_in_use_above_the_budget_raises_at_entry():
+    x = torch.randn(256, 256)  # noqa: F841 - alive: counted against the budget
+    with pytest.raises(dtr.BudgetExceededError, match="already in use as the dtr.budget block opens"):
+        with dtr.budget(live_bytes() // 2, runtime="cpp"):
+            pass
+
+
+def test_untouched_tensors_count_against_the_budget():
+    # Note [The C++ runtime's count of the device]: a 4 MiB tensor the block never reads
+    # leaves only the rest of the budget to the step.
+    big = torch.empty(1 << 20)  # noqa: F841
+    x = torch.randn(256, 256, requires_grad=True)
+    limit = budget_above(3 * x.numel() * 4)
+    with dtr.budget(limit, runtime="cpp") as s:
+        ys = [x]
+        for _ in range(8):
+            ys.append(ys[-1] * 1.5)  # all kept alive: only eviction makes room
+        got = dtr.unwrap(ys[-1])
+    ref = x
+    for _ in range(8):
+        ref = ref * 1.5
+    assert torch.equal(got, ref.detach())
+    assert s.stats.evictions > 0 and s.stats.peak_bytes <= limit
 
 
 def test_stale_plain_input_raises_stale_input_error():

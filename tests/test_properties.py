@@ -11,10 +11,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import dtr
 from dtr.policies import SearchOptions
+from harness import budget_above, live_bytes
+
 
 def _pool():
     # The Python runtime is checked on the Python pool; the C++ runtime has only its own.
     return "auto" if os.environ.get("DTR_RUNTIME") == "cpp" else "python"
+
 
 N = 4
 
@@ -108,9 +111,11 @@ def test_random_programs_under_evict_everything(program):
 def test_random_programs_under_random_budgets_and_eviction_orders(program, frac, seed, policy):
     note(program)
     ref = run_program(program, _Eager)
+    base = live_bytes()
     unlimited = run_program(program, lambda: dtr.budget(None))
     _same(ref, unlimited)
-    budget = max(1, int(unlimited[5].stats.peak_bytes * frac))
+    # Room above what is in use: See Note [The budget is the device's memory].
+    budget = budget_above((unlimited[5].stats.peak_bytes - base) * frac)
     for _ in range(4):
         try:
             got = run_program(program, lambda: dtr.budget(
@@ -133,8 +138,10 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @initialize(limit=st.integers(2_000, 20_000))
     def open_session(self, limit):
+        # Limits are room above what is in use: See Note [The budget is the device's memory].
         # The machine checks the Python runtime's own records and pool.
-        self.session = dtr.budget(limit, pool="python", runtime="python")
+        self.base = live_bytes()
+        self.session = dtr.budget(self.base + limit, pool="python", runtime="python")
         self.session.__enter__()
         self.rt = self.session.runtime
         self.pairs = []
@@ -188,7 +195,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1_000, 30_000))
     def change_budget(self, limit):
-        self.rt.limit = limit
+        self.rt.limit = self.base + limit
 
     @rule(k=st.integers(0, 100))
     def read(self, k):
