@@ -20,10 +20,9 @@ inline double staleness(const Entry& e, double now) {
   return (kMinStaleness > s) ? kMinStaleness : s;
 }
 
-// dtr.policies.lookahead_distance: the time until the next use when it is
-// known (both on the plan's clock), else the staleness (Note [Lookahead] in
-// dtr/policies.py).
-inline double lookahead_distance(const Entry& e, double now, double plan_clock) {
+// The distance of an entry's own next use (a lower bound's: see Note [Bounded
+// scan]), or its staleness when the next use is unknown.
+inline double own_lookahead_distance(const Entry& e, double now, double plan_clock) {
   if (std::isnan(e.next_use)) return staleness(e, now);
   double d = e.next_use - plan_clock;
   return (kMinStaleness > d) ? kMinStaleness : d;
@@ -420,6 +419,30 @@ double Pool::evicted_region_cost(Entry& e, bool forward) {
   return total;
 }
 
+double Pool::needed_next(Entry& e) {
+  double nu = e.next_use;
+  uint64_t seen = ++epoch_;
+  e.mark = seen;
+  stack_.assign(e.children.begin(), e.children.end());
+  while (!stack_.empty()) {
+    Entry* n = stack_.back();
+    stack_.pop_back();
+    if (n->mark == seen) continue;
+    n->mark = seen;
+    if (n->resident) continue;
+    if (n->next_use < nu) nu = n->next_use;  // an unknown (NaN) next use never wins
+    stack_.insert(stack_.end(), n->children.begin(), n->children.end());
+  }
+  return nu;
+}
+
+double Pool::lookahead_distance(Entry& e, double now) {
+  if (std::isnan(e.next_use)) return staleness(e, now);
+  // With no evicted child the walk finds nothing sooner.
+  double d = (e.evicted_children == 0 ? e.next_use : needed_next(e)) - plan_clock_;
+  return (kMinStaleness > d) ? kMinStaleness : d;
+}
+
 double Pool::score(Entry& e, double now) {
   // See Note [Neighbour counts]: with no evicted neighbour the walks add 0.
   // (e.cost + 0.0 keeps the operations those of the Python functions.)
@@ -445,9 +468,10 @@ double Pool::score(Entry& e, double now) {
     case Policy::MspsSqrt:
       return (e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e))) /
              (static_cast<double>(e.nbytes) * std::sqrt(staleness(e, now)));
-    case Policy::Lookahead:
-      return (e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e))) /
-             (static_cast<double>(e.nbytes) * std::sqrt(lookahead_distance(e, now, plan_clock_)));
+    case Policy::Lookahead: {
+      double c = e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e));
+      return c / (static_cast<double>(e.nbytes) * std::sqrt(lookahead_distance(e, now)));
+    }
     case Policy::DtrRegions: {
       // A region with no evicted storage next to e sums to 0.0.
       double c = e.cost + (e.evicted_children == 0 ? 0.0 : evicted_region_cost(e, true));
@@ -496,8 +520,9 @@ bool Pool::needs_walk(const Entry& e) const {
   switch (policy_) {
     case Policy::Msps:
     case Policy::MspsSqrt:
-    case Policy::Lookahead:
       return e.evicted_parents != 0;
+    case Policy::Lookahead:
+      return e.evicted_parents != 0 || (e.evicted_children != 0 && !std::isnan(e.next_use));
     default:
       return e.evicted_parents != 0 || e.evicted_children != 0;
   }
@@ -512,7 +537,8 @@ double Pool::base_score(const Entry& e, double now) const {
     case Policy::MspsSqrt:
       return (e.cost + 0.0) / (d * std::sqrt(staleness(e, now)));
     case Policy::Lookahead:
-      return (e.cost + 0.0) / (d * std::sqrt(lookahead_distance(e, now, plan_clock_)));
+      // Its own next use is no sooner than when it is needed.
+      return (e.cost + 0.0) / (d * std::sqrt(own_lookahead_distance(e, now, plan_clock_)));
     case Policy::DtrRegions: {
       double c = e.cost + 0.0;
       c = c + 0.0;

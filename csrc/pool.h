@@ -187,6 +187,9 @@ class Pool {
   double evicted_ancestor_cost(Entry& e);
   // dtr.policies_extra.evicted_region_cost: forward follows children, else parents.
   double evicted_region_cost(Entry& e, bool forward);
+  // dtr.policies.needed_next and lookahead_distance (Note [Lookahead]).
+  double needed_next(Entry& e);
+  double lookahead_distance(Entry& e, double now);
 
   const Entry* scan(const std::vector<Entry*>& entries, double now);
   // See Note [Bounded scan] in pool.cpp.
