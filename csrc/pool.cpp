@@ -440,7 +440,10 @@ double Pool::lookahead_distance(Entry& e, double now) {
   if (std::isnan(e.next_use)) return staleness(e, now);
   // With no evicted child the walk finds nothing sooner.
   double d = (e.evicted_children == 0 ? e.next_use : needed_next(e)) - plan_clock_;
-  return (kMinStaleness > d) ? kMinStaleness : d;
+  d = (kMinStaleness > d) ? kMinStaleness : d;
+  // dtr.policies._LOOKAHEAD_RECENCY; Python's min(d, r) keeps d unless r < d.
+  const double recent = 16.0 * staleness(e, now);
+  return (recent < d) ? recent : d;
 }
 
 double Pool::score(Entry& e, double now) {

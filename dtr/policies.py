@@ -225,12 +225,18 @@ def needed_next(pool: "PythonPool", e: Entry) -> float:
     return nu
 
 
+# A storage touched within 1/16 of the time until it is needed counts as
+# needed that soon; see Note [Lookahead].
+_LOOKAHEAD_RECENCY = 16.0
+
+
 def lookahead_distance(e: Entry, pool: "PythonPool", now: float) -> float:
     """Time until e is needed next when the caller knows its next use (on the
-    plan's clock), else its staleness."""
+    plan's clock; at most 16x its staleness), else its staleness."""
     if e.next_use != e.next_use:  # NaN: unknown
         return e.staleness(now)
-    return max(needed_next(pool, e) - pool.plan_clock, _MIN_STALENESS)
+    d = max(needed_next(pool, e) - pool.plan_clock, _MIN_STALENESS)
+    return min(d, _LOOKAHEAD_RECENCY * e.staleness(now))
 
 
 def score_lookahead(e: Entry, pool: "PythonPool", now: float) -> float:
@@ -250,7 +256,13 @@ def score_lookahead(e: Entry, pool: "PythonPool", now: float) -> float:
     # is needed at its own next use, or sooner when an evicted value computed
     # from it (through evicted storages) is used: with its own next use only,
     # parents of evicted values scored 0 and went first, and every recompute
-    # then recomputed them too (Unrolled GAN at 0.4: 1.30 against 1.09). Where the next use
+    # then recomputed them too (Unrolled GAN at 0.4: 1.30 against 1.09). The
+    # distance is capped at 16x the staleness: a value a recompute just read
+    # (or rebuilt) keeps its far next use, was evicted at once and rebuilt by
+    # the next recompute that needed it (Unrolled GAN at 0.2: past 2x against
+    # msps_sqrt's 1.42; with the cap 1.19). The factor was chosen on the
+    # paper's traces (4 and 16 tried; 16 costs the least elsewhere, the
+    # Transformer at 0.2 most: 1.16 -> 1.20). Where the next use
     # is unknown (NaN, the default, and what the caller sets once the step
     # diverges from the recorded one) the score is exactly msps_sqrt's, so a
     # pool with no plan behaves as msps_sqrt. The square root (rather than the
