@@ -103,7 +103,8 @@ struct alignas(64) Entry {
   int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
   uint64_t mark = 0;                 // visit stamp for graph walks
   // When the storage is next needed, on the plan's clock (+inf: never; NaN:
-  // unknown). Only the lookahead policy reads it; see Note [Lookahead].
+  // unknown). Only the lookahead policy reads it; see Note [Lookahead] in
+  // dtr/policies.py.
   double next_use = std::numeric_limits<double>::quiet_NaN();
   // Inline storage: most storages have few neighbours, and the scan then
   // reads them without another cache miss.
@@ -133,7 +134,7 @@ class Pool {
   void pin(int64_t sid);
   void evicted(int64_t sid);
   void rematerialized(int64_t sid, double now);
-  // See Note [Lookahead] in pool.cpp (NaN: unknown, the online score applies).
+  // See Note [Lookahead] in dtr/policies.py (NaN: unknown, the online score applies).
   void set_next_use(int64_t sid, double when);
   double next_use(int64_t sid) const;
   // Where the step is on the plan's clock (the clock of the next uses).

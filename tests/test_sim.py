@@ -507,3 +507,13 @@ def test_lookahead_on_a_paper_trace():
     la = simulate(tr, ratio=0.4, policy="lookahead", options=SimOptions.paper())
     ms = simulate(tr, ratio=0.4, policy="msps_sqrt", options=SimOptions.paper())
     assert la.feasible and ms.feasible and la.overhead < ms.overhead - 0.05
+
+
+def test_lookahead_near_optimal_where_dtr_eq_is_not():
+    # training_graph(8, seed=4) at 0.6 of its peak: the MILP's optimum 1.134,
+    # dtr_eq 1.598 (1.41x), lookahead with the graph's own plan 1.159 (1.02x).
+    g = training_graph(8, seed=4)
+    (row,) = compare(g, [0.6], policies=["dtr_eq", "lookahead"], time_limit=30)
+    assert row["optimal_status"] == "optimal"
+    assert row["lookahead_vs_opt"] <= 1.10, row
+    assert row["dtr_eq_vs_opt"] > 1.3, row

@@ -23,9 +23,14 @@ Semantics (see docs/simulator.md for the reasoning):
   now belongs to the new value) and a *new* storage computed by
   "clone the old one, apply the op" replaces it; every handle to the old
   storage or its views is rebound to the new one. A pinned (constant) target
-  is written in place. ``mutation="simrd"`` follows the paper's simulator:
+  is written in place. Recomputing the new storage takes the old value's
+  memory over when nothing else can read it, else allocates a copy (the
+  runtime's Note [Stealing on recompute]); either way its bytes are counted. ``mutation="simrd"`` follows the paper's simulator:
   the op makes a new storage of the target's size, only the written handle
   moves to it, and the old value loses that handle.
+* A ``Plan`` (dtr/sim/plan.py): the replay tells the pool when each storage
+  it touches is needed next, for the ``lookahead`` policy, until the step
+  diverges from the plan.
 * ``pin_outputs``: at the end, every value that still has a handle is
   rematerialized (and counted), as the paper's simulator did.
 
