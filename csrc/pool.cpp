@@ -442,7 +442,7 @@ double Pool::lookahead_distance(Entry& e, double now) {
   double d = (e.evicted_children == 0 ? e.next_use : needed_next(e)) - plan_clock_;
   d = (kMinStaleness > d) ? kMinStaleness : d;
   // dtr.policies._LOOKAHEAD_RECENCY; Python's min(d, r) keeps d unless r < d.
-  const double recent = 16.0 * staleness(e, now);
+  const double recent = 4096.0 * staleness(e, now);
   return (recent < d) ? recent : d;
 }
 

@@ -225,14 +225,14 @@ def needed_next(pool: "PythonPool", e: Entry) -> float:
     return nu
 
 
-# A storage touched within 1/16 of the time until it is needed counts as
+# A storage touched within 1/4096 of the time until it is needed counts as
 # needed that soon; see Note [Lookahead].
-_LOOKAHEAD_RECENCY = 16.0
+_LOOKAHEAD_RECENCY = 4096.0
 
 
 def lookahead_distance(e: Entry, pool: "PythonPool", now: float) -> float:
     """Time until e is needed next when the caller knows its next use (on the
-    plan's clock; at most 16x its staleness), else its staleness."""
+    plan's clock; at most 4096x its staleness), else its staleness."""
     if e.next_use != e.next_use:  # NaN: unknown
         return e.staleness(now)
     d = max(needed_next(pool, e) - pool.plan_clock, _MIN_STALENESS)
@@ -257,12 +257,15 @@ def score_lookahead(e: Entry, pool: "PythonPool", now: float) -> float:
     # from it (through evicted storages) is used: with its own next use only,
     # parents of evicted values scored 0 and went first, and every recompute
     # then recomputed them too (Unrolled GAN at 0.4: 1.30 against 1.09). The
-    # distance is capped at 16x the staleness: a value a recompute just read
-    # (or rebuilt) keeps its far next use, was evicted at once and rebuilt by
-    # the next recompute that needed it (Unrolled GAN at 0.2: past 2x against
-    # msps_sqrt's 1.42; with the cap 1.19). The factor was chosen on the
-    # paper's traces (4 and 16 tried; 16 costs the least elsewhere, the
-    # Transformer at 0.2 most: 1.16 -> 1.20). Where the next use
+    # distance is capped at 4096x the staleness: a value a recompute has just
+    # read (or rebuilt) keeps its far next use, and without the cap it was
+    # evicted at once and rebuilt by the next recompute that needed it
+    # (Unrolled GAN at 0.2: past 2x against msps_sqrt's 1.42; with the cap
+    # 1.12). The factor was tuned on the paper's traces: the cap should only
+    # catch values touched just now; smaller factors also protected values
+    # merely touched recently, and cost more elsewhere (mean excess under
+    # the paper's semantics: 8x 0.141, 16x 0.115, 128x 0.112, 1024x 0.108,
+    # 4096x 0.1055, 65536x 0.1050, 2^20 0.106; docs/simulator.md). Where the next use
     # is unknown (NaN, the default, and what the caller sets once the step
     # diverges from the recorded one) the score is exactly msps_sqrt's, so a
     # pool with no plan behaves as msps_sqrt. The square root (rather than the

@@ -246,9 +246,9 @@ def test_scores_by_hand(impl, policy):
         p.set_next_use(1, 10.0)
         assert p.next_use(1) == 10.0
         assert p._score(1, now) == pytest.approx(5.0 / (50 * 3.0))
-        # Never needed again: the distance is capped at 16x the staleness (3).
+        # Never needed again: the distance is capped at 4096x the staleness (3).
         p.set_next_use(1, math.inf)
-        assert p._score(1, now) == pytest.approx(5.0 / (50 * math.sqrt(48.0)))
+        assert p._score(1, now) == pytest.approx(5.0 / (50 * math.sqrt(3 * 4096.0)))
         p.set_next_use(1, 0.5)  # overdue: the smallest distance, a finite score
         assert math.isfinite(p._score(1, now)) and p._score(1, now) > 1e5
         p.set_next_use(1, math.nan)
@@ -265,7 +265,7 @@ def test_lookahead_evicts_what_is_needed_last_per_byte_of_recompute(impl):
     p.plan_clock = 0.0
     for sid, when in [(0, 5.0), (1, 50.0), (2, 20.0)]:
         p.set_next_use(sid, when)
-    assert p.choose_victim(100.0) == 1  # staleness 100: the cap (1600) is far
+    assert p.choose_victim(100.0) == 1  # staleness 100: the cap is far
     p.add_cost(1, 99.0)  # 100x the recompute for 10x the distance: now 2 goes
     assert p.choose_victim(100.0) == 2
 

@@ -495,7 +495,7 @@ def test_lookahead_falls_back_when_the_step_diverges():
 
 def test_lookahead_on_a_paper_trace():
     # U-Net under the paper's semantics at 0.4: the paper's h_DTR runs out of
-    # memory; msps_sqrt needs 1.31x, lookahead with the step's own plan 1.21x.
+    # memory; msps_sqrt needs 1.31x, lookahead with the step's own plan 1.15x.
     import glob
 
     from dtr.sim import load
