@@ -1,7 +1,7 @@
 """Benchmark dtr against what users would pick instead, measuring memory independently.
 
     python -m bench.run                 # full run: all models, into bench/results/
-    python -m bench.run --quick --out /tmp/q   # one small model, three budgets (< 2 min)
+    python -m bench.run --quick         # one small model, three budgets (< 2 min), into bench/results/quick/
     python bench/run.py --models gpt lstm
 
 See bench/README.md for what each column means.
@@ -737,12 +737,20 @@ def summarize(name, rows) -> List[str]:
     return out
 
 
+def default_out(quick: bool) -> str:
+    """bench/results/, or for a quick run bench/results/quick/ (git-ignored): a quick
+    run must not overwrite the committed full-run results and plots."""
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    return os.path.join(results, "quick") if quick else results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small model, three budgets (< 2 min)")
     p.add_argument("--models", nargs="+", default=None, choices=M.MODELS)
     p.add_argument("--size", default=None, choices=sorted(M.SIZES))
-    p.add_argument("--out", default=None, help="results folder (default bench/results/)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default bench/results/, or bench/results/quick/ with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-timeout", type=int, default=1200, help="wall seconds per compile subprocess")
@@ -784,7 +792,7 @@ def main(argv=None):
         args.compile_budgets = COMPILE_BUDGETS
         args.smallest = True
         args.timeline_fraction = 0.5
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or default_out(args.quick)
     os.makedirs(out, exist_ok=True)
 
     per = 1 + 3 + 1 + len(args.policies) * (len(args.fractions) + int(args.smallest)) + 1 \

@@ -167,6 +167,7 @@ DTR_FAST_SID_METHOD(cost, return PyFloat_FromDouble(pool->cost(sid)))
 DTR_FAST_SID_DOUBLE_METHOD(touch, pool->touch(sid, x))
 DTR_FAST_SID_DOUBLE_METHOD(add_cost, pool->add_cost(sid, x))
 DTR_FAST_SID_DOUBLE_METHOD(rematerialized, pool->rematerialized(sid, x))
+DTR_FAST_SID_DOUBLE_METHOD(set_next_use, pool->set_next_use(sid, x))
 
 PyObject* fast_choose_victim(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
                              PyObject* kwnames) {
@@ -219,6 +220,7 @@ PyMethodDef fast_methods[] = {
     DTR_FAST(touch),  DTR_FAST(lock),     DTR_FAST(unlock),         DTR_FAST(remove),
     DTR_FAST(pin),    DTR_FAST(evicted),  DTR_FAST(locks),          DTR_FAST(cost),
     DTR_FAST(add),    DTR_FAST(add_cost), DTR_FAST(rematerialized), DTR_FAST(choose_victim),
+    DTR_FAST(set_next_use),
     {nullptr, nullptr, 0, nullptr}};
 
 void install_fast_methods(py::handle cls) {
@@ -287,6 +289,9 @@ PYBIND11_MODULE(_C, m) {
       .def("pin", &dtr::Pool::pin, py::arg("sid"))
       .def("evicted", &dtr::Pool::evicted, py::arg("sid"))
       .def("rematerialized", &dtr::Pool::rematerialized, py::arg("sid"), py::arg("now"))
+      .def("set_next_use", &dtr::Pool::set_next_use, py::arg("sid"), py::arg("when"))
+      .def("next_use", &dtr::Pool::next_use, py::arg("sid"))
+      .def_property("plan_clock", &dtr::Pool::plan_clock, &dtr::Pool::set_plan_clock)
       .def(
           "choose_victim",
           [](PyPool& p, double now) -> py::object {

@@ -20,6 +20,14 @@ inline double staleness(const Entry& e, double now) {
   return (kMinStaleness > s) ? kMinStaleness : s;
 }
 
+// The distance of an entry's own next use (a lower bound's: see Note [Bounded
+// scan]), or its staleness when the next use is unknown.
+inline double own_lookahead_distance(const Entry& e, double now, double plan_clock) {
+  if (std::isnan(e.next_use)) return staleness(e, now);
+  double d = e.next_use - plan_clock;
+  return (kMinStaleness > d) ? kMinStaleness : d;
+}
+
 // Python's built-in sum() over floats, starting from the int 0: the same
 // additions in the same order, so that the scores are bit-identical.
 class PySum {
@@ -67,8 +75,10 @@ void erase_first(Vec& v, const Entry* x) {
 
 const std::vector<std::string>& native_policy_names() {
   // In the order of enum class Policy.
-  static const std::vector<std::string> names = {"dtr_eq", "dtr",     "dtr_local", "msps",
-                                                 "lru",    "largest", "random",    "msps_sqrt"};
+  static const std::vector<std::string> names = {"dtr_eq",    "dtr",         "dtr_local",
+                                                 "msps",      "lru",         "largest",
+                                                 "random",    "msps_sqrt",   "dtr_regions",
+                                                 "lookahead"};
   return names;
 }
 
@@ -214,6 +224,7 @@ void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evicta
   e.sid = sid;
   e.nbytes = nbytes;
   e.cost = cost;
+  if (!(cost >= 0.0)) odd_cost_ = true;
   e.last_access = now;
   e.evictable = evictable;
   for (int64_t p : parents) {
@@ -249,7 +260,11 @@ void Pool::touch(int64_t sid, double now) {
   if (e != nullptr) e->last_access = now;
 }
 
-void Pool::add_cost(int64_t sid, double cost) { get(sid, "add_cost").cost += cost; }
+void Pool::add_cost(int64_t sid, double cost) {
+  Entry& e = get(sid, "add_cost");
+  e.cost += cost;
+  if (!(e.cost >= 0.0) || !(cost >= 0.0)) odd_cost_ = true;
+}
 
 void Pool::lock(int64_t sid) { ++get(sid, "lock").locks; }
 
@@ -315,6 +330,13 @@ void Pool::rematerialized(int64_t sid, double now) {
   maybe_candidate(e);
 }
 
+void Pool::set_next_use(int64_t sid, double when) { get(sid, "set_next_use").next_use = when; }
+
+double Pool::next_use(int64_t sid) const {
+  const Entry* e = find(sid);
+  return e == nullptr ? std::numeric_limits<double>::quiet_NaN() : e->next_use;
+}
+
 // ---------------------------------------------------------------------------
 // Scores. Each mirrors the function of the same name in dtr/policies.py.
 // ---------------------------------------------------------------------------
@@ -376,6 +398,54 @@ double Pool::evicted_ancestor_cost(Entry& e) {
   return total;
 }
 
+double Pool::evicted_region_cost(Entry& e, bool forward) {
+  // As the Python walk: every popped storage is marked seen, resident ones
+  // stop the walk there (and add nothing).
+  uint64_t seen = ++epoch_;
+  e.mark = seen;
+  const auto& first = forward ? e.children : e.parents;
+  stack_.assign(first.begin(), first.end());
+  double total = 0.0;
+  while (!stack_.empty()) {
+    Entry* n = stack_.back();
+    stack_.pop_back();
+    if (n->mark == seen) continue;
+    n->mark = seen;
+    if (n->resident) continue;
+    total += n->cost;
+    const auto& next = forward ? n->children : n->parents;
+    stack_.insert(stack_.end(), next.begin(), next.end());
+  }
+  return total;
+}
+
+double Pool::needed_next(Entry& e) {
+  double nu = e.next_use;
+  uint64_t seen = ++epoch_;
+  e.mark = seen;
+  stack_.assign(e.children.begin(), e.children.end());
+  while (!stack_.empty()) {
+    Entry* n = stack_.back();
+    stack_.pop_back();
+    if (n->mark == seen) continue;
+    n->mark = seen;
+    if (n->resident) continue;
+    if (n->next_use < nu) nu = n->next_use;  // an unknown (NaN) next use never wins
+    stack_.insert(stack_.end(), n->children.begin(), n->children.end());
+  }
+  return nu;
+}
+
+double Pool::lookahead_distance(Entry& e, double now) {
+  if (std::isnan(e.next_use)) return staleness(e, now);
+  // With no evicted child the walk finds nothing sooner.
+  double d = (e.evicted_children == 0 ? e.next_use : needed_next(e)) - plan_clock_;
+  d = (kMinStaleness > d) ? kMinStaleness : d;
+  // dtr.policies._LOOKAHEAD_RECENCY; Python's min(d, r) keeps d unless r < d.
+  const double recent = 4096.0 * staleness(e, now);
+  return (recent < d) ? recent : d;
+}
+
 double Pool::score(Entry& e, double now) {
   // See Note [Neighbour counts]: with no evicted neighbour the walks add 0.
   // (e.cost + 0.0 keeps the operations those of the Python functions.)
@@ -401,6 +471,16 @@ double Pool::score(Entry& e, double now) {
     case Policy::MspsSqrt:
       return (e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e))) /
              (static_cast<double>(e.nbytes) * std::sqrt(staleness(e, now)));
+    case Policy::Lookahead: {
+      double c = e.cost + (e.evicted_parents == 0 ? 0.0 : evicted_ancestor_cost(e));
+      return c / (static_cast<double>(e.nbytes) * std::sqrt(lookahead_distance(e, now)));
+    }
+    case Policy::DtrRegions: {
+      // A region with no evicted storage next to e sums to 0.0.
+      double c = e.cost + (e.evicted_children == 0 ? 0.0 : evicted_region_cost(e, true));
+      c = c + (e.evicted_parents == 0 ? 0.0 : evicted_region_cost(e, false));
+      return c / (static_cast<double>(e.nbytes) * staleness(e, now));
+    }
   }
   TORCH_INTERNAL_ASSERT(false, "dtr: unknown policy");
 }
@@ -409,7 +489,99 @@ double Pool::score(Entry& e, double now) {
 // The search
 // ---------------------------------------------------------------------------
 
+// Note [Bounded scan]
+// For dtr, dtr_regions, msps, msps_sqrt and lookahead a score is (c0 + W) / d, where W is
+// a sum of costs found by walking the evicted graph around the candidate and
+// d does not depend on W. With every cost >= 0, W >= 0, and floating-point
+// addition and division by the same positive d are monotone, so c0 / d (the
+// score with W = 0.0, computed with the same operations) is a lower bound of
+// the exact score, bit for bit. The scan scores the candidates that need no
+// walk first, then walks the others in increasing order of their bound and
+// stops at the first bound above the best exact score. The victim is the same
+// as the full scan's (the lowest score, ties to the smallest id: a bound equal
+// to the best is still walked), only the walks that cannot win are skipped.
+// Under the paper's semantics, where every recipe is kept, those walks cover
+// long evicted regions and were nearly all of a replay's time (LSTM at 0.2
+// with dtr_regions: 38 s, most of it walks). dtr_eq's class sums can drift
+// below the members' costs (a cost added while evicted), so it scans fully;
+// so does every policy once a negative or NaN cost was seen.
+bool Pool::can_bound() const {
+  if (odd_cost_) return false;
+  switch (policy_) {
+    case Policy::Dtr:
+    case Policy::Msps:
+    case Policy::MspsSqrt:
+    case Policy::DtrRegions:
+    case Policy::Lookahead:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool Pool::needs_walk(const Entry& e) const {
+  switch (policy_) {
+    case Policy::Msps:
+    case Policy::MspsSqrt:
+      return e.evicted_parents != 0;
+    case Policy::Lookahead:
+      return e.evicted_parents != 0 || (e.evicted_children != 0 && !std::isnan(e.next_use));
+    default:
+      return e.evicted_parents != 0 || e.evicted_children != 0;
+  }
+}
+
+double Pool::base_score(const Entry& e, double now) const {
+  // score() with every walk's sum 0.0, the same operations in the same order.
+  const double d = static_cast<double>(e.nbytes);
+  switch (policy_) {
+    case Policy::Msps:
+      return (e.cost + 0.0) / d;
+    case Policy::MspsSqrt:
+      return (e.cost + 0.0) / (d * std::sqrt(staleness(e, now)));
+    case Policy::Lookahead:
+      // Its own next use is no sooner than when it is needed.
+      return (e.cost + 0.0) / (d * std::sqrt(own_lookahead_distance(e, now, plan_clock_)));
+    case Policy::DtrRegions: {
+      double c = e.cost + 0.0;
+      c = c + 0.0;
+      return c / (d * staleness(e, now));
+    }
+    default:
+      return (e.cost + 0.0) / (d * staleness(e, now));
+  }
+}
+
+const Entry* Pool::scan_bounded(const std::vector<Entry*>& entries, double now) {
+  const Entry* best = nullptr;
+  double best_score = std::numeric_limits<double>::infinity();
+  auto offer = [&](Entry* e, double sc) {
+    if (best == nullptr || sc < best_score || (sc == best_score && e->sid < best->sid)) {
+      best = e;
+      best_score = sc;
+    }
+  };
+  deferred_.clear();
+  for (Entry* e : entries) {
+    if (e->locks) continue;
+    if (needs_walk(*e)) {
+      deferred_.emplace_back(base_score(*e, now), e);
+    } else {
+      offer(e, score(*e, now));
+    }
+  }
+  std::sort(deferred_.begin(), deferred_.end(), [](const auto& a, const auto& b) {
+    return a.first < b.first || (a.first == b.first && a.second->sid < b.second->sid);
+  });
+  for (const auto& [bound, e] : deferred_) {
+    if (best != nullptr && bound > best_score) break;
+    offer(e, score(*e, now));
+  }
+  return best;
+}
+
 const Entry* Pool::scan(const std::vector<Entry*>& entries, double now) {
+  if (can_bound()) return scan_bounded(entries, now);
   const Entry* best = nullptr;
   double best_score = std::numeric_limits<double>::infinity();
   const size_t n = entries.size();

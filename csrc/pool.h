@@ -34,12 +34,24 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
 namespace dtr {
 
-enum class Policy : int { DtrEq, Dtr, DtrLocal, Msps, Lru, Largest, Random, MspsSqrt };
+enum class Policy : int {
+  DtrEq,
+  Dtr,
+  DtrLocal,
+  Msps,
+  Lru,
+  Largest,
+  Random,
+  MspsSqrt,
+  DtrRegions,
+  Lookahead
+};
 
 // The names of the policies implemented natively, as registered in dtr.policies.
 const std::vector<std::string>& native_policy_names();
@@ -90,6 +102,10 @@ struct alignas(64) Entry {
   bool evictable = true;
   int64_t cand_pos = kNotCandidate;  // index in Pool::cands_, or kNotCandidate
   uint64_t mark = 0;                 // visit stamp for graph walks
+  // When the storage is next needed, on the plan's clock (+inf: never; NaN:
+  // unknown). Only the lookahead policy reads it; see Note [Lookahead] in
+  // dtr/policies.py.
+  double next_use = std::numeric_limits<double>::quiet_NaN();
   // Inline storage: most storages have few neighbours, and the scan then
   // reads them without another cache miss.
   c10::SmallVector<Entry*, 3> parents;
@@ -118,6 +134,12 @@ class Pool {
   void pin(int64_t sid);
   void evicted(int64_t sid);
   void rematerialized(int64_t sid, double now);
+  // See Note [Lookahead] in dtr/policies.py (NaN: unknown, the online score applies).
+  void set_next_use(int64_t sid, double when);
+  double next_use(int64_t sid) const;
+  // Where the step is on the plan's clock (the clock of the next uses).
+  void set_plan_clock(double t) { plan_clock_ = t; }
+  double plan_clock() const { return plan_clock_; }
 
   // -- the search --------------------------------------------------------
   // The unlocked candidate with the lowest score (ties: smallest id), or
@@ -164,8 +186,18 @@ class Pool {
   double equivalence_class_cost(Entry& e);
   double evicted_neighbourhood_cost(Entry& e);
   double evicted_ancestor_cost(Entry& e);
+  // dtr.policies_extra.evicted_region_cost: forward follows children, else parents.
+  double evicted_region_cost(Entry& e, bool forward);
+  // dtr.policies.needed_next and lookahead_distance (Note [Lookahead]).
+  double needed_next(Entry& e);
+  double lookahead_distance(Entry& e, double now);
 
   const Entry* scan(const std::vector<Entry*>& entries, double now);
+  // See Note [Bounded scan] in pool.cpp.
+  bool can_bound() const;
+  bool needs_walk(const Entry& e) const;
+  double base_score(const Entry& e, double now) const;
+  const Entry* scan_bounded(const std::vector<Entry*>& entries, double now);
 
   Policy policy_;
   SearchOptions search_;
@@ -176,6 +208,11 @@ class Pool {
   std::vector<Node> nodes_;
   std::vector<uint32_t> free_nodes_;
   uint64_t epoch_ = 0;
+  // A cost that was negative or NaN was seen: scores may fall below their
+  // bounds, so the bounded scan is off (Note [Bounded scan]).
+  bool odd_cost_ = false;
+  double plan_clock_ = 0.0;
+  std::vector<std::pair<double, Entry*>> deferred_;
   // Scratch buffers reused by the search and the graph walks.
   std::vector<Entry*> sample_, big_, stack_;
   std::vector<uint32_t> roots_;

@@ -5,8 +5,9 @@ and a ``dtr.SearchOptions``. Its public methods are exactly PythonPool's:
 ``add(sid, nbytes, cost, now, evictable, parents)``, ``remove(sid)``,
 ``touch(sid, now)``, ``add_cost(sid, c)``, ``cost(sid)``, ``last_access(sid)``, ``lock(sid)``,
 ``unlock(sid)``, ``locks(sid)``, ``pin(sid)``, ``evicted(sid)``,
-``rematerialized(sid, now)``, ``choose_victim(now)``, ``unlocked_candidates()``
-and ``len()``. With the same calls it evicts the same storages in the same
+``rematerialized(sid, now)``, ``choose_victim(now)``, ``unlocked_candidates()``,
+``set_next_use(sid, when)``, ``next_use(sid)``, the ``plan_clock`` attribute
+(the lookahead policy's inputs; Note [Lookahead] in dtr/policies.py) and ``len()``. With the same calls it evicts the same storages in the same
 order as PythonPool (see Note [Same victims as the Python pool] in
 csrc/pool.h). Caller errors (unknown storage id, unlocking an unlocked
 storage) raise ``dtr.DTRError``.

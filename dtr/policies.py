@@ -49,6 +49,7 @@ class Entry:
         "parents",
         "children",
         "uf_node",
+        "next_use",
     )
 
     def __init__(self, sid: int, nbytes: int, cost: float, now: float, evictable: bool):
@@ -62,6 +63,9 @@ class Entry:
         self.parents: List[int] = []
         self.children: List[int] = []
         self.uf_node: Optional[_UFNode] = None
+        # When it is next needed (the caller's clock; inf: never; NaN: unknown).
+        # Only "lookahead" reads it; see Note [Lookahead].
+        self.next_use = math.nan
 
     def staleness(self, now: float) -> float:
         return max(now - self.last_access, _MIN_STALENESS)
@@ -200,6 +204,76 @@ def score_msps_sqrt(e: Entry, pool: "PythonPool", now: float) -> float:
     return (e.cost + evicted_ancestor_cost(pool, e)) / (e.nbytes * math.sqrt(e.staleness(now)))
 
 
+def needed_next(pool: "PythonPool", e: Entry) -> float:
+    """When e is needed next: its own next use, or sooner the next use of an
+    evicted descendant (reached through evicted storages) whose recompute reads it."""
+    nu = e.next_use
+    entries = pool.entries
+    seen = {e.sid}
+    stack = list(e.children)
+    while stack:
+        sid = stack.pop()
+        if sid in seen:
+            continue
+        seen.add(sid)
+        n = entries.get(sid)
+        if n is None or n.resident:
+            continue
+        if n.next_use < nu:  # an unknown (NaN) next use never wins
+            nu = n.next_use
+        stack.extend(n.children)
+    return nu
+
+
+# A storage touched within 1/4096 of the time until it is needed counts as
+# needed that soon; see Note [Lookahead].
+_LOOKAHEAD_RECENCY = 4096.0
+
+
+def lookahead_distance(e: Entry, pool: "PythonPool", now: float) -> float:
+    """Time until e is needed next when the caller knows its next use (on the
+    plan's clock; at most 4096x its staleness), else its staleness."""
+    if e.next_use != e.next_use:  # NaN: unknown
+        return e.staleness(now)
+    d = max(needed_next(pool, e) - pool.plan_clock, _MIN_STALENESS)
+    return min(d, _LOOKAHEAD_RECENCY * e.staleness(now))
+
+
+def score_lookahead(e: Entry, pool: "PythonPool", now: float) -> float:
+    # Note [Lookahead]
+    # Training repeats one step, so the previous step's access sequence tells
+    # when each storage is needed next. The caller (dtr.sim's replay with a
+    # plan; a runtime that recorded the last step) sets it with
+    # pool.set_next_use(sid, when) on the plan's clock (the recorded step's
+    # time at that use) and keeps pool.plan_clock at the recorded time of the
+    # op the step is at. (A next use moved onto the caller's own clock when it
+    # is set drifts: recomputation since then makes it look due too early, and
+    # at tight budgets the drift protected the wrong storages.) The score
+    # is msps_sqrt's with the time until the storage is needed next in place
+    # of the staleness: a cost-aware Belady rule, (c0 + evicted ancestors'
+    # cost) / (m * sqrt(time until needed)), evicting what is needed last per
+    # byte of recompute; a storage never needed again (inf) scores 0. A storage
+    # is needed at its own next use, or sooner when an evicted value computed
+    # from it (through evicted storages) is used: with its own next use only,
+    # parents of evicted values scored 0 and went first, and every recompute
+    # then recomputed them too (Unrolled GAN at 0.4: 1.30 against 1.09). The
+    # distance is capped at 4096x the staleness: a value a recompute has just
+    # read (or rebuilt) keeps its far next use, and without the cap it was
+    # evicted at once and rebuilt by the next recompute that needed it
+    # (Unrolled GAN at 0.2: past 2x against msps_sqrt's 1.42; with the cap
+    # 1.12). The factor was tuned on the paper's traces: the cap should only
+    # catch values touched just now; smaller factors also protected values
+    # merely touched recently, and cost more elsewhere (mean excess under
+    # the paper's semantics: 8x 0.141, 16x 0.115, 128x 0.112, 1024x 0.108,
+    # 4096x 0.1055, 65536x 0.1050, 2^20 0.106; docs/simulator.md). Where the next use
+    # is unknown (NaN, the default, and what the caller sets once the step
+    # diverges from the recorded one) the score is exactly msps_sqrt's, so a
+    # pool with no plan behaves as msps_sqrt. The square root (rather than the
+    # distance itself) was kept because it wins on the paper's traces
+    # (docs/simulator.md, "Lookahead").
+    return (e.cost + evicted_ancestor_cost(pool, e)) / (e.nbytes * math.sqrt(lookahead_distance(e, pool, now)))
+
+
 def score_lru(e: Entry, pool: "PythonPool", now: float) -> float:
     return 1.0 / e.staleness(now)
 
@@ -262,6 +336,7 @@ for _name, _fn in [
     ("largest", score_largest),
     ("random", score_random),
     ("msps_sqrt", score_msps_sqrt),
+    ("lookahead", score_lookahead),
 ]:
     register(_name, _fn)
 
@@ -342,6 +417,8 @@ class PythonPool:
         self._cand: List[Entry] = []
         self._cand_pos: Dict[int, int] = {}
         self.candidate_bytes = 0
+        # Where the step is on the plan's clock; see Note [Lookahead].
+        self.plan_clock = 0.0
 
     @property
     def candidates(self) -> Dict[int, Entry]:
@@ -417,6 +494,14 @@ class PythonPool:
         e = self.entries.get(sid)
         if e is not None:
             e.last_access = now
+
+    def set_next_use(self, sid: int, when: float) -> None:
+        """When the storage is next needed (NaN: unknown); see Note [Lookahead]."""
+        self._get(sid, "set_next_use").next_use = when
+
+    def next_use(self, sid: int) -> float:
+        e = self.entries.get(sid)
+        return e.next_use if e is not None else math.nan
 
     def add_cost(self, sid: int, cost: float) -> None:
         self._get(sid, "add_cost").cost += cost

@@ -8,7 +8,8 @@ the simulator (``dtr.sim``) can use them. The lowest score is evicted.
   computed it: the evicted neighbourhood is the union of two *directed*
   regions, the evicted ancestors reachable through evicted storages and the
   evicted descendants reachable through evicted storages (each summed
-  separately), instead of the connected evicted component of ``dtr``.
+  separately), instead of the connected evicted component of ``dtr``. The
+  C++ pool implements it too (``make_pool`` then picks it), bit for bit.
 * ``dtr_eq_sqrt``: dtr_eq with the square root of staleness,
   (c0 + eq-class cost) / (m * sqrt(s)): staleness matters less against cost
   and size. Not better on average, but best in some cells of the paper's

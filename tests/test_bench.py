@@ -124,3 +124,12 @@ def test_dispatch_floor_writes_its_table(tmp_path):
     row = next(line for line in out.read_text().splitlines() if line.startswith("| lstm |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and cells[2].endswith("x)") and cells[3].endswith("x)")
+
+
+def test_quick_runs_default_to_their_own_folder():
+    # A quick run used to write over the committed full-run results and plots.
+    full = run.default_out(False)
+    assert os.path.samefile(full, os.path.join(ROOT, "bench", "results"))
+    assert run.default_out(True) == os.path.join(full, "quick")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/results/quick/results.md"], cwd=ROOT)
+    assert ignored.returncode == 0

@@ -22,7 +22,8 @@ from dtr import _ext
 from dtr.errors import DTRError
 from dtr.policies import PythonPool, SearchOptions, make_pool
 
-POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random", "msps_sqrt"]
+POLICIES = ["dtr_eq", "dtr", "dtr_local", "msps", "lru", "largest", "random", "msps_sqrt",
+            "dtr_regions", "lookahead"]
 CPP = _ext.available() and set(POLICIES) <= set(_ext.native_policies())
 needs_cpp = pytest.mark.skipif(not CPP, reason="dtr._C (the C++ pool) is not built")
 
@@ -215,7 +216,8 @@ def test_ties_go_to_the_smallest_id(impl):
     assert p.choose_victim(1.0) == 4
 
 
-@pytest.mark.parametrize("policy", ["dtr_local", "lru", "largest", "dtr_eq", "dtr", "msps", "msps_sqrt"])
+@pytest.mark.parametrize("policy", ["dtr_local", "lru", "largest", "dtr_eq", "dtr", "msps", "msps_sqrt",
+                                    "dtr_regions", "lookahead"])
 def test_scores_by_hand(impl, policy):
     p = pools(impl, policy)
     p.add(0, 100, 2.0, 0.0, True)
@@ -232,11 +234,60 @@ def test_scores_by_hand(impl, policy):
         "dtr": (3.0 + 2.0) / (50 * 3.0),
         "msps": (3.0 + 2.0) / 50,
         "msps_sqrt": (3.0 + 2.0) / (50 * math.sqrt(3.0)),
+        # Evicted descendants (none) + evicted ancestors (0).
+        "dtr_regions": (3.0 + 0.0 + 2.0) / (50 * 3.0),
+        # No next use known: msps_sqrt.
+        "lookahead": (3.0 + 2.0) / (50 * math.sqrt(3.0)),
     }[policy]
     assert s1 == pytest.approx(expected)
+    if policy == "lookahead":
+        # Needed 9 after the plan's clock: the distance replaces the staleness.
+        p.plan_clock = 1.0
+        p.set_next_use(1, 10.0)
+        assert p.next_use(1) == 10.0
+        assert p._score(1, now) == pytest.approx(5.0 / (50 * 3.0))
+        # Never needed again: the distance is capped at 4096x the staleness (3).
+        p.set_next_use(1, math.inf)
+        assert p._score(1, now) == pytest.approx(5.0 / (50 * math.sqrt(3 * 4096.0)))
+        p.set_next_use(1, 0.5)  # overdue: the smallest distance, a finite score
+        assert math.isfinite(p._score(1, now)) and p._score(1, now) > 1e5
+        p.set_next_use(1, math.nan)
+        assert p._score(1, now) == pytest.approx(expected)
     # Touching now makes staleness the minimum, not zero: scores stay finite.
     p.touch(2, now)
     assert math.isfinite(p._score(2, now))
+
+
+def test_lookahead_evicts_what_is_needed_last_per_byte_of_recompute(impl):
+    p = pools(impl, "lookahead")
+    for sid in range(3):
+        p.add(sid, 8, 1.0, 0.0, True)
+    p.plan_clock = 0.0
+    for sid, when in [(0, 5.0), (1, 50.0), (2, 20.0)]:
+        p.set_next_use(sid, when)
+    assert p.choose_victim(100.0) == 1  # staleness 100: the cap is far
+    p.add_cost(1, 99.0)  # 100x the recompute for 10x the distance: now 2 goes
+    assert p.choose_victim(100.0) == 2
+
+
+def test_set_next_use_of_unknown_storage_is_an_error(impl):
+    p = pools(impl, "lookahead")
+    with pytest.raises(DTRError, match="set_next_use of unknown storage id 7"):
+        p.set_next_use(7, 1.0)
+    assert math.isnan(p.next_use(7))
+
+
+def test_bounded_scan_keeps_ties_to_the_smallest_id(impl):
+    # Storage 0's score needs a walk (an evicted parent of cost 0.0) and equals
+    # its bound; storage 9 needs none and scores the same: 0 must win, as in a
+    # full scan (see Note [Bounded scan] in csrc/pool.cpp).
+    for policy in ("dtr", "dtr_regions", "msps", "msps_sqrt", "lookahead"):
+        p = pools(impl, policy)
+        p.add(5, 8, 0.0, 0.0, True)
+        p.add(0, 8, 1.0, 0.0, True, [5])
+        p.add(9, 8, 1.0, 0.0, True)
+        p.evicted(5)
+        assert p.choose_victim(2.0) == 0, policy
 
 
 def test_lru_evicts_the_stalest(impl):
@@ -339,12 +390,13 @@ def test_search_options_are_checked(kw):
 # ---------------------------------------------------------------------------
 
 
-def _random_workload(policy, search, seed, n_ops=1500):
-    """Drive both pools with one random sequence; return both victim lists."""
+def _random_workload(policy, search, seed, n_ops=1500, negative_costs=False, pools=None):
+    """Drive two pools (Python and C++ unless given) with one random sequence;
+    return both victim lists."""
     rng = random.Random(seed)
-    py = make_pool(policy, search, impl="python")
-    cpp = make_pool(policy, search, impl="cpp")
-    both = (py, cpp)
+    if pools is None:
+        pools = (make_pool(policy, search, impl="python"), make_pool(policy, search, impl="cpp"))
+    py, cpp = both = pools
     live, resident, locked = [], set(), {}
     next_sid, now = 0, 0.0
     victims = ([], [])
@@ -354,7 +406,7 @@ def _random_workload(policy, search, seed, n_ops=1500):
         if r < 0.35 or len(live) < 5:
             parents = rng.sample(live, min(len(live), rng.randint(0, 3)))
             nb = rng.choice([0, 4, 8, 64, rng.randint(1, 4096)])
-            cost = rng.choice([0.5, 1.0, rng.random()])
+            cost = rng.choice([0.5, 1.0, rng.random()] + ([-rng.random()] if negative_costs else []))
             ev = rng.random() > 0.1
             for p in both:
                 p.add(next_sid, nb, cost, now, ev, parents)
@@ -381,10 +433,19 @@ def _random_workload(policy, search, seed, n_ops=1500):
                 resident.discard(sid)
                 for p in both:
                     p.remove(sid)
-        elif r < 0.9:
+        elif r < 0.86:
             sid = rng.choice(live)
             for p in both:
                 p.touch(sid, now)
+        elif r < 0.9:
+            # The plan's clock and next uses (only lookahead reads them).
+            sid = rng.choice(live)
+            when = rng.choice([math.nan, math.inf, now + 5 * rng.random(), now - 1.0])
+            for p in both:
+                p.plan_clock = now - rng.random() if rng.random() < 0.1 else now
+                p.set_next_use(sid, when)
+            for p in both[1:]:
+                p.plan_clock = both[0].plan_clock
         elif r < 0.95:
             sid = rng.choice(live)
             if locked.get(sid):
@@ -404,6 +465,43 @@ def _random_workload(policy, search, seed, n_ops=1500):
     cpp._check_invariants()
     assert py._candidates() == cpp._candidates()
     return victims
+
+
+@needs_cpp
+@pytest.mark.parametrize("policy", ["dtr", "dtr_regions", "msps", "msps_sqrt", "lookahead"])
+def test_negative_costs_same_victims(policy):
+    # A negative cost turns the C++ pool's bounded scan off (Note [Bounded scan]).
+    vp, vc = _random_workload(policy, SearchOptions(), 7, negative_costs=True)
+    assert sum(v is not None for v in vp) > 50
+    assert vp == vc
+
+
+@pytest.mark.parametrize("impl_", ["python", pytest.param("cpp", marks=needs_cpp)])
+def test_lookahead_without_next_uses_is_msps_sqrt(impl_):
+    # Note [Lookahead]: with every next use unknown (NaN) the two pools decide alike.
+    pair = (make_pool("lookahead", SearchOptions(), impl=impl_),
+            make_pool("msps_sqrt", SearchOptions(), impl=impl_))
+
+    class NoPlan:
+        """Forwards everything but the plan to the pool."""
+
+        def __init__(self, pool):
+            self.pool = pool
+
+        def __getattr__(self, name):
+            return getattr(self.pool, name)
+
+        def set_next_use(self, sid, when):
+            pass
+
+        def __setattr__(self, name, value):
+            if name == "plan_clock":
+                return
+            object.__setattr__(self, name, value)
+
+    va, vb = _random_workload(None, None, 3, pools=tuple(NoPlan(p) for p in pair))
+    assert sum(v is not None for v in va) > 50
+    assert va == vb
 
 
 @needs_cpp
@@ -495,6 +593,16 @@ class PoolPair(RuleBasedStateMachine):
         else:
             for p in self.both():
                 p.unlock(sid)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), when=st.sampled_from([math.nan, math.inf, 0.0]) | st.floats(-10, 100),
+          ahead=st.floats(-5, 5, allow_nan=False))
+    def plan(self, data, when, ahead):  # lookahead's inputs (Note [Lookahead])
+        sid = data.draw(st.sampled_from(self.live))
+        for p in self.both():
+            p.set_next_use(sid, when)
+            p.plan_clock = self.now + ahead
+            assert p.next_use(sid) == when or (math.isnan(when) and math.isnan(p.next_use(sid)))
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())

@@ -1,6 +1,7 @@
 """dtr.sim: trace parser, simulator semantics, optimal baselines."""
 import json
 import math
+import os
 
 import pytest
 
@@ -303,3 +304,216 @@ def test_excess_summary_skips_budgets_the_paper_has_no_column_for():
     out = excess_summary(rows, ["dtr_eq"], [0.3, 0.4])
     assert out["paper_mean_excess"] == pytest.approx(0.14)
     assert out["best_mean_excess"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------
+# Recomputing in-place ops (Note [Stealing on recompute] in dtr/runtime.py)
+# --------------------------------------------------------------------------
+
+# The paper's traces live beside the checkout (docs/simulator.md).
+PAPER_TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "traces",
+                            "dtr-prototype")
+
+
+def mut(name, args, which, time):
+    return [J(INSTRUCTION="MUTATE", NAME=name, ARGS=args, MUTATE=which, TIME=str(time))]
+
+
+def _resident_bytes(sim):
+    return sum(s.nbytes for s in sim.storages.values() if s.resident)
+
+
+def _step_and_check(trace, sim):
+    """Run the trace one instruction at a time; the replay's live-byte count must
+    equal the bytes of the storages it holds resident after every instruction."""
+    from dtr.sim.simulator import OutOfBudget, OverheadExceeded
+
+    try:
+        for i, ins in enumerate(trace.instrs):
+            sim.run_trace([ins])
+            assert sim.mem == _resident_bytes(sim), (i, ins)
+    except (OutOfBudget, OverheadExceeded):
+        assert sim.mem == _resident_bytes(sim)
+
+
+def dropout_trace():
+    """A dropout mask (empty_like, then bernoulli_ and div_ in place) evicted by
+    "largest" for c and needed again while c is locked."""
+    return T(const("x", 10), call("empty_like", ["x"], ["m"], 1, [100]),
+             mut("bernoulli_", ["m"], [0], 2), mut("div_", ["m", "x"], [0], 3),
+             call("f", ["x"], ["z"], 10, [50]),
+             call("k", ["x"], ["c"], 10, [200]), rel("z"),
+             call("g", ["c", "m"], ["d"], 10, [10]), rel("c", "d"))
+
+
+def test_recomputed_inplace_op_takes_over_the_old_value():
+    from dtr.sim.simulator import Simulator
+
+    tr = dropout_trace()
+    opts = SimOptions(overhead_limit=None, pin_outputs=False)
+    sim = Simulator(359, "largest", options=opts)
+    _step_and_check(tr, sim)
+    # m's three ops rerun; each in-place one writes into the value it rebuilt,
+    # so the recompute needs one mask's bytes (a copy would need two: with c
+    # locked nothing else could go, and the budget would fail).
+    assert sim.remats == 3 and sim.remat_time == 1 + 2 + 3
+    assert sim.peak <= 359
+    # Only the final mask is resident; the values it was computed from are not.
+    m = sim.handles["m"].storage
+    assert m.resident and [s.sid for s in sim.storages.values() if s.resident and not s.pinned] == [m.sid]
+    r = simulate(tr, budget=359, policy="largest", options=RUNTIME)
+    assert r.feasible and r.rematerializations == 3
+    # Paper semantics (simrd: each in-place op allocates a new value) needs more.
+    assert simulate(tr, budget=359, policy="largest", options=PAPER).status == "oom"
+
+
+@pytest.mark.parametrize("semantics", ["runtime", "eager", "paper"])
+@pytest.mark.parametrize("ratio", [0.4, 0.6])
+def test_live_bytes_match_resident_storages_on_a_paper_trace(semantics, ratio):
+    # U-Net: 37 in-place ops, some recomputed at these budgets. The replay used
+    # to make a recomputed in-place result resident without counting its bytes.
+    import glob
+
+    from dtr.sim import load
+    from dtr.sim.simulator import Simulator
+
+    paths = glob.glob(f"{PAPER_TRACES}/unet-*.log")
+    if not paths:
+        pytest.skip("the paper's traces are not in ../shared/traces")
+    tr = load(paths[0])
+    base = {"runtime": SimOptions(), "eager": SimOptions.eager(), "paper": SimOptions.paper()}[semantics]
+    opts = SimOptions(**{**base.__dict__, "pin_outputs": False})
+    sim = Simulator(int(baseline_peak(tr, base) * ratio), "dtr_eq", options=opts, op_time=tr.op_time)
+    _step_and_check(tr, sim)
+    assert sim.remats > 0
+
+
+# --------------------------------------------------------------------------
+# The lookahead policy and its plan (dtr/sim/plan.py, Note [Lookahead])
+# --------------------------------------------------------------------------
+
+def _replay(trace, policy, budget, plan=None, opts=RUNTIME):
+    """Replay; return the simulator and its victims as (op index, victim) pairs."""
+    from dtr.sim.simulator import Simulator
+
+    sim = Simulator(budget, policy, options=opts, op_time=trace.op_time, plan=plan)
+    victims = []
+    choose = sim.pool.choose_victim
+
+    class Logged:
+        def __getattr__(self, name):
+            return getattr(pool, name)
+
+        def __setattr__(self, name, value):
+            setattr(pool, name, value)
+
+        def choose_victim(self, now):
+            v = choose(now)
+            victims.append((sim._op_index, v))
+            return v
+
+    pool = sim.pool
+    sim.pool = Logged()
+    sim.run_trace(trace)
+    return sim, victims
+
+
+def _with_op_renamed(trace, k, new_name):
+    """The trace with its k-th op (CALL or MUTATE) renamed."""
+    from dtr.sim.trace import Trace
+
+    instrs = list(trace.instrs)
+    ops = [i for i, ins in enumerate(instrs) if isinstance(ins, (Call, Mutate))]
+    old = instrs[ops[k]]
+    instrs[ops[k]] = type(old)(**{**old.__dict__, "name": new_name})
+    return Trace(instrs, name=trace.name)
+
+
+def test_plan_records_each_storages_uses():
+    from dtr.sim import make_plan
+
+    tr = train_trace(n=3)
+    plan = make_plan(tr, RUNTIME)
+    assert [k for k, _ in plan.ops] == ["f", "f", "f", "loss", "df", "df", "df"]
+    assert plan.start == [0, 10, 20, 30, 31, 51, 71] and plan.end == 91
+    # Storage 1 (a1) is read by f (op 1) and by the last df (op 6); storage 0 (x) by op 0.
+    assert plan.uses[1] == [1, 6] and plan.uses[0] == [0, 7]  # x is still referenced at the end
+    assert plan.next_use_after(1, 1) == 71 and plan.next_use_after(1, 6) == math.inf
+    # What is still referenced at the end is needed then (the replay pins it).
+    assert plan.uses[7] == [7] and plan.next_use_after(7, 6) == 91  # g1, the last gradient
+
+
+def test_lookahead_follows_the_plan_and_beats_staleness():
+    # Backward order is the reverse of forward: staleness says "evict a1" (needed
+    # last, right), but after the loss it says "evict what the backward pass just
+    # touched". The next use tells exactly.
+    tr = train_trace(n=10)
+    budget = int(baseline_peak(tr, RUNTIME) * 0.5)
+    la = simulate(tr, budget=budget, policy="lookahead", options=RUNTIME)
+    ms = simulate(tr, budget=budget, policy="msps_sqrt", options=RUNTIME)
+    assert la.feasible and ms.feasible
+    assert la.remat_time < ms.remat_time
+    # Without a plan lookahead is msps_sqrt, decision for decision.
+    none = simulate(tr, budget=budget, policy="lookahead", options=RUNTIME, plan=False)
+    assert (none.remat_time, none.evictions, none.peak_bytes) == (ms.remat_time, ms.evictions, ms.peak_bytes)
+    # Python and C++ pools agree with a plan too.
+    from dtr import _ext
+
+    if _ext.available() and "lookahead" in _ext.native_policies():
+        py = simulate(tr, budget=budget, policy="lookahead", options=RUNTIME, pool_impl="python")
+        assert (py.remat_time, py.evictions) == (la.remat_time, la.evictions)
+
+
+def test_lookahead_falls_back_when_the_step_diverges():
+    from dtr.sim import make_plan
+
+    tr = train_trace(n=10)
+    budget = int(baseline_peak(tr, RUNTIME) * 0.5)
+    sim_own, v_own = _replay(tr, "lookahead", budget, make_plan(tr, RUNTIME))
+    assert sim_own.diverged_at is None
+    # The previous step ran op 13 (a backward op) differently: a dynamic model.
+    prev = _with_op_renamed(tr, 13, "df_other")
+    sim_div, v_div = _replay(tr, "lookahead", budget, make_plan(prev, RUNTIME))
+    assert sim_div.diverged_at == 13
+    # Up to there it decided as with its own plan ...
+    before = [v for v in v_own if v[0] < 13]
+    assert before and [v for v in v_div if v[0] < 13] == before
+    # ... and from there on knows no next use, so it scores as msps_sqrt
+    # (tests/test_pool.py: lookahead without next uses is msps_sqrt).
+    assert any(v[0] >= 13 for v in v_div)
+    assert all(math.isnan(sim_div.pool.next_use(st.sid)) for st in sim_div.storages.values())
+    # A plan that diverges at the first op is msps_sqrt throughout.
+    sim_0, v_0 = _replay(tr, "lookahead", budget, make_plan(_with_op_renamed(tr, 0, "g"), RUNTIME))
+    sim_ms, v_ms = _replay(tr, "msps_sqrt", budget)
+    assert sim_0.diverged_at == 0
+    assert [v for _, v in v_0] == [v for _, v in v_ms] and sim_0.remat_time == sim_ms.remat_time
+    # So is a previous step that was shorter, once the step runs past its end.
+    short = type(tr)([i for i in tr.instrs][:len(tr.instrs) - 4], name="short")
+    sim_s, _ = _replay(tr, "lookahead", budget, make_plan(short, RUNTIME))
+    assert sim_s.diverged_at is not None
+
+
+def test_lookahead_on_a_paper_trace():
+    # U-Net under the paper's semantics at 0.4: the paper's h_DTR runs out of
+    # memory; msps_sqrt needs 1.31x, lookahead with the step's own plan 1.15x.
+    import glob
+
+    from dtr.sim import load
+
+    paths = glob.glob(f"{PAPER_TRACES}/unet-*.log")
+    if not paths:
+        pytest.skip("the paper's traces are not in ../shared/traces")
+    tr = load(paths[0])
+    la = simulate(tr, ratio=0.4, policy="lookahead", options=SimOptions.paper())
+    ms = simulate(tr, ratio=0.4, policy="msps_sqrt", options=SimOptions.paper())
+    assert la.feasible and ms.feasible and la.overhead < ms.overhead - 0.05
+
+
+def test_lookahead_near_optimal_where_dtr_eq_is_not():
+    # training_graph(8, seed=4) at 0.6 of its peak: the MILP's optimum 1.134,
+    # dtr_eq 1.598 (1.41x), lookahead with the graph's own plan 1.159 (1.02x).
+    g = training_graph(8, seed=4)
+    (row,) = compare(g, [0.6], policies=["dtr_eq", "lookahead"], time_limit=30)
+    assert row["optimal_status"] == "optimal"
+    assert row["lookahead_vs_opt"] <= 1.10, row
+    assert row["dtr_eq_vs_opt"] > 1.3, row

@@ -23,9 +23,14 @@ Semantics (see docs/simulator.md for the reasoning):
   now belongs to the new value) and a *new* storage computed by
   "clone the old one, apply the op" replaces it; every handle to the old
   storage or its views is rebound to the new one. A pinned (constant) target
-  is written in place. ``mutation="simrd"`` follows the paper's simulator:
+  is written in place. Recomputing the new storage takes the old value's
+  memory over when nothing else can read it, else allocates a copy (the
+  runtime's Note [Stealing on recompute]); either way its bytes are counted. ``mutation="simrd"`` follows the paper's simulator:
   the op makes a new storage of the target's size, only the written handle
   moves to it, and the old value loses that handle.
+* A ``Plan`` (dtr/sim/plan.py): the replay tells the pool when each storage
+  it touches is needed next, for the ``lookahead`` policy, until the step
+  diverges from the plan.
 * ``pin_outputs``: at the end, every value that still has a handle is
   rematerialized (and counted), as the paper's simulator did.
 
@@ -41,10 +46,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..policies import SearchOptions, make_pool, name_of
+from .plan import Plan
 from .trace import Annotate, Call, Constant, Copy, CopyFrom, Mutate, Release, Trace, load
 
-__all__ = ["SimOptions", "SimResult", "Simulator", "simulate", "baseline_peak", "OutOfBudget",
-           "OverheadExceeded"]
+__all__ = ["SimOptions", "SimResult", "Simulator", "simulate", "baseline_peak", "make_plan",
+           "OutOfBudget", "OverheadExceeded"]
 
 
 class OutOfBudget(Exception):
@@ -143,7 +149,7 @@ class _Storage:
 
 
 class _Op:
-    __slots__ = ("name", "cost", "args", "outputs", "out_bytes")
+    __slots__ = ("name", "cost", "args", "outputs", "out_bytes", "bases")
 
     def __init__(self, name, cost, args):
         self.name = name
@@ -151,6 +157,9 @@ class _Op:
         self.args = args
         self.outputs: List[_Value] = []
         self.out_bytes = 0
+        # An in-place op under runtime semantics: the old storages it writes,
+        # whose memory a recompute may take over (Note [Stealing on recompute]).
+        self.bases: Optional[List[_Storage]] = None
 
 
 class _Value:
@@ -168,8 +177,16 @@ class Simulator:
 
     def __init__(self, budget: Optional[int], policy="dtr_eq",
                  search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
-                 op_time: Optional[float] = None, pool_impl: str = "python"):
+                 op_time: Optional[float] = None, pool_impl: str = "auto",
+                 plan: Optional[Plan] = None, record_plan: bool = False):
         self.budget = budget
+        # The previous step's accesses (see dtr/sim/plan.py): followed while the
+        # step matches it, or recorded into a new Plan.
+        self.plan = plan
+        self.recorded_plan = Plan() if record_plan else None
+        self.diverged_at: Optional[int] = None
+        self._op_index = 0
+        self._plan_clock = 0.0
         self.policy = policy
         self.pool = make_pool(policy, search, pool_impl)
         self.opt = options
@@ -307,7 +324,12 @@ class Simulator:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
             need = op.out_bytes
-            self.make_room(need)
+            stolen = self._stealable_bases(op, locked) if remat and op.bases else ()
+            self.make_room(need - sum(b.nbytes for b in stolen))
+            for b in stolen:
+                # The recompute writes into the old value, as the runtime does.
+                self._evict(b)
+                self.evictions -= 1
             self.clock += op.cost
             if remat:
                 self.remat_time += op.cost
@@ -350,6 +372,20 @@ class Simulator:
                         self._maybe_collect(s)
         if remat and self.remat_time > self._remat_limit:
             raise OverheadExceeded()
+
+    def _stealable_bases(self, op: _Op, locked: List[_Storage]) -> List[_Storage]:
+        # See Note [Stealing on recompute] in dtr/runtime.py: recomputing an
+        # in-place op under runtime semantics takes over the old value's memory
+        # when nothing else can read it (no handle, not pinned, locked only by
+        # this recompute); otherwise it writes into a copy, which needs the
+        # bytes. Charging neither (the replay before this) undercounted memory.
+        out = []
+        for b in op.bases:
+            if (b.resident and not b.pinned and b.ext == 0
+                    and self.pool.locks(b.sid) == sum(1 for s in locked if s is b)
+                    and not any(b is o for o in out)):
+                out.append(b)
+        return out
 
     def _materialize(self, v: _Value):
         op = v.op
@@ -414,10 +450,40 @@ class Simulator:
             else:  # pragma: no cover
                 raise TypeError(f"dtr.sim: unknown instruction {ins!r}")
         if self.opt.pin_outputs:
+            if self.recorded_plan is not None:
+                self.recorded_plan.log_end(self._plan_clock, [v.storage.sid for v in handles.values()])
             for v in list(handles.values()):
                 if not self._is_defined(v):
                     self._materialize(v)
                 self.pool.pin(v.storage.sid)
+
+    def _follow_plan(self, ins, args: List[_Value], outs: List[_Storage]) -> None:
+        """After an op: record it, or tell the pool when what it touched is needed next."""
+        key = (ins.name, len(ins.args))
+        k = self._op_index
+        self._op_index += 1
+        start = self._plan_clock
+        self._plan_clock += ins.time
+        if self.recorded_plan is not None:
+            self.recorded_plan.log_op(key, start, [a.storage.sid for a in args])
+        plan = self.plan
+        if plan is None or self.diverged_at is not None:
+            return
+        pool = self.pool
+        if not plan.matches(k, key):
+            # The step left the recorded one: nothing known about the future.
+            self.diverged_at = k
+            for st in self.storages.values():
+                if st.alive:
+                    pool.set_next_use(st.sid, math.nan)
+            return
+        pool.plan_clock = self._plan_clock
+        seen = set()
+        for st in [a.storage for a in args] + outs:
+            if st.sid in seen or not st.alive:
+                continue
+            seen.add(st.sid)
+            pool.set_next_use(st.sid, plan.next_use_after(st.sid, k))
 
     def _call(self, ins: Call):
         handles = self.handles
@@ -467,6 +533,8 @@ class Simulator:
         finally:
             for s in locked:
                 pool.unlock(s.sid)
+        if self.plan is not None or self.recorded_plan is not None:
+            self._follow_plan(ins, args, [o.storage for o in op.outputs])
 
     def _mutate(self, ins: Mutate):
         handles = self.handles
@@ -488,7 +556,10 @@ class Simulator:
             targets.append(s)
         out_bytes = sum(s.nbytes for s in targets) if simrd else 0
         op = _Op(ins.name, ins.time, args)
-        op.out_bytes = out_bytes
+        # A recompute allocates the written storages (less what it steals).
+        op.out_bytes = sum(s.nbytes for s in targets)
+        if not simrd:
+            op.bases = targets
         locked = self._acquire(args)
         self._pending_release = []
         try:
@@ -533,6 +604,8 @@ class Simulator:
         # simrd: the written handle left the old value (a RELEASE after the op).
         for s in self._pending_release:
             self._release_storage(s)
+        if self.plan is not None or self.recorded_plan is not None:
+            self._follow_plan(ins, args, [o.storage for o in op.outputs])
         self._note_peak()
 
     def _rebind(self, ins: Mutate, old: _Storage, new: _Storage, new_root: _Value, simrd: bool):
@@ -605,13 +678,34 @@ def baseline_peak(trace: Trace, options: SimOptions = SimOptions()) -> int:
     return got
 
 
+_PLANS: Dict[tuple, Plan] = {}
+
+
+def make_plan(trace: Trace, options: SimOptions = SimOptions()) -> Plan:
+    """The accesses of one replay of ``trace`` with no budget: the plan a step
+    identical to this one would follow."""
+    key = (id(trace), len(trace.instrs), asdict(options).__repr__())
+    got = _PLANS.get(key)
+    if got is None:
+        sim = Simulator(None, "lru", options=options, record_plan=True)
+        sim.run_trace(trace)
+        got = _PLANS[key] = sim.recorded_plan
+    return got
+
+
 def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, policy="dtr_eq",
              search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
-             ratio: Optional[float] = None) -> SimResult:
+             ratio: Optional[float] = None, pool_impl: str = "auto",
+             plan: Union[None, bool, Plan] = None) -> SimResult:
     """Replay ``trace`` (a Trace or a path) under a budget.
 
     ``ratio``: budget as a fraction of the trace's baseline peak; or ``budget``
-    in bytes (None: unlimited).
+    in bytes (None: unlimited). ``pool_impl``: as ``dtr.policies.make_pool``
+    ("auto": the C++ pool for the policies it implements; both pools make the
+    same decisions, the C++ one 15-50x faster on these replays).
+    ``plan``: the previous step's accesses for the ``lookahead`` policy (see
+    dtr/sim/plan.py); None: for ``lookahead``, the trace's own (the previous
+    step was the same), else none; False: none (lookahead is then msps_sqrt).
     """
     if isinstance(trace, str):
         trace = load(trace)
@@ -619,7 +713,12 @@ def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, p
     if ratio is not None:
         budget = int(base * ratio)
     op_time = trace.op_time
-    sim = Simulator(budget, policy, search, options, op_time=op_time)
+    if plan is None:
+        plan = policy == "lookahead"
+    if plan is True:
+        plan = make_plan(trace, options)
+    sim = Simulator(budget, policy, search, options, op_time=op_time, pool_impl=pool_impl,
+                    plan=plan or None)
     t0 = _time.perf_counter()
     status = "ok"
     try:
