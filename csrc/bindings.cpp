@@ -15,9 +15,8 @@
 
 namespace py = pybind11;
 
-namespace {
-
-dtr::SearchOptions search_from_python(const py::handle& search) {
+// Declared in runtime_bindings.h: the C++ runtime takes the same SearchOptions.
+dtr::SearchOptions dtr::search_from_python(const py::handle& search) {
   dtr::SearchOptions out;
   if (search.is_none()) return out;
   py::object above = search.attr("sample_above");
@@ -35,6 +34,9 @@ dtr::SearchOptions search_from_python(const py::handle& search) {
   return out;
 }
 
+
+namespace {
+
 std::vector<int64_t> sids_from_python(const py::handle& parents) {
   std::vector<int64_t> out;
   if (parents.is_none()) return out;
@@ -45,7 +47,7 @@ std::vector<int64_t> sids_from_python(const py::handle& parents) {
 // The Python object keeps the SearchOptions it was made with, for introspection.
 struct PyPool : dtr::Pool {
   PyPool(const std::string& policy, py::object search)
-      : dtr::Pool(dtr::policy_from_name(policy), search_from_python(search)),
+      : dtr::Pool(dtr::policy_from_name(policy), dtr::search_from_python(search)),
         policy_name(policy),
         search_obj(std::move(search)) {}
   std::string policy_name;

@@ -698,11 +698,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
 
   // 1. Inputs: dtr values materialized and locked, plain tensors counted.
   std::vector<int64_t> locked;
-  struct Unlock {
-    Runtime* rt;
-    std::vector<int64_t>& locked;
-    ~Unlock() { rt->unlock_all(locked); }
-  } unlock{this, locked};
+  UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
   if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
@@ -924,11 +920,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   std::vector<Target> targets;
   std::unordered_set<int64_t> seen;
   std::vector<int64_t> locked;
-  struct Unlock {
-    Runtime* rt;
-    std::vector<int64_t>& locked;
-    ~Unlock() { rt->unlock_all(locked); }
-  } unlock{this, locked};
+  UnlockOnExit unlock{this, locked};
   for (int w : traits.written) {
     for_each_tensor(original_args[w], [&](const at::Tensor& t) {
       DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr;

@@ -74,6 +74,12 @@ class Runtime : public c10::intrusive_ptr_target {
  private:
   using Lock = std::unique_lock<std::recursive_mutex>;
   struct Frame;
+  // Unlocks the storages an op locked, however it ends.
+  struct UnlockOnExit {
+    Runtime* rt;
+    std::vector<int64_t>& locked;
+    ~UnlockOnExit() { rt->unlock_all(locked); }
+  };
 
   // 1. inputs
   at::Tensor input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,

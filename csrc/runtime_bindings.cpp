@@ -15,18 +15,6 @@ namespace py = pybind11;
 namespace dtr {
 namespace {
 
-dtr::SearchOptions search_options(const py::handle& search) {
-  dtr::SearchOptions out;
-  if (search.is_none()) return out;
-  py::object above = search.attr("sample_above");
-  if (!above.is_none()) out.sample_above = above.cast<int64_t>();
-  out.min_evictable_fraction = search.attr("min_evictable_fraction").cast<double>();
-  unsigned long long s = PyLong_AsUnsignedLongLongMask(search.attr("seed").ptr());
-  if (PyErr_Occurred()) throw py::error_already_set();
-  out.seed = static_cast<uint64_t>(s);
-  return out;
-}
-
 // Runs f without the GIL (the runtime's lock may be held by a thread waiting
 // for it), turning a DTRError into its dtr.errors exception.
 template <typename F>
@@ -77,7 +65,7 @@ void bind_runtime(py::module_& m) {
       .def(py::init([](std::optional<int64_t> limit, const std::string& policy, py::object search,
                        bool evict_all) {
              return c10::make_intrusive<Runtime>(limit, policy_from_name(policy),
-                                                 search_options(search), evict_all);
+                                                 search_from_python(search), evict_all);
            }),
            py::arg("limit"), py::arg("policy"), py::arg("search"), py::arg("evict_all"))
       .def_property("limit", &Runtime::limit, [](Runtime& rt, std::optional<int64_t> v) {
