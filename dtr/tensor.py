@@ -7,6 +7,7 @@ runtime may evict and recompute at any time. Autograd works on the wrappers.
 from __future__ import annotations
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from .errors import UnsupportedOpError
 from .records import Cell
@@ -145,8 +146,9 @@ def _as_plain(func, foreign, args, kwargs):
     def conv(a):
         if isinstance(a, foreign):
             try:
-                p = a.as_subclass(torch.Tensor)
-                p.untyped_storage().data_ptr()
+                with no_dispatch():
+                    p = a.as_subclass(torch.Tensor)
+                    p.untyped_storage().data_ptr()
             except Exception:
                 raise UnsupportedOpError(
                     f"dtr: {func} combines a dtr tensor with a {type(a).__module__}."
