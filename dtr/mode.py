@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .tensor import DTRTensor
+from .tensor import DTRTensor, foreign_subclasses
 
 
 def _has_dtr_or_tensor(args, kwargs):
@@ -45,9 +45,8 @@ class DTRMode(TorchDispatchMode):
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in types:
-            if t is not DTRTensor and issubclass(t, torch.Tensor) and t is not torch.Tensor:
-                return NotImplemented
+        if foreign_subclasses(types):  # See Note [Foreign subclasses] in tensor.py
+            return NotImplemented
         has_dtr, has_tensor = _has_dtr_or_tensor(args, kwargs)
         if not has_dtr and (not has_tensor or not torch.is_grad_enabled()):
             # Factories, and plain-only ops under no_grad (optimizers): see

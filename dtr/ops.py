@@ -34,9 +34,9 @@ def _register_running_stats():
 
 _register_running_stats()
 
-# Ops that change a tensor's metadata or storage in place; a wrapper's
-# metadata is fixed, so these cannot be supported on dtr tensors.
-_UNSUPPORTED_NAMES = {"resize_", "resize_as_", "set_", "_resize_output_"}
+# Ops that change a tensor's metadata or storage in place (beside those tagged
+# inplace_view); see Note [In-place metadata ops] in metadata_ops.py.
+_METADATA_INPLACE_NAMES = {"resize_", "resize_as_", "set_", "_resize_output_"}
 
 
 # c10d's in-place collectives do not mark what they write in their schemas
@@ -63,7 +63,7 @@ class OpInfo:
         "seeded",
         "returns_tensor",
         "running_stats",
-        "unsupported",
+        "metadata_inplace",
         "alias_ok",
         "collective",
         "workspace",
@@ -90,9 +90,9 @@ class OpInfo:
             # The running stats are handled as scratch inputs, not as mutations.
             stat_pos = set(self.running_stats[0])
             self.mutated = [m for m in self.mutated if m[0] not in stat_pos]
-        self.unsupported = (
+        self.metadata_inplace = (
             torch.Tag.inplace_view in tags
-            or schema.name.split("::")[-1] in _UNSUPPORTED_NAMES
+            or schema.name.split("::")[-1] in _METADATA_INPLACE_NAMES
         )
         # detach/alias: the output is the same value; it shares the input's cell.
         self.alias_ok = func in (aten.detach.default, aten.alias.default)

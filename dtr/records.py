@@ -93,7 +93,7 @@ def slots_in(a) -> List[int]:
 class PlainInput:
     """A tensor made outside the runtime, as a recipe input, with its version when recorded."""
 
-    __slots__ = ("tensor", "version", "scratch")
+    __slots__ = ("tensor", "version", "scratch", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, scratch: bool = False):
         self.tensor = tensor

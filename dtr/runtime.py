@@ -19,6 +19,8 @@ from . import device_memory as _devmem
 from . import rng as _rng
 from .cost import estimate_from_bytes, perf_counter
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
+from . import hidden_writes as _hidden_writes
+from . import metadata_ops as _metadata_ops
 from . import scratch as _scratch
 from .ops import arg_at, op_info
 from .policies import SearchOptions, make_pool
@@ -26,6 +28,7 @@ from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, f
 from .tensor import DTRTensor
 
 _MIN_RECURSION = 20000
+aten = torch.ops.aten
 
 # See Note [Tiny values].
 MIN_EVICTABLE_BYTES = 32
@@ -123,6 +126,8 @@ class Runtime:
         # Storages recomputed for a recipe that no wrapper refers to; see
         # Note [Eager eviction].
         self._kept: List[weakref.ref] = []
+        # Recipe inputs reading plain tensors; see Note [Writes into what recipes read].
+        self.readers = _hidden_writes.PlainReaders()
         self.closed = False
 
     # ------------------------------------------------------------------
@@ -241,6 +246,10 @@ class Runtime:
     def count_plain(self, t: torch.Tensor) -> None:
         """Count a plain tensor's storage while it is alive (see PITFALLS 15), where the runtime
         keeps its own count of the device's memory (models_memory); binds the device."""
+        if t.layout is not torch.strided:  # See Note [Sparse tensors]
+            for part in _sparse_parts(t):
+                self.count_plain(part)
+            return
         if self.device is None:
             self.bind_device(t.device)
         if not self.models_memory:
@@ -597,7 +606,7 @@ class Runtime:
                 "would give a different result. Read the values you need (loss.item(), ...) "
                 "before changing its inputs in place (for example before optimizer.step()), or "
                 "use a larger budget so the value is not evicted.")
-        if t.numel() and t.untyped_storage().nbytes() < _extent_bytes(t):
+        if t.numel() and t.layout is torch.strided and t.untyped_storage().nbytes() < _extent_bytes(t):
             # Note [Freed plain inputs]
             # Freeing a storage in place (untyped_storage().resize_(0)) moves no version
             # counter; FSDP2 frees its gathered parameters so when it reshards.
@@ -683,16 +692,13 @@ class Runtime:
             func = info.run_as
             info = op_info(func)
         targs, tkwargs, tensors = flatten_args(args, kwargs or {})
-        if info.unsupported:
+        if info.metadata_inplace:
             if not any(type(t) is DTRTensor for t in tensors):
                 # Only plain tensors: nothing dtr tracks changes shape or storage (cuDNN's
                 # LSTM does empty(0).set_(weight storage) on parameters). A plain tensor a
                 # recipe reads has its version checked on replay (StaleInputError).
                 return func(*args, **(kwargs or {}))
-            raise UnsupportedOpError(
-                f"dtr: {info.name} changes a tensor's shape or storage in place, which dtr cannot "
-                "track; use the out-of-place form (for example x = x.unsqueeze(0) instead of "
-                "x.unsqueeze_(0)) or call it outside the dtr block")
+            return _metadata_ops.run(self, func, info, args, kwargs or {})
         with self.lock:
             return self._dispatch(func, info, targs, tkwargs, tensors)
 
@@ -746,12 +752,26 @@ class Runtime:
             self.make_room(need + scratch, info.name, working + scratch)
             if scratch:
                 self._note_peak(scratch + need)
-            # 3. Run.
+            # 3. Writes into what recipes read: Note [Writes into what recipes read].
+            hidden = _hidden_writes.hidden_write_slots(info, targs, tkwargs)
+            stat_copies = []
+            for s in (mutated_slots + hidden) if hidden else mutated_slots:
+                if cells[s] is None:
+                    self.readers.before_write(self, vals[s])
+            for s in hidden:
+                if cells[s] is not None:
+                    vals[s] = vals[s].clone()
+                    stat_copies.append((s, vals[s]))
+            # 4. Run.
             if mutated_slots and any(cells[i] is not None for i in mutated_slots):
                 return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,
                                           mutated_slots)
-            return self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
-                                        mutated_slots, size_key, need)
+            out = self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
+                                       mutated_slots, size_key, need)
+            for s, updated in stat_copies:
+                self._dispatch(aten.copy_.default, op_info(aten.copy_.default),
+                               [Slot(0), Slot(1)], {}, [tensors[s], updated])
+            return out
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)
@@ -882,7 +902,9 @@ class Runtime:
             if c is not None:
                 inputs.append(c)
             else:
-                inputs.append(PlainInput(tensors[i] if type(tensors[i]) is not DTRTensor else v))
+                inp = PlainInput(tensors[i] if type(tensors[i]) is not DTRTensor else v)
+                self.readers.add(inp)
+                inputs.append(inp)
         if info.running_stats is not None:
             (im, iv), itrain = info.running_stats
             training = True if itrain is None else bool(arg_at(targs, tkwargs, itrain, "training"))
@@ -899,6 +921,11 @@ class Runtime:
         new_bytes = 0
         for k, o in enumerate(outs):
             if not isinstance(o, torch.Tensor):
+                results.append(o)
+                recipe.outputs.append(None)
+                continue
+            if o.layout is not torch.strided:  # See Note [Sparse tensors]
+                self.count_plain(o)
                 results.append(o)
                 recipe.outputs.append(None)
                 continue
@@ -958,6 +985,7 @@ class Runtime:
             c = cells[s]
             if c is None:
                 continue
+            _metadata_ops.check_not_stale_view(tensors[s], info.name)
             if c.storage.sid in seen:
                 raise UnsupportedOpError(
                     f"dtr: {info.name} writes to two views of the same storage at once; "
@@ -986,7 +1014,10 @@ class Runtime:
         # The recipe's inputs: every input as recorded, plus each target's old base.
         inputs = []
         for i, (c, v) in enumerate(zip(cells, vals)):
-            inputs.append(c if c is not None else PlainInput(v))
+            if c is None:
+                c = PlainInput(v)
+                self.readers.add(c)
+            inputs.append(c)
         mutation = []
         for s, c, base, chain, stolen, _ in targets:
             inputs.append(base)
@@ -1083,6 +1114,24 @@ def _extent_bytes(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
+# Note [Sparse tensors]
+# A sparse (COO, CSR, ...) tensor has no single storage, and a wrapper subclass
+# cannot take its layout. Sparse tensors are therefore plain, unevictable values
+# under dtr: a sparse input is a plain input (its index and value tensors are
+# counted as plain memory, and its version is checked on recompute), and a sparse
+# output is returned as a plain tensor, counted the same way. Dense results
+# computed from sparse inputs are evictable as usual.
+def _sparse_parts(t: torch.Tensor) -> List[torch.Tensor]:
+    layout = t.layout
+    if layout is torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []
+
+
 def _flat_outputs(out) -> List:
     if isinstance(out, (list, tuple)):
         return list(out)
@@ -1113,11 +1162,13 @@ def _alias_map(info, outs, vals, cells) -> List[Optional[int]]:
     ptrs = {}
     for i, (c, v) in enumerate(zip(cells, vals)):
         if c is not None and isinstance(v, torch.Tensor):
-            p = v.untyped_storage().data_ptr()
+            p = v.untyped_storage().data_ptr() if v.layout is torch.strided else 0
             if p:
                 ptrs.setdefault(p, i)
     for k, o in enumerate(outs):
         if isinstance(o, torch.Tensor):
+            if o.layout is not torch.strided:
+                continue
             p = o.untyped_storage().data_ptr()
             if p and p in ptrs:
                 res[k] = ptrs[p]
@@ -1196,6 +1247,8 @@ def _meta_output_bytes(func, targs, tkwargs, vals) -> Optional[int]:
     total = 0
     for o in _flat_outputs(out):
         if isinstance(o, torch.Tensor):
+            if o.layout is not torch.strided:
+                return None
             total += allocated_bytes(o.untyped_storage().nbytes(), device_type)
     return total
 

@@ -7,8 +7,10 @@ runtime may evict and recompute at any time. Autograd works on the wrappers.
 from __future__ import annotations
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from . import _ext
+from .errors import UnsupportedOpError
 from .records import Cell
 
 __all__ = ["DTRTensor", "unwrap", "is_dtr_tensor"]
@@ -51,11 +53,16 @@ class DTRTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # Reached when no dtr block is active on this thread: the tensor's own
-        # session runs the op (the runtime outlives its block, PITFALLS 4).
-        for t in types:
-            if t is not DTRTensor and issubclass(t, torch.Tensor) and t is not torch.Tensor:
-                return NotImplemented
+        # Reached when no dtr block is active on this thread (the tensor's own
+        # session runs the op: the runtime outlives its block, PITFALLS 4), or
+        # when the block's mode left the op to a foreign subclass.
+        foreign = foreign_subclasses(types)
+        if foreign:
+            for t in foreign:
+                out = t.__torch_dispatch__(func, types, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            args, kwargs = _as_plain(func, foreign, args, kwargs or {})
         rt = _runtime_of(args, kwargs)
         return rt.dispatch(func, args, kwargs or {})
 
@@ -103,6 +110,59 @@ class DTRTensor(torch.Tensor):
         if expected_type is not None and expected_type is not torch.Tensor:
             return None
         return unwrap(self)
+
+
+# Note [Foreign subclasses]
+# A tensor subclass that defines its own __torch_dispatch__ (a wrapper such as
+# torchao's, or one holding real data) gets the first say on an op it takes part
+# in: the dtr mode returns NotImplemented for it, and DTRTensor asks it before
+# running the op itself. A subclass that does not define __torch_dispatch__
+# (nn.Parameter, lazy modules' UninitializedParameter) is a plain tensor to dtr.
+# When every foreign subclass defers (returns NotImplemented), dtr runs the op
+# with those arguments viewed as plain tensors, which works for subclasses that
+# hold their data in their own storage; a wrapper with no storage of its own
+# cannot be combined with dtr and gets an UnsupportedOpError naming it.
+def _own_dispatch(t) -> bool:
+    d = getattr(t, "__torch_dispatch__", None)
+    return d is not None and getattr(d, "__func__", d) is not _TENSOR_DISPATCH
+
+
+_TENSOR_DISPATCH = getattr(torch.Tensor.__torch_dispatch__, "__func__", torch.Tensor.__torch_dispatch__)
+
+
+def foreign_subclasses(types):
+    """The subclasses among ``types`` other than DTRTensor that define __torch_dispatch__."""
+    out = None
+    for t in types:
+        if t is not DTRTensor and t is not torch.Tensor and _own_dispatch(t):
+            if out is None:
+                out = []
+            out.append(t)
+    return out
+
+
+def _as_plain(func, foreign, args, kwargs):
+    foreign = tuple(foreign)
+
+    def conv(a):
+        if isinstance(a, foreign):
+            try:
+                with no_dispatch():
+                    p = a.as_subclass(torch.Tensor)
+                    p.untyped_storage().data_ptr()
+            except Exception:
+                raise UnsupportedOpError(
+                    f"dtr: {func} combines a dtr tensor with a {type(a).__module__}."
+                    f"{type(a).__qualname__}, a tensor subclass with its own __torch_dispatch__ "
+                    "that defers to dtr (returns NotImplemented) and holds no data of its own, so "
+                    "neither can run the op. Convert it to a plain tensor before the dtr block, or "
+                    "run this code outside the block.") from None
+            return p
+        if type(a) in (list, tuple):
+            return type(a)(conv(x) for x in a)
+        return a
+
+    return [conv(a) for a in args], {k: conv(v) for k, v in kwargs.items()}
 
 
 def _runtime_of(args, kwargs):
