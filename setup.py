@@ -37,7 +37,7 @@ setup(
     install_requires=["torch>=2.13", "numpy"],
     extras_require={
         # The suite also runs the simulator and the benchmark's quick mode.
-        "test": ["pytest", "hypothesis", "numpy", "scipy", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "expecttest", "numpy", "scipy", "matplotlib", "tqdm"],
         "bench": ["matplotlib", "tqdm", "numpy", "scipy"],
         "sim": ["matplotlib", "tqdm", "numpy", "scipy"],
     },
