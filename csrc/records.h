@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "live_count.h"
 #include "rng.h"
 
 namespace dtr {
@@ -28,7 +29,7 @@ struct Cell;
 class DTRTensorImpl;
 
 // The unit of eviction: one storage and every cell (view) living in it.
-struct StorageRecord : c10::intrusive_ptr_target {
+struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord> {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
   ~StorageRecord() override;
 
@@ -63,7 +64,7 @@ struct RecipeInput {
 };
 
 // How to recompute one op call.
-struct Recipe : c10::intrusive_ptr_target {
+struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   c10::OperatorHandle op;
   std::vector<c10::IValue> args;     // the argument stack, tensors replaced by None
   std::vector<Slot> slots;           // one per input, in order
@@ -79,7 +80,7 @@ struct Recipe : c10::intrusive_ptr_target {
 };
 
 // One tensor value.
-struct Cell : c10::intrusive_ptr_target {
+struct Cell : c10::intrusive_ptr_target, LiveCount<Cell> {
   Cell(c10::intrusive_ptr<Recipe> recipe, int32_t out_index, int32_t view_src,
        c10::intrusive_ptr<StorageRecord> storage)
       : recipe(std::move(recipe)), out_index(out_index), view_src(view_src),

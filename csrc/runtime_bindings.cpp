@@ -105,6 +105,13 @@ void bind_runtime(py::module_& m) {
     return py::cast(w->cell()->storage->runtime);
   });
   m.def("register_new_ops", &register_new_ops);
+  m.def("live_objects", [] {
+    py::dict d;  // Note [Live object counts]
+    d["cells"] = LiveCount<Cell>::live();
+    d["recipes"] = LiveCount<Recipe>::live();
+    d["storages"] = LiveCount<StorageRecord>::live();
+    return d;
+  }, "Cells, recipes and storage records alive in every C++ runtime of the process.");
 }
 
 }  // namespace dtr
