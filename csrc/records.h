@@ -7,8 +7,25 @@
 //   Cell -> StorageRecord -> Runtime
 // A StorageRecord refers to its cells and wrappers weakly, a Recipe to its
 // output cells weakly. A value nobody can reach is freed by reference
-// counting, and ~StorageRecord tells the runtime (and its pool) it is gone.
+// counting, and its StorageRecord tells the runtime (and its pool) it is gone.
 // Every mutation of these objects happens under the owning runtime's lock.
+//
+// Note [Weak references keep members alive]
+// c10::intrusive_ptr deletes an object when its last strong reference goes
+// only if no weak reference remains; otherwise it calls release_resources()
+// and deletes the object when the last weak reference goes. A recipe refers
+// to its output cells weakly, and a cell to its recipe strongly: without
+// release_resources() dropping a cell's strong members, a cell nobody holds
+// kept its recipe, which kept the weak reference to the cell, forever (every
+// value of every block leaked, found by tests/test_soak.py). So each record
+// drops what it owns in release_resources(), and the destructor only repeats it.
+//
+// Note [Iterative teardown]
+// Freeing the last wrapper of a chain of N values frees N recipes and cells,
+// each from inside the one before: recursion N deep, which overflows the stack
+// for long chains (an RNN's hidden state, tests' 20,000-op chain). A dying
+// recipe hands its input cells to a per-thread list instead, and the outermost
+// teardown on the thread frees them one at a time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +49,8 @@ class DTRTensorImpl;
 struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord> {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
   ~StorageRecord() override;
+  // Tells the runtime this storage is gone (Note [Weak references keep members alive]).
+  void release_resources() override;
 
   c10::intrusive_ptr<Runtime> runtime;
   int64_t sid;
@@ -77,6 +96,7 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   bool grad_enabled = true;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
+  ~Recipe() override;  // Note [Iterative teardown]
 };
 
 // One tensor value.
@@ -95,6 +115,8 @@ struct Cell : c10::intrusive_ptr_target, LiveCount<Cell> {
   Cell* view_parent() const {
     return view_src >= 0 ? recipe->inputs[view_src].cell.get() : nullptr;
   }
+  ~Cell() override { release_resources(); }
+  void release_resources() override;  // Note [Weak references keep members alive]
 };
 
 }  // namespace dtr

@@ -161,15 +161,6 @@ const c10::StorageImpl* storage_of(const at::Tensor& t) {
 
 }  // namespace
 
-// ---------------------------------------------------------------------------
-// Records
-// ---------------------------------------------------------------------------
-
-StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
-    : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
-
-StorageRecord::~StorageRecord() { runtime->storage_died(this); }
-
 Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all)
     : pool_(policy, search), limit_(limit), evict_all_(evict_all) {}
 
@@ -405,9 +396,12 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
 
 void Runtime::unlock_all(std::vector<int64_t>& locked) {
   for (int64_t sid : locked) {
-    pool_.unlock(sid);
     auto it = records_.find(sid);
-    if (it != records_.end() && it->second->banish_pending) maybe_banish(*it->second);
+    // A storage can die while locked (an in-place op rebinds its last wrapper):
+    // its pool entry went with it.
+    if (it == records_.end()) continue;
+    pool_.unlock(sid);
+    if (it->second->banish_pending) maybe_banish(*it->second);
   }
   locked.clear();
 }

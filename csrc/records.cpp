@@ -1,0 +1,52 @@
+// Lifetimes of cells, recipes and storage records (csrc/records.h).
+#include "records.h"
+
+#include "runtime.h"
+
+namespace dtr {
+namespace {
+
+// Note [Iterative teardown]
+struct Graveyard {
+  std::vector<c10::intrusive_ptr<Cell>> cells;
+  bool draining = false;
+};
+thread_local Graveyard graveyard;
+
+}  // namespace
+
+StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
+    : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
+
+StorageRecord::~StorageRecord() { release_resources(); }
+
+void StorageRecord::release_resources() {
+  if (!runtime) return;
+  runtime->storage_died(this);
+  cells.clear();
+  wrappers.clear();
+  runtime.reset();
+}
+
+void Cell::release_resources() {
+  value.reset();
+  recipe.reset();
+  storage.reset();
+}
+
+Recipe::~Recipe() {
+  Graveyard& g = graveyard;
+  for (RecipeInput& in : inputs) {
+    if (in.cell) g.cells.push_back(std::move(in.cell));
+  }
+  if (g.draining) return;
+  g.draining = true;
+  while (!g.cells.empty()) {
+    c10::intrusive_ptr<Cell> c = std::move(g.cells.back());
+    g.cells.pop_back();
+    c.reset();  // may free recipes, which add their inputs to g.cells
+  }
+  g.draining = false;
+}
+
+}  // namespace dtr
