@@ -1,7 +1,10 @@
 """CUDA check for the runtime: differential training and allocator-measured peaks on a GPU.
 
     python bench/gpu_check.py                 # one GPU, a few minutes; writes bench/results/gpu_check.md
-    python bench/gpu_check.py --device cpu    # the same checks on CPU (profiler-measured), a dry run
+    python bench/gpu_check.py --device cpu --size quick   # the same checks on CPU (profiler-measured), a dry run
+
+Every part runs once per runtime (``--runtimes python,cpp``: the Python reference and the
+C++ runtime, when dtr._C is built).
 
 Part A trains the test models (tests/models.py) for three Adam steps eagerly and under
 dtr: at an unlimited budget, under evict_everything, and at 0.8 of dtr's own unlimited
@@ -15,6 +18,10 @@ under dtr at 0.7 and 0.5 of eager's measured peak, with a plain ``dtr.budget`` (
 tensor memory), and reports exactness, step time relative to eager and the
 measured peak over the budget.
 
+Part C times training steps of the benchmark models with no limit, under each runtime, as
+a multiple of eager's step (median of ``--reps`` steps after a warm-up step, the device
+synchronized around each): what the bookkeeping costs where the kernels are fast.
+
 Measured peak of a step = bytes resident when it starts (parameters, buffers, inputs:
 what the budget counts) + the allocator's peak above that during the step
 (``torch.cuda.max_memory_allocated`` on CUDA, profiler allocation events on CPU).
@@ -25,6 +32,7 @@ import argparse
 import contextlib
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -104,9 +112,9 @@ def same_state(a, b):
     return bool(ok)
 
 
-def budget_session(budget, dev):
+def budget_session(budget, dev, runtime):
     """A session factory: a plain budget bounds all of the device's tensor memory."""
-    return lambda m, inp: dtr.budget(budget, device=dev)
+    return lambda m, inp: dtr.budget(budget, device=dev, runtime=runtime)
 
 
 def eager_session(model, inp):
@@ -121,27 +129,27 @@ def run_variant(build, dev, session_fn):
     return (model, losses, opt), peaks, times, sessions
 
 
-def part_a(dev, lines):
+def part_a(dev, lines, runtimes):
     lines += ["## A. Test models (tests/models.py), 3 Adam steps", "",
-              "| model | eager repeat exact | unlimited exact | evict_everything exact | budget (B) | tight exact "
-              "| evictions / remats | measured peak / budget |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | runtime | eager repeat exact | unlimited exact | evict_everything exact | budget (B) "
+              "| tight exact | evictions / remats | measured peak / budget |",
+              "|---|---|---|---|---|---|---|---|---|"]
     failures = 0
-    for name in test_models.MODELS:
+    for name, runtime in [(n, r) for n in test_models.MODELS for r in runtimes]:
         def build(name=name):
             return test_models.make(name)
 
         eager, _, _, _ = run_variant(build, dev, eager_session)
         eager2, _, _, _ = run_variant(build, dev, eager_session)
-        unl, _, _, us = run_variant(build, dev, budget_session(None, dev))
-        ev, _, _, _ = run_variant(build, dev, lambda m, inp: dtr.testing.evict_everything())
+        unl, _, _, us = run_variant(build, dev, budget_session(None, dev, runtime))
+        ev, _, _, _ = run_variant(build, dev, lambda m, inp: dtr.testing.evict_everything(runtime=runtime))
         budget = int(0.8 * max(s.stats.peak_bytes for s in us))
         try:
             try:
-                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev))
+                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev, runtime))
             except dtr.BudgetExceededError as e:  # 0.8 is below the smallest: just above it then
                 budget = max(int(e.smallest_feasible_bytes * 1.05), budget + 1)
-                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev))
+                tight, peaks, _, ts = run_variant(build, dev, budget_session(budget, dev, runtime))
             t_ok = same_state(eager, tight)
             ev_remat = (f"{sum(s.stats.evictions for s in ts)} / "
                         f"{sum(s.stats.rematerializations for s in ts)}")
@@ -153,34 +161,35 @@ def part_a(dev, lines):
         rep = same_state(eager, eager2)
         u_ok, e_ok = same_state(eager, unl), same_state(eager, ev)
         failures += rep and ((not u_ok) + (not e_ok) + (t_ok is False))
-        lines.append(f"| {name} | {rep} | {u_ok} | {e_ok} | {budget} | {t_ok} | {ev_remat} | {ratio} |")
+        lines.append(f"| {name} | {runtime} | {rep} | {u_ok} | {e_ok} | {budget} | {t_ok} | {ev_remat} "
+                     f"| {ratio} |")
         print(lines[-1], flush=True)
     return failures
 
 
-def part_b(dev, lines, names, fractions):
-    lines += ["", "## B. Benchmark models (bench/models.py, full size), 3 Adam steps, plain dtr.budget", "",
-              "| model | eager peak (MiB) | budget | exact | time / eager (last step) | measured peak / budget, "
-              "step 1 | later steps | evictions / remats |",
-              "|---|---|---|---|---|---|---|---|"]
+def part_b(dev, lines, names, fractions, runtimes, size):
+    lines += ["", f"## B. Benchmark models (bench/models.py, {size} size), 3 Adam steps, plain dtr.budget", "",
+              "| model | runtime | eager peak (MiB) | budget | exact | time / eager (last step) "
+              "| measured peak / budget, step 1 | later steps | evictions / remats |",
+              "|---|---|---|---|---|---|---|---|---|"]
     failures = 0
     for name in names:
         def build(name=name):
-            m, batch_fn = bench_models.build(name, "full")
+            m, batch_fn = bench_models.build(name, size)
             return m, [batch_fn(i) for i in range(3)]
 
         eager, epeaks, etimes, _ = run_variant(build, dev, eager_session)
         eager_peak = max(epeaks)
-        lines.append(f"| {name} | {eager_peak / MiB:.1f} | eager | - | 1.00 | - | - | - |")
+        lines.append(f"| {name} | | {eager_peak / MiB:.1f} | eager | - | 1.00 | - | - | - |")
         print(lines[-1], flush=True)
-        for frac in fractions:
+        for frac, runtime in [(f, r) for f in fractions for r in runtimes]:
             budget = int(frac * eager_peak)
             try:
                 res, peaks, times, ss = run_variant(
-                    build, dev, budget_session(budget, dev))
+                    build, dev, budget_session(budget, dev, runtime))
             except dtr.BudgetExceededError as e:
-                lines.append(f"| {name} | | {frac} | infeasible ({e.smallest_feasible_bytes / MiB:.1f} MiB "
-                             f"needed) | - | - | - | - |")
+                lines.append(f"| {name} | {runtime} | | {frac} | infeasible "
+                             f"({e.smallest_feasible_bytes / MiB:.1f} MiB needed) | - | - | - | - |")
                 print(lines[-1], flush=True)
                 continue
             ok = same_state(eager, res)
@@ -188,11 +197,40 @@ def part_b(dev, lines, names, fractions):
             # estimated, not yet measured (Note [Measured op scratch]).
             first, later = peaks[0] / budget, max(peaks[1:]) / budget
             failures += (not ok) + (later > 1.0)
-            lines.append(f"| {name} | | {frac} ({budget / MiB:.1f} MiB) | {ok} | {times[-1] / etimes[-1]:.2f} "
+            lines.append(f"| {name} | {runtime} | | {frac} ({budget / MiB:.1f} MiB) | {ok} "
+                         f"| {times[-1] / etimes[-1]:.2f} "
                          f"| {first:.3f} | {later:.3f} | {sum(s.stats.evictions for s in ss)} / "
                          f"{sum(s.stats.rematerializations for s in ss)} |")
             print(lines[-1], flush=True)
     return failures
+
+
+def part_c(dev, lines, names, runtimes, size, reps):
+    """Step time with no limit under each runtime, as a multiple of eager's."""
+    lines += ["", f"## C. No limit: step time / eager (bench/models.py, {size} size, median of {reps} steps)", "",
+              "| model | " + " | ".join(runtimes) + " |", "|---|" + "---|" * len(runtimes)]
+    variants = {"eager": None, **{r: r for r in runtimes}}
+    for name in names:
+        model, batch_fn = bench_models.build(name, size)
+        model = model.to(dev)
+        batch = to_device(batch_fn(0), dev)
+        times = {k: [] for k in variants}
+        for rep in range(reps + 1):  # the first round warms caches up and is dropped
+            for k, runtime in variants.items():
+                model.zero_grad(set_to_none=True)
+                ctx = contextlib.nullcontext() if runtime is None else dtr.budget(None, device=dev,
+                                                                                    runtime=runtime)
+                sync(dev)
+                t0 = time.perf_counter()
+                with ctx:
+                    model(*batch).backward()
+                sync(dev)
+                if rep:
+                    times[k].append(time.perf_counter() - t0)
+        eager = statistics.median(times["eager"])
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.median(times[r]) / eager:.2f}x"
+                                                   for r in runtimes) + " |")
+        print(lines[-1], flush=True)
 
 
 def main(argv=None) -> int:
@@ -200,6 +238,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="gpt,resnet,unet,lstm", help="bench models for part B")
     p.add_argument("--fractions", default="0.7,0.5")
+    p.add_argument("--runtimes", default=",".join(["python", "cpp"] if dtr._ext.available() else ["python"]),
+                   help="dtr runtimes to check, comma-separated")
+    p.add_argument("--size", default="full", help="bench model size for parts B and C (full, quick)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per variant in part C")
+    p.add_argument("--parts", default="abc", help="which parts to run")
     p.add_argument("--out", default=os.path.join(_ROOT, "bench", "results", "gpu_check.md"))
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -218,9 +261,16 @@ def main(argv=None) -> int:
     t_start = time.time()
     lines = [f"# gpu_check on {name}", "", f"torch {torch.__version__}, Python {platform.python_version()}; "
              f"command: `python bench/gpu_check.py {' '.join(argv or sys.argv[1:])}`", ""]
-    failures = part_a(dev, lines)
-    failures += part_b(dev, lines, [m for m in args.models.split(",") if m],
-                       [float(f) for f in args.fractions.split(",") if f])
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    names = [m for m in args.models.split(",") if m]
+    failures = 0
+    if "a" in args.parts:
+        failures += part_a(dev, lines, runtimes)
+    if "b" in args.parts:
+        failures += part_b(dev, lines, names, [float(f) for f in args.fractions.split(",") if f], runtimes,
+                           args.size)
+    if "c" in args.parts:
+        part_c(dev, lines, names + ["treelstm"], runtimes, args.size, args.reps)
     lines += ["", f"total {time.time() - t_start:.0f} s, failures: {failures}"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
