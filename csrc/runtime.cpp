@@ -184,12 +184,19 @@ Stats Runtime::stats() {
 
 int64_t Runtime::tracked() const {
   if (meter_offset_) return meter::current_bytes() + *meter_offset_;
+  if (device_meter_) return device_meter_->allocated_bytes();
   return pool_bytes_ + plain_bytes_;
 }
 
 void Runtime::use_cpu_meter(int64_t outside_bytes) {
   Lock g(mu_);
   meter_offset_ = outside_bytes;
+}
+
+void Runtime::use_device_allocator(c10::Device device) {
+  DeviceMeter meter(device);
+  Lock g(mu_);
+  device_meter_.emplace(meter);
 }
 
 int64_t Runtime::bytes_in_use() {

@@ -20,6 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "device_meter.h"
 #include "pool.h"
 #include "records.h"
 #include "stats.h"
@@ -51,9 +52,13 @@ class Runtime : public c10::intrusive_ptr_target {
   // checked against all CPU tensor memory, as dtr/runtime.py does: the meter's
   // count plus `outside_bytes`, the tensors that were alive before the meter was
   // installed (known to Python, taken as constant for the block: conservative if
-  // they die). Without it (and on CUDA, for now) the runtime's own count is used:
-  // its resident values plus the plain tensors its ops read.
+  // they die). On CUDA the allocator's own count (use_device_allocator). Without
+  // either the runtime's own count is used: its resident values plus the plain
+  // tensors its ops read.
   void use_cpu_meter(int64_t outside_bytes);
+  // On CUDA (any device with a c10::DeviceAllocator) the budget is checked
+  // against that allocator's count instead (Note [The device's count in C++]).
+  void use_device_allocator(c10::Device device);
   int64_t bytes_in_use();
   // Evicts until at most `limit` bytes are in use or nothing is left to evict
   // (Note [Entry check] in dtr/runtime.py); returns the bytes then in use.
@@ -119,6 +124,7 @@ class Runtime : public c10::intrusive_ptr_target {
   int64_t pool_bytes_ = 0;   // resident, not escaped storages
   int64_t plain_bytes_ = 0;  // plain tensors the block touched, while alive
   std::optional<int64_t> meter_offset_;  // set: the CPU meter counts (see use_cpu_meter)
+  std::optional<DeviceMeter> device_meter_;  // set: the device's allocator counts
   Stats stats_;
   std::unordered_map<int64_t, StorageRecord*> records_;
   // Plain storages counted, by address; weak so that their death shows.

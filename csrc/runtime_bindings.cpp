@@ -79,6 +79,10 @@ void bind_runtime(py::module_& m) {
       .def("has_live_values", [](Runtime& rt) { return no_gil([&] { return rt.has_live_values(); }); })
       .def("count_plain", [](Runtime& rt, const at::Tensor& t) { no_gil([&] { rt.count_plain_tensor(t); }); })
       .def("use_cpu_meter", [](Runtime& rt, int64_t outside) { no_gil([&] { rt.use_cpu_meter(outside); }); })
+      .def("use_device_allocator", [](Runtime& rt, const std::string& device) {
+        c10::Device d(device);
+        no_gil([&] { rt.use_device_allocator(d); });
+      })
       .def("bytes_in_use", [](Runtime& rt) { return no_gil([&] { return rt.bytes_in_use(); }); })
       .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });

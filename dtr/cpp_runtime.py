@@ -81,6 +81,10 @@ class CppRuntime:
         self.device = torch.device(device)
         if self.device.type == "cpu" and _devmem.cpu_counter_installed():
             self._rt.use_cpu_meter(_devmem._BEFORE_INSTALL.bytes)
+        elif self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            self._rt.use_device_allocator(str(self.device))  # torch.cuda.memory_allocated's count
         self._update_limit()
         self.check_entry()
 

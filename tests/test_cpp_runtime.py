@@ -211,3 +211,14 @@ def test_unknown_runtime_and_python_policy_are_clear_errors(monkeypatch):
         dtr.budget(None)
     with pytest.raises(ValueError, match="native policies"):
         dtr.budget(None, policy=lambda e, p, now: 0.0, runtime="cpp")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a device with no counting allocator")
+def test_a_device_whose_allocator_keeps_no_count_is_refused_clearly():
+    # On CUDA the C++ runtime checks the budget against the caching allocator's own count
+    # (Note [The device's count in C++]); where the device has no such allocator (CUDA in
+    # a CPU build of torch, meta) it must say so rather than check against nothing.
+    rt = _ext._C.Runtime(None, "dtr_eq", None, False)
+    for device in ("cuda:0", "meta:0"):
+        with pytest.raises(dtr.DTRError, match="keeps no count of its bytes"):
+            rt.use_device_allocator(device)
