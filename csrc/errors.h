@@ -9,7 +9,10 @@
 // the GIL is never taken while the runtime's lock is held.
 #pragma once
 
+#include <Python.h>
+
 #include <cstdint>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -23,6 +26,9 @@ struct DTRError : std::runtime_error {
   // BudgetExceededError's fields.
   std::string op;
   int64_t needed_bytes = 0, pinned_bytes = 0, budget_bytes = 0, smallest_feasible_bytes = 0;
+  // The error that caused this one (the allocator's out-of-memory error): the
+  // Python exception's __cause__.
+  std::exception_ptr cause;
 };
 
 // Sets the Python error indicator to the dtr.errors exception for `e` (takes the GIL).
@@ -42,5 +48,14 @@ decltype(auto) with_python_errors(F&& f) {
 }
 
 std::string format_bytes(int64_t n);
+
+// torch.OutOfMemoryError (call with the GIL; libtorch_python does not export its handle).
+PyObject* torch_out_of_memory_error();
+
+// Whether a kernel's exception is the allocator's out-of-memory error: c10's, or
+// torch.OutOfMemoryError raised by a kernel written in Python (takes the GIL then).
+bool is_out_of_memory(const std::exception_ptr& e);
+// An exception's message, without C++ backtrace.
+std::string message_of(const std::exception_ptr& e);
 
 }  // namespace dtr

@@ -37,6 +37,11 @@ RNGState capture_rng(const c10::IValue* generator_arg, c10::Device device) {
   return RNGState{gen, get_state(gen)};
 }
 
+void reset_rng(const RNGState& saved) {
+  at::Generator gen = saved.generator;
+  set_state(gen, saved.state);
+}
+
 RNGReplayGuard::RNGReplayGuard(const std::optional<RNGState>& saved) {
   if (!saved) return;
   at::Generator gen = saved->generator;

@@ -24,6 +24,8 @@ struct RNGState {
 // The state of the generator the op will draw from: the `generator` argument
 // when given, else the default generator of `device`.
 RNGState capture_rng(const c10::IValue* generator_arg, c10::Device device);
+// Sets the generator back to a captured state (an op retried after running out of memory).
+void reset_rng(const RNGState& saved);
 
 // Sets `saved` for the guard's lifetime and restores the state it found.
 class RNGReplayGuard {

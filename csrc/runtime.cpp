@@ -249,6 +249,8 @@ void Runtime::storage_died(StorageRecord* rec) {
 }
 
 void Runtime::count_plain(const at::Tensor& t) {
+  // With an allocator's count the runtime keeps none of its own.
+  if (meter_offset_ || device_meter_) return;
   const c10::StorageImpl* st = storage_of(t);
   if (st == nullptr || st->data() == nullptr) return;
   if (plain_.count(st)) return;
@@ -370,6 +372,9 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
   while (tracked() + need > limit) {
     const Entry* victim = pool_.choose_victim(clock_);
     if (victim == nullptr) {
+      // Note [Over the budget without dtr] in dtr/runtime.py: after the block the
+      // budget is no promise; the op runs once everything evictable is evicted.
+      if (closed_ || need == 0) return;
       const int64_t pinned = tracked();
       const int64_t smallest = pinned + need;
       DTRError e(DTRError::kBudgetExceeded,
@@ -550,14 +555,17 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
     make_room(r.out_bytes, traits.name + " (recomputing an evicted value)", r.out_bytes + locked_bytes);
   }
   torch::jit::Stack stack;
-  fill_stack(r, vals, stack);
   const double t0 = now_seconds();
-  {
-    c10::AutoGradMode grad(r.grad_enabled);
-    BelowDTRGuard below;
-    RNGReplayGuard rng(r.rng);
-    r.op.callBoxed(&stack);
-  }
+  run_evicting_on_oom(
+      [&](bool) {
+        stack.clear();
+        fill_stack(r, vals, stack);
+        c10::AutoGradMode grad(r.grad_enabled);
+        BelowDTRGuard below;
+        RNGReplayGuard rng(r.rng);
+        r.op.callBoxed(&stack);
+      },
+      traits.name + " (recomputing an evicted value)", r.out_bytes);
   auto& by_op = stats_.remat_by_op[traits.name];
   by_op.first += 1;
   by_op.second += now_seconds() - t0;
@@ -689,6 +697,69 @@ double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stac
   return cost;
 }
 
+// Note [Out of memory in C++]
+// As dtr/runtime.py's Note [Out of memory]: the allocator can run out below
+// the budget ("auto", other processes, fragmentation). An out-of-place op or a
+// recompute has then changed nothing, so values holding at least what it
+// needs are evicted (doubling each round) and it runs again, its generator set
+// back, until it fits or nothing is left to evict, which raises
+// BudgetExceededError with the allocator's error as its cause. The error comes
+// as c10::OutOfMemoryError from a C++ allocator (CUDA's, the CPU's) or, from a
+// kernel written in Python, as a python_error or pybind11 error holding
+// torch.OutOfMemoryError: is_out_of_memory (errors.h) tells them apart.
+bool Runtime::evict_bytes(int64_t bytes) {
+  int64_t freed = 0;
+  bool any = false;
+  while (freed < bytes) {
+    const Entry* victim = pool_.choose_victim(clock_);
+    if (victim == nullptr) break;
+    auto it = records_.find(victim->sid);
+    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
+    freed += it->second->nbytes;
+    evict(*it->second, /*counted=*/true);
+    any = true;
+  }
+  return any;
+}
+
+void Runtime::run_evicting_on_oom(c10::function_ref<void(bool)> attempt, const std::string& opname,
+                                  int64_t need) {
+  std::exception_ptr error;
+  try {
+    attempt(false);
+    return;
+  } catch (...) {
+    error = std::current_exception();
+    if (!is_out_of_memory(error)) throw;
+  }
+  for (int64_t target = std::max<int64_t>(need, 1);; target *= 2) {
+    if (!evict_bytes(target)) {
+      const int64_t used = tracked();
+      DTRError e(DTRError::kBudgetExceeded,
+                 "dtr: the allocator ran out of memory at op " + opname +
+                     " with every value dtr could evict evicted (" + format_bytes(used) +
+                     " of tensor memory in use, the op needs about " + format_bytes(need) +
+                     "): " + message_of(error) +
+                     ". Give a smaller budget, a smaller batch, or free tensors before the block.");
+      e.op = opname;
+      e.needed_bytes = need;
+      e.pinned_bytes = used;
+      e.budget_bytes = limit_ ? *limit_ : used;
+      e.smallest_feasible_bytes = used + need;
+      e.cause = error;
+      throw e;
+    }
+    stats_.oom_retries += 1;
+    try {
+      attempt(true);
+      return;
+    } catch (...) {
+      error = std::current_exception();
+      if (!is_out_of_memory(error)) throw;
+    }
+  }
+}
+
 void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   Lock g(mu_);
   drain_pending();
@@ -788,7 +859,17 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 
   // 3. Run.
-  double cost = run_timed(op, stack);
+  double cost = 0.0;
+  run_evicting_on_oom(
+      [&](bool retry) {
+        if (retry) {
+          stack->resize(first);
+          fill_stack(*recipe, vals, *stack);
+          if (recipe->rng) reset_rng(*recipe->rng);
+        }
+        cost = run_timed(op, stack);
+      },
+      traits.name, planned);
   if (key) {
     std::lock_guard<std::mutex> sg(size_mu);
     auto [it, inserted] = size_cache.try_emplace(key, SizeEntry{planned, cost});

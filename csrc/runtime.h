@@ -13,6 +13,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/util/FunctionRef.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <mutex>
@@ -60,6 +61,11 @@ class Runtime : public c10::intrusive_ptr_target {
   // against that allocator's count instead (Note [The device's count in C++]).
   void use_device_allocator(c10::Device device);
   int64_t bytes_in_use();
+  // Plain tensors the runtime counts itself (no allocator's count: see above).
+  int64_t plain_bytes() {
+    Lock g(mu_);
+    return plain_bytes_;
+  }
   // Evicts until at most `limit` bytes are in use or nothing is left to evict
   // (Note [Entry check] in dtr/runtime.py); returns the bytes then in use.
   int64_t evict_to(int64_t limit);
@@ -97,6 +103,11 @@ class Runtime : public c10::intrusive_ptr_target {
   void make_room(int64_t need, const std::string& opname, int64_t working);
   // 3. run
   double run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+  // Runs attempt(false); if the allocator runs out of memory, evicts and runs
+  // attempt(true) until it fits (Note [Out of memory in C++]).
+  void run_evicting_on_oom(c10::function_ref<void(bool retry)> attempt, const std::string& opname,
+                           int64_t need);
+  bool evict_bytes(int64_t bytes);
   void recompute(Recipe& recipe, std::vector<int64_t>& locked);
   // 4. record
   c10::intrusive_ptr<StorageRecord> new_storage(int64_t nbytes, double cost, bool pinned,

@@ -40,6 +40,7 @@ py::dict stats_dict(const Stats& s) {
   d["peak_bytes"] = s.peak_bytes;
   d["tracked_bytes"] = s.tracked_bytes;
   d["unplanned_ops"] = s.unplanned_ops;
+  d["oom_retries"] = s.oom_retries;
   py::dict by_op;
   for (const auto& [name, v] : s.remat_by_op) {
     py::list entry;
@@ -84,6 +85,7 @@ void bind_runtime(py::module_& m) {
         no_gil([&] { rt.use_device_allocator(d); });
       })
       .def("bytes_in_use", [](Runtime& rt) { return no_gil([&] { return rt.bytes_in_use(); }); })
+      .def_property_readonly("plain_bytes", [](Runtime& rt) { return no_gil([&] { return rt.plain_bytes(); }); })
       .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });
 

@@ -19,6 +19,7 @@ struct Stats {
   int64_t peak_bytes = 0;
   int64_t tracked_bytes = 0;
   int64_t unplanned_ops = 0;
+  int64_t oom_retries = 0;  // Note [Out of memory in C++]
   // op name -> (recomputations, seconds running that op, not its inputs' recomputes)
   std::unordered_map<std::string, std::pair<int64_t, double>> remat_by_op;
 };

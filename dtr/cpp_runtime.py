@@ -47,6 +47,18 @@ class CppRuntime:
                                    evict_all)
         self.policy = policy
         self._token = None
+        # Whether the runtime keeps its own count of the device's memory (no allocator's
+        # count to check against), as dtr/runtime.py's models_memory.
+        self.models_memory = True
+
+    def bytes_in_use(self) -> int:
+        """Tensor bytes in use on the block's device, as the budget counts them."""
+        return self._rt.bytes_in_use()
+
+    @property
+    def plain_bytes(self) -> int:
+        """Plain tensors the runtime counts itself (0 with an allocator's count)."""
+        return self._rt.plain_bytes
 
     @property
     def limit(self) -> Optional[int]:
@@ -81,10 +93,16 @@ class CppRuntime:
         self.device = torch.device(device)
         if self.device.type == "cpu" and _devmem.cpu_counter_installed():
             self._rt.use_cpu_meter(_devmem._BEFORE_INSTALL.bytes)
+            self.models_memory = False
         elif self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
             self._rt.use_device_allocator(str(self.device))  # torch.cuda.memory_allocated's count
+            self.models_memory = False
+        elif self.device.type == "cpu":
+            # Its own count, as dtr/runtime.py's: what lives now, then what ops read and make.
+            for t in _devmem.live_cpu_tensors():
+                self._rt.count_plain(t)
         self._update_limit()
         self.check_entry()
 

@@ -19,6 +19,8 @@ from harness import gc_tensor_bytes, live_bytes
 
 SLACK = 1.02
 WIDTH, DEPTH, BATCH = 256, 6, 256
+pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
+
 needs_counter = pytest.mark.skipif(not dtr.device_memory.cpu_counter_installed(),
                                    reason="the counting CPU allocator is in the C++ extension")
 
