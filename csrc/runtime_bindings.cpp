@@ -5,6 +5,7 @@
 
 #include "capture.h"
 #include "errors.h"
+#include "escapes.h"
 #include "fallback.h"
 #include "runtime.h"
 #include "runtime_bindings.h"
@@ -99,6 +100,12 @@ void bind_runtime(py::module_& m) {
     c10::intrusive_ptr<Cell> cell = w->cell();
     return no_gil([&] { return cell->storage->runtime->escape(cell); });
   });
+  m.def("escape", &escaped_leaf,
+        "A new plain leaf sharing the escaped value's memory (pinned; see Runtime::escape), "
+        "requiring grad when t does; t itself when it is not a tensor of the C++ runtime.");
+  // See Note [Escapes of C++ wrappers].
+  m.def("install_escape_methods", &install_escape_methods, py::arg("tensor_class"),
+        py::arg("methods"));
   m.def("runtime_of", [](const at::Tensor& t) -> py::object {
     DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
     if (w == nullptr) return py::none();

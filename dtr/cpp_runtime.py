@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from . import _ext
+from . import tensor as _tensor
 from . import device_memory as _devmem
 from .runtime import Stats, entry_error
 
@@ -39,6 +40,7 @@ class CppRuntime:
 
     def __init__(self, spec, policy, search, evict_all: bool = False, pool_impl: str = "auto"):
         _check(policy, pool_impl)
+        _tensor.install_cpp_escapes()
         # One limit per open block, outermost first, as dtr/runtime.py's Runtime keeps them;
         # "auto" and fractions are resolved when the device is bound.
         self._limits: List = [spec]
