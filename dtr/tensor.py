@@ -137,12 +137,9 @@ def _cpp_reduce_ex(self, proto):
     return value.__reduce_ex__(proto)
 
 
-_TORCH_DEEPCOPY = torch.Tensor.__deepcopy__
-
-
 def _cpp_deepcopy(self, memo):
     if not self.is_leaf:
-        return _TORCH_DEEPCOPY(self, memo)  # raises torch's error for non-leaves
+        return TORCH_METHODS["__deepcopy__"](self, memo)  # raises torch's error for non-leaves
     if id(self) in memo:
         return memo[id(self)]
     value = _ext._C.escape(self)
@@ -167,6 +164,10 @@ _CPP_ESCAPES = {
     "__reduce_ex__": _cpp_reduce_ex,
     "__deepcopy__": _cpp_deepcopy,
 }
+
+
+# torch's own methods, as they were before install_cpp_escapes (for the tests).
+TORCH_METHODS = {name: getattr(torch.Tensor, name) for name in _CPP_ESCAPES}
 
 
 def install_cpp_escapes() -> None:

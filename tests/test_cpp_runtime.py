@@ -5,8 +5,13 @@ both runtimes; these check what only the C++ path has: the wrapper TensorImpl, t
 capture of plain-only ops, the boxed fallback's direct registrations, the iterative
 recompute, and its error paths.
 """
+import copy
+import ctypes
+import io
+import pickle
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +216,202 @@ def test_unknown_runtime_and_python_policy_are_clear_errors(monkeypatch):
         dtr.budget(None)
     with pytest.raises(ValueError, match="native policies"):
         dtr.budget(None, policy=lambda e, p, now: 0.0, runtime="cpp")
+
+
+# --- Escapes: Note [Escapes of C++ wrappers] in csrc/escapes.h ---------------------------
+
+def _storage_bytes(t):
+    return bytes(t.untyped_storage())[t.storage_offset() * t.element_size():][:t.nbytes]
+
+
+def _escape(kind, t):
+    """What escape `kind` gives for t, as something comparable across runs."""
+    if kind == "repr":
+        return repr(t)
+    if kind == "print":
+        buf = io.StringIO()
+        print(t, file=buf)
+        return buf.getvalue()
+    if kind == "tolist":
+        return t.tolist()
+    if kind == "numpy":
+        return t.numpy().tobytes()
+    if kind == "array":
+        return np.asarray(t).tobytes()
+    if kind == "data_ptr":
+        # The address of the value's memory: read it back through a plain view of it.
+        ptr = t.data_ptr()
+        assert ptr == t.data_ptr() and ptr == dtr.unwrap(t).data_ptr()
+        return bytes(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)),
+                                           shape=(t.nbytes,)))
+    if kind == "untyped_storage":
+        return _storage_bytes(t)
+    if kind == "dlpack":
+        return torch.from_dlpack(t).numpy().tobytes()
+    if kind == "torch.save":
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        buf.seek(0)
+        loaded = torch.load(buf)
+        assert not dtr.is_dtr_tensor(loaded)
+        return loaded.numpy().tobytes()
+    if kind == "pickle":
+        loaded = pickle.loads(pickle.dumps(t))
+        assert not dtr.is_dtr_tensor(loaded)
+        return loaded.numpy().tobytes()
+    if kind == "deepcopy":
+        c = copy.deepcopy(t)
+        assert not dtr.is_dtr_tensor(c) and c.data_ptr() != dtr.unwrap(t).data_ptr()
+        return c.numpy().tobytes()
+    if kind == "copy":
+        c = copy.copy(t)
+        assert not dtr.is_dtr_tensor(c)
+        return c.numpy().tobytes()
+    raise AssertionError(kind)
+
+
+ESCAPES = ["repr", "print", "tolist", "numpy", "array", "data_ptr", "untyped_storage", "dlpack",
+           "torch.save", "pickle", "deepcopy", "copy"]
+
+
+def _expected(kind, ref):
+    got = _escape(kind, ref)
+    if kind == "repr":
+        return f"DTRTensor({got})"
+    if kind == "print":
+        return f"DTRTensor({got.rstrip()})\n"
+    return got
+
+
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_escape_gives_eager_value_and_the_tensor_keeps_working(kind):
+    x = torch.randn(4, 3)
+    ref = torch.tanh(x)[:, 1:] * 3  # a view, so that offsets and strides matter
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = torch.tanh(x)[:, 1:] * 3  # evicted as soon as it is made
+        assert _escape(kind, y) == _expected(kind, ref)
+        z = y * 2 + 1  # the escaped tensor still works in later ops
+        s.runtime.evict_everything()
+        assert torch.equal(dtr.unwrap(z), ref * 2 + 1)
+        assert _escape(kind, y) == _expected(kind, ref)
+    # After the block: the same value, and ops on it still run through its session.
+    assert _escape(kind, y) == _expected(kind, ref)
+    s.runtime.evict_everything()
+    assert torch.equal(dtr.unwrap(y.exp()), ref.exp())
+    assert torch.equal(dtr.unwrap(y), ref)
+
+
+@pytest.mark.parametrize("kind", ["repr", "tolist", "numpy", "data_ptr", "torch.save", "deepcopy"])
+def test_escape_of_an_evicted_value_in_the_block_does_not_wrap_its_own_work(kind):
+    # repr and deepcopy run torch ops on the escaped value: they must not become values of
+    # the open block (no new records, plain results).
+    x = torch.randn(6)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x.sin() * 2
+        ops = s.stats.ops
+        _escape(kind, y)
+        assert s.stats.ops == ops
+
+
+def test_escaped_values_are_pinned_and_stay_valid():
+    x = torch.randn(64)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x * 2
+        arr = y.numpy()  # shares the value's memory
+        ptr = y.data_ptr()
+        for _ in range(3):
+            s.runtime.evict_everything()
+            y = y + 0  # noqa: PLW2901 - more ops, more evictions
+    assert torch.equal(torch.from_numpy(arr), x * 2)
+    assert ptr == arr.ctypes.data
+
+
+def test_escapes_keep_requires_grad_as_for_plain_tensors():
+    w = torch.randn(3, requires_grad=True)
+    with dtr.budget(None, runtime="cpp"):
+        y = w * 2
+        leaf = (w * 3).detach().requires_grad_()
+    assert dtr.is_dtr_tensor(y) and dtr.is_dtr_tensor(leaf)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        y.numpy()
+    assert np.array_equal(y.numpy(force=True), (w * 2).detach().numpy())
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(y)
+    c = copy.deepcopy(leaf)
+    assert c.requires_grad and c.is_leaf and torch.equal(c, (w * 3).detach())
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert loaded.requires_grad and torch.equal(loaded.detach(), (w * 2).detach())
+    assert "grad_fn=<MulBackward0>" in repr(y) and "requires_grad=True" in repr(leaf)
+
+
+def test_deepcopy_of_a_module_holding_wrappers_keeps_aliasing():
+    x = torch.randn(4, 4)
+    with dtr.budget(None, runtime="cpp"):
+        y = x * 2
+        v = y[1:]
+    a, b = copy.deepcopy([y, v])
+    assert not dtr.is_dtr_tensor(a) and torch.equal(a, x * 2) and torch.equal(b, (x * 2)[1:])
+    a.add_(1)  # the copies share one storage, as deep copies of a plain tensor and its view do
+    assert torch.equal(b, (x * 2)[1:] + 1)
+
+
+def _plain_results(name, t):
+    if name == "__repr__":
+        return repr(t)
+    if name == "__reduce_ex__":
+        return pickle.dumps(t, protocol=2)
+    if name == "__deepcopy__":
+        c = copy.deepcopy(t)
+        return (type(c), c.requires_grad, c.tolist())
+    if name == "untyped_storage":
+        s = t.untyped_storage()
+        return (type(s), s.data_ptr(), s.nbytes())
+    if name == "numpy":
+        return t.detach().numpy().tobytes()
+    if name == "__dlpack__":
+        return torch.from_dlpack(t.detach()).tolist()
+    return getattr(t, name)()
+
+
+def test_plain_tensors_get_torchs_own_methods():
+    with dtr.budget(None, runtime="cpp"):
+        pass  # installs the escape methods
+    from dtr.tensor import TORCH_METHODS
+
+    assert dtr.tensor.TORCH_METHODS["tolist"] is torch._C.TensorBase.tolist
+    p = torch.nn.Parameter(torch.randn(2, 3))
+    cases = [torch.randn(3, 2), torch.arange(6).view(2, 3).t(), torch.randn(2, requires_grad=True), p,
+             torch.tensor(1.5)]
+    for t in cases:
+        for name, original in TORCH_METHODS.items():
+            assert type(torch.Tensor.__dict__[name]).__name__ == "method_descriptor"
+            now = _plain_results(name, t)
+            with _originals():
+                before = _plain_results(name, t)
+            assert now == before, (name, t)
+    # Errors are torch's own too.
+    with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
+        torch.randn(2, requires_grad=True).numpy()
+    with pytest.raises(TypeError):
+        torch.randn(2).tolist(1)
+    # A plain tensor printed inside a block, as before.
+    with dtr.budget(None, runtime="cpp"):
+        assert repr(torch.ones(2)) == "tensor([1., 1.])"
+
+
+class _originals:
+    """Puts torch's own methods back for the duration (the baseline of the test above)."""
+
+    def __enter__(self):
+        from dtr.tensor import TORCH_METHODS
+
+        self.saved = {name: torch.Tensor.__dict__[name] for name in TORCH_METHODS}
+        for name, original in TORCH_METHODS.items():
+            setattr(torch.Tensor, name, original)
+
+    def __exit__(self, *exc):
+        for name, m in self.saved.items():
+            setattr(torch.Tensor, name, m)
