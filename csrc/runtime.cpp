@@ -170,8 +170,9 @@ StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_
 
 StorageRecord::~StorageRecord() { runtime->storage_died(this); }
 
-Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all)
-    : pool_(policy, search), limit_(limit), evict_all_(evict_all) {}
+Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all,
+                 std::shared_ptr<ExternalScorer> scorer)
+    : pool_(policy, search, std::move(scorer)), limit_(limit), evict_all_(evict_all) {}
 
 Runtime::~Runtime() = default;
 

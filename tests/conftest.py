@@ -29,12 +29,10 @@ RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 _MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
 _BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
            "passes the budget by up to a kernel's scratch")
-_PYPOLICY = "C++ runtime: policies given as Python callables"
 _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
     "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
-    "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
     # Every budget tried is infeasible: written values are pinned (step 2) and scratch unplanned.

@@ -7,6 +7,7 @@ recompute, and its error paths.
 """
 import copy
 import ctypes
+import gc
 import io
 import pickle
 import threading
@@ -17,7 +18,7 @@ import torch
 
 import dtr
 from dtr import _ext
-from harness import budget_above, live_bytes
+from harness import assert_same, budget_above, live_bytes, step_room, train
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
 
@@ -214,8 +215,6 @@ def test_unknown_runtime_and_python_policy_are_clear_errors(monkeypatch):
     monkeypatch.setenv("DTR_RUNTIME", "java")
     with pytest.raises(ValueError, match="DTR_RUNTIME"):
         dtr.budget(None)
-    with pytest.raises(ValueError, match="native policies"):
-        dtr.budget(None, policy=lambda e, p, now: 0.0, runtime="cpp")
 
 
 # --- Escapes: Note [Escapes of C++ wrappers] in csrc/escapes.h ---------------------------
@@ -415,3 +414,177 @@ class _originals:
     def __exit__(self, *exc):
         for name, m in self.saved.items():
             setattr(torch.Tensor, name, m)
+
+
+# --- Policies given as Python callables: Note [Policies written in Python] in csrc/pool.h ----
+
+def _mlp_peak():
+    return step_room(train("mlp", lambda: dtr.budget(None, runtime="cpp")))
+
+
+def _stats(policy, room):
+    # The collector frees garbage of earlier runs at unpredictable points: off, the counts
+    # of two runs with the same decisions are the same.
+    gc.collect()
+    gc.disable()
+    try:
+        run = train("mlp", lambda: dtr.budget(budget_above(room), policy=policy, runtime="cpp"))
+    finally:
+        gc.enable()
+    return run, [(s.stats.evictions, s.stats.rematerializations) for s in run.sessions]
+
+
+@pytest.mark.parametrize("name", ["dtr_eq", "dtr", "msps_sqrt", "lru"])
+def test_a_python_policy_makes_the_native_policys_decisions(name):
+    # The scores of dtr/policies.py, called from Python on the C++ pool's snapshot (entries,
+    # neighbours, dtr_eq's classes), choose what the native C++ policy chooses.
+    room = 0.75 * _mlp_peak()
+    score = dtr.policies.get(name)
+    calls = []
+
+    def in_python(e, pool, now):
+        calls.append(e.sid)
+        return score(e, pool, now)
+
+    eager = train("mlp")
+    _stats(name, room)  # warm-up: the first run in a process counts differently
+    native, native_counts = _stats(name, room)
+    python, python_counts = _stats(in_python, room)
+    assert_same(eager, python)
+    assert_same(native, python)
+    assert native_counts == python_counts and python_counts[0][0] > 0
+    assert len(calls) >= python_counts[0][0]
+
+
+def test_a_python_policy_is_called_only_when_a_victim_is_chosen():
+    calls = []
+
+    def policy(e, pool, now):
+        calls.append(now)
+        return -e.nbytes
+
+    x = torch.randn(16, 16)
+    with dtr.budget(None, policy=policy, runtime="cpp") as s:
+        for _ in range(50):
+            x = torch.tanh(x) * 1.5
+    assert s.stats.ops > 0 and calls == []  # no search, no call
+    assert s.stats.policy == "policy"
+    room = 0.75 * _mlp_peak()
+    run, counts = _stats(policy, room)
+    searches = len(set(calls))  # one call per search: every score of a search has its `now`
+    assert 0 < searches <= sum(e for e, _ in counts) + 1
+
+
+class _PolicyFailed(Exception):
+    pass
+
+
+def test_an_exception_from_a_python_policy_surfaces_and_leaves_the_runtime_usable():
+    failures = [1]
+
+    def flaky(e, pool, now):
+        if failures:
+            failures.pop()
+            raise _PolicyFailed("no idea")
+        return e.cost / e.nbytes
+
+    x = torch.randn(64, 64)
+    refs = [x * i for i in range(5)]
+    with dtr.budget(budget_above(5 * 64 * 64 * 4), policy=flaky, runtime="cpp") as s:
+        ys = [x * i for i in range(4)]
+        with pytest.raises(_PolicyFailed, match="no idea"):
+            ys.append(x * 4)  # needs room: the search calls the policy, which raises
+        # The runtime's lock was released and nothing was half done: another thread can run
+        # ops on the same runtime, and the values are exact.
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.equal(ys[1] + ys[2], refs[1] + refs[2])))
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive() and out == [True]
+        ys.append(x * 4)
+    for y, ref in zip(ys, refs):
+        assert torch.equal(y, ref)  # (unwrap would pin each: the budget still holds after the block)
+    assert len(ys) == 5 and s.stats.evictions > 0
+
+
+def test_an_exception_from_a_python_policy_in_backward_surfaces():
+    in_backward = []
+
+    def broken_in_backward(e, pool, now):
+        if in_backward:
+            raise _PolicyFailed("in backward")
+        return e.cost / e.nbytes
+
+    room = 0.6 * _mlp_peak()
+    model, data = __import__("models").make("mlp", 0)
+    with dtr.budget(budget_above(room), policy=broken_in_backward, runtime="cpp") as s:
+        loss = model(*data[0])
+        in_backward.append(True)
+        with pytest.raises(_PolicyFailed, match="in backward"):
+            loss.backward()  # the search runs inside autograd's engine
+    assert s.stats.evictions > 0
+
+
+def test_a_python_policy_returning_a_non_number_is_a_clear_dtr_error():
+    x = torch.randn(64, 64)
+    with dtr.budget(budget_above(3 * 64 * 64 * 4), policy=lambda e, pool, now: None,
+                    runtime="cpp"):
+        ys = [x * 1, x * 2]
+        with pytest.raises(dtr.DTRError, match=r"eviction policy .*<lambda>.* returned None"):
+            ys.append(x * 3)
+            ys.append(x * 4)
+
+
+def test_the_pool_a_python_policy_sees_is_valid_only_during_the_call():
+    kept = []
+
+    def keep(e, pool, now):
+        kept.append((e, pool, dict(pool.entries), pool.candidates, pool.candidate_bytes))
+        return e.last_access
+
+    x = torch.randn(64, 64)
+    with dtr.budget(budget_above(3 * 64 * 64 * 4), policy=keep, runtime="cpp"):
+        ys = [x * i for i in range(6)]
+    assert kept
+    e, pool, entries, candidates, candidate_bytes = kept[0]
+    assert isinstance(e, dtr.policies.Entry) and e.sid in entries and e.sid in candidates
+    assert candidate_bytes >= e.nbytes > 0 and e.resident and e.locks == 0
+    with pytest.raises(dtr.DTRError, match="only during the call"):
+        pool.candidates
+    with pytest.raises(dtr.DTRError, match="only during the call"):
+        pool.entries[e.sid + 1]
+    for i, y in enumerate(ys):
+        assert torch.equal(y, x * i)
+
+
+def test_python_policies_with_threads_do_not_deadlock():
+    # Note [The GIL under the runtime's lock]: the search takes the GIL under the runtime's
+    # lock while other threads run ops on the same runtime (their ops release the GIL).
+    errors = []
+    x = torch.randn(32, 32)
+
+    def policy(e, pool, now):
+        return e.cost / e.nbytes
+
+    with dtr.budget(budget_above(40 * 32 * 32 * 4), policy=policy, runtime="cpp") as s:
+        base = [x * i for i in range(8)]
+
+        def work(k):
+            try:
+                kept = []  # alive, so that the budget needs evictions
+                for j in range(30):
+                    kept.append(torch.tanh(base[k] + j))
+                    assert torch.equal(kept[-1], torch.tanh(x * k + j))
+                for j, y in enumerate(kept):
+                    assert torch.equal(y, torch.tanh(x * k + j))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors, errors
+    assert s.stats.evictions > 0
