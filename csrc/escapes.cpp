@@ -28,41 +28,41 @@ std::array<std::string, kMaxEscapeMethods> escape_names;
 std::array<PyObject*, kMaxEscapeMethods> escape_docs;  // strong references: ml_doc points into them
 size_t num_escape_methods = 0;
 
-PyObject* call_escape_method(const EscapeMethod& m, PyObject* self, PyObject* const* args,
-                             Py_ssize_t nargs, PyObject* kwnames) {
-  HANDLE_TH_ERRORS
-  const at::Tensor& t = THPVariable_Unpack(self);  // the descriptor checked self's type
-  if (C10_LIKELY(!is_dtr(t))) {
-    // A plain tensor (or another subclass): torch's own method, as it was called.
-    const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
-    PyObject* small[8];
-    std::vector<PyObject*> big;
-    PyObject** argv = small;
-    if (nargs + nkw + 1 > 8) {
-      big.resize(static_cast<size_t>(nargs + nkw + 1));
-      argv = big.data();
-    }
-    argv[0] = self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; ++i) argv[i + 1] = args[i];
-    return PyObject_Vectorcall(m.original, argv, static_cast<size_t>(nargs + 1), kwnames);
-  }
-  // A C++ wrapper: see Note [Escapes of C++ wrappers].
-  NoCaptureGuard no_capture;
-  py::object value;
-  PyObject* target = m.escape;
-  if (target == nullptr) {
-    value = py::reinterpret_steal<py::object>(
-        THPVariable_Wrap(t.requires_grad() ? escaped_leaf(t) : escaped_value(t)));
-    if (!value) return nullptr;
-    self = value.ptr();
-    target = m.original;
-  }
+// Calls target(self, *args, **kwargs) for a METH_FASTCALL | METH_KEYWORDS call.
+PyObject* call_with_self(PyObject* target, PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                         PyObject* kwnames) {
   const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
-  std::vector<PyObject*> argv(static_cast<size_t>(nargs + nkw + 1));
+  PyObject* small[8];
+  std::vector<PyObject*> big;
+  PyObject** argv = small;
+  if (nargs + nkw + 1 > 8) {
+    big.resize(static_cast<size_t>(nargs + nkw + 1));
+    argv = big.data();
+  }
   argv[0] = self;
   for (Py_ssize_t i = 0; i < nargs + nkw; ++i) argv[i + 1] = args[i];
-  return PyObject_Vectorcall(target, argv.data(), static_cast<size_t>(nargs + 1), kwnames);
+  return PyObject_Vectorcall(target, argv, static_cast<size_t>(nargs + 1), kwnames);
+}
+
+// A C++ wrapper: see Note [Escapes of C++ wrappers].
+PyObject* call_escape(const EscapeMethod& m, const at::Tensor& t, PyObject* self,
+                      PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  NoCaptureGuard no_capture;
+  if (m.escape != nullptr) return call_with_self(m.escape, self, args, nargs, kwnames);
+  py::object value = py::reinterpret_steal<py::object>(
+      THPVariable_Wrap(t.requires_grad() ? escaped_leaf(t) : escaped_value(t)));
+  if (!value) return nullptr;
+  return call_with_self(m.original, value.ptr(), args, nargs, kwnames);
   END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_escape_method(const EscapeMethod& m, PyObject* self, PyObject* const* args,
+                             Py_ssize_t nargs, PyObject* kwnames) {
+  const at::Tensor& t = THPVariable_Unpack(self);  // the descriptor checked self's type
+  if (C10_UNLIKELY(is_dtr(t))) return call_escape(m, t, self, args, nargs, kwnames);
+  // Any other tensor: torch's own method, called as it was (nothing here can throw).
+  return call_with_self(m.original, self, args, nargs, kwnames);
 }
 
 template <size_t I>
