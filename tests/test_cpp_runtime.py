@@ -18,7 +18,8 @@ import torch
 
 import dtr
 from dtr import _ext
-from harness import assert_same, budget_above, live_bytes, step_room, train
+from harness import budget_above, live_bytes, step_room, train
+import test_pool
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
 
@@ -422,23 +423,59 @@ def _mlp_peak():
     return step_room(train("mlp", lambda: dtr.budget(None, runtime="cpp")))
 
 
-def _stats(policy, room):
-    # The collector frees garbage of earlier runs at unpredictable points: off, the counts
-    # of two runs with the same decisions are the same.
+def _chain(policy, room):
+    """Loss and gradients of a chain of 128 KiB activations under a budget of ``room`` bytes
+    above what is in use, and the session's (evictions, rematerializations). Its tensors are
+    large against the few KiB the rest of the process allocates, so the decisions of two
+    runs do not depend on that."""
+    torch.manual_seed(0)
+    ws = [torch.randn(128, 128, requires_grad=True) for _ in range(6)]
+    x = torch.randn(256, 128)
     gc.collect()
-    gc.disable()
-    try:
-        run = train("mlp", lambda: dtr.budget(budget_above(room), policy=policy, runtime="cpp"))
-    finally:
-        gc.enable()
-    return run, [(s.stats.evictions, s.stats.rematerializations) for s in run.sessions]
+    base = live_bytes()
+    with dtr.budget(budget_above(room) if room else None, policy=policy, runtime="cpp") as s:
+        h = x
+        for w in ws:
+            h = torch.tanh(h @ w)
+        loss = h.pow(2).sum()
+        loss.backward()
+        loss = dtr.unwrap(loss).clone()
+    return [loss] + [w.grad for w in ws], (s.stats.evictions, s.stats.rematerializations), \
+        s.stats.peak_bytes - base
 
 
-@pytest.mark.parametrize("name", ["dtr_eq", "dtr", "msps_sqrt", "lru"])
-def test_a_python_policy_makes_the_native_policys_decisions(name):
-    # The scores of dtr/policies.py, called from Python on the C++ pool's snapshot (entries,
-    # neighbours, dtr_eq's classes), choose what the native C++ policy chooses.
-    room = 0.75 * _mlp_peak()
+# (Not "random" with sampling: the C++ pool samples with its generator, the callable draws
+# from the view's, while PythonPool draws both from one.)
+@pytest.mark.parametrize("policy,sample", [(p, s) for p in test_pool.POLICIES for s in (None, 8)
+                                           if not (p == "random" and s)])
+def test_a_python_policy_on_the_cpp_pool_makes_the_python_pools_decisions(policy, sample):
+    # The scores of dtr/policies.py given as callables: called by the C++ pool on its
+    # snapshot (entries, neighbours, dtr_eq's classes, the plan clock) they choose what
+    # PythonPool chooses with them, and what the native C++ policy chooses, on random
+    # workloads (the runtime's costs are measured times, so only the pool is deterministic).
+    score = dtr.policies.get(policy)
+
+    def in_python(e, pool, now):
+        return score(e, pool, now)
+
+    search = dtr.SearchOptions(sample_above=sample, min_evictable_fraction=0.3 if sample else 0.0,
+                               seed=1)
+    from dtr.cpp_pool import CppPool
+
+    pools = (dtr.policies.PythonPool(in_python, search), CppPool(in_python, search))
+    expected, got = test_pool._random_workload(None, None, 1, pools=pools)
+    assert sum(v is not None for v in got) > 50
+    assert got == expected
+    native, _ = test_pool._random_workload(policy, search, 1)
+    assert got == native
+
+
+@pytest.mark.parametrize("name", ["lru", "largest"])
+def test_a_python_policy_runs_the_cpp_runtime_exactly(name):
+    # On the runtime, decisions also depend on measured costs; these two policies read
+    # none, so the native policy and the same score in Python evict alike.
+    eager, _, peak = _chain("dtr_eq", None)
+    room = 0.7 * peak
     score = dtr.policies.get(name)
     calls = []
 
@@ -446,14 +483,12 @@ def test_a_python_policy_makes_the_native_policys_decisions(name):
         calls.append(e.sid)
         return score(e, pool, now)
 
-    eager = train("mlp")
-    _stats(name, room)  # warm-up: the first run in a process counts differently
-    native, native_counts = _stats(name, room)
-    python, python_counts = _stats(in_python, room)
-    assert_same(eager, python)
-    assert_same(native, python)
-    assert native_counts == python_counts and python_counts[0][0] > 0
-    assert len(calls) >= python_counts[0][0]
+    native, native_counts, _ = _chain(name, room)
+    python, python_counts, _ = _chain(in_python, room)
+    for a, b, c in zip(eager, native, python):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert native_counts == python_counts and python_counts[0] > 0
+    assert len(calls) >= python_counts[0]
 
 
 def test_a_python_policy_is_called_only_when_a_victim_is_chosen():
@@ -469,10 +504,10 @@ def test_a_python_policy_is_called_only_when_a_victim_is_chosen():
             x = torch.tanh(x) * 1.5
     assert s.stats.ops > 0 and calls == []  # no search, no call
     assert s.stats.policy == "policy"
-    room = 0.75 * _mlp_peak()
-    run, counts = _stats(policy, room)
+    _, _, peak = _chain("dtr_eq", None)
+    _, (evictions, _), _ = _chain(policy, 0.7 * peak)
     searches = len(set(calls))  # one call per search: every score of a search has its `now`
-    assert 0 < searches <= sum(e for e, _ in counts) + 1
+    assert 0 < searches <= evictions
 
 
 class _PolicyFailed(Exception):
@@ -561,6 +596,7 @@ def test_python_policies_with_threads_do_not_deadlock():
     # Note [The GIL under the runtime's lock]: the search takes the GIL under the runtime's
     # lock while other threads run ops on the same runtime (their ops release the GIL).
     errors = []
+    kept = {k: [] for k in range(4)}  # all alive at the end, so that the budget needs evictions
     x = torch.randn(32, 32)
 
     def policy(e, pool, now):
@@ -571,11 +607,10 @@ def test_python_policies_with_threads_do_not_deadlock():
 
         def work(k):
             try:
-                kept = []  # alive, so that the budget needs evictions
                 for j in range(30):
-                    kept.append(torch.tanh(base[k] + j))
-                    assert torch.equal(kept[-1], torch.tanh(x * k + j))
-                for j, y in enumerate(kept):
+                    kept[k].append(torch.tanh(base[k] + j))
+                    assert torch.equal(kept[k][-1], torch.tanh(x * k + j))
+                for j, y in enumerate(kept[k]):
                     assert torch.equal(y, torch.tanh(x * k + j))
             except BaseException as exc:  # reported below
                 errors.append(exc)
