@@ -5,6 +5,7 @@ both runtimes; these check what only the C++ path has: the wrapper TensorImpl, t
 capture of plain-only ops, the boxed fallback's direct registrations, the iterative
 recompute, and its error paths.
 """
+import contextlib
 import copy
 import ctypes
 import gc
@@ -623,3 +624,23 @@ def test_python_policies_with_threads_do_not_deadlock():
         assert not any(t.is_alive() for t in threads), "deadlock"
     assert not errors, errors
     assert s.stats.evictions > 0
+
+
+def test_item_backward_and_step_after_the_block_match_eager():
+    def step(ctx):
+        torch.manual_seed(0)
+        m = _mlp()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        x = torch.randn(16, 8)
+        with ctx():
+            loss = torch.nn.functional.dropout(m(x), 0.2).pow(2).mean()
+        value, text = loss.item(), repr(loss.detach())
+        loss.backward()
+        opt.step()  # (reading loss now would raise StaleInputError: its inputs changed)
+        return value, text, [p.detach().clone() for p in m.parameters()]
+
+    v0, r0, p0 = step(contextlib.nullcontext)
+    v1, r1, p1 = step(lambda: dtr.testing.evict_everything(runtime="cpp"))
+    assert v0 == v1 and r1 == f"DTRTensor({r0})"
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b) and not dtr.is_dtr_tensor(b)
