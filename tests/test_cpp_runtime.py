@@ -211,7 +211,7 @@ def test_the_key_is_released_after_the_block():
     assert torch.equal(torch.ones(2).fill_(3), torch.full((2,), 3.0))
 
 
-def test_unknown_runtime_and_python_policy_are_clear_errors(monkeypatch):
+def test_unknown_runtime_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown runtime"):
         dtr.budget(None, runtime="rust")
     monkeypatch.setenv("DTR_RUNTIME", "java")
