@@ -5,12 +5,15 @@
 // its arguments and calls one Pool method, nothing else. Errors raised with
 // TORCH_CHECK reach Python as dtr.DTRError (a RuntimeError) carrying the
 // message without the C++ backtrace.
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
 #include <cmath>
 
 #include "alloc_meter.h"
+#include "errors.h"
 #include "pool.h"
+#include "python_policy.h"
 #include "runtime_bindings.h"
 
 namespace py = pybind11;
@@ -44,13 +47,30 @@ std::vector<int64_t> sids_from_python(const py::handle& parents) {
   return out;
 }
 
-// The Python object keeps the SearchOptions it was made with, for introspection.
+// A native policy's name, or a policy written in Python (Note [Policies written in Python]).
+struct PolicyArg {
+  dtr::Policy policy;
+  std::shared_ptr<dtr::ExternalScorer> scorer;
+  py::object name;
+};
+
+PolicyArg policy_arg(const py::object& policy, const py::object& search) {
+  if (py::isinstance<py::str>(policy)) {
+    return {dtr::policy_from_name(policy.cast<std::string>()), nullptr, policy};
+  }
+  py::object call = py::module_::import("dtr.python_policy").attr("PolicyCall")(policy, search);
+  std::string name = py::str(call.attr("name"));
+  return {dtr::Policy::Python, dtr::make_python_policy(call, name), policy};
+}
+
+// The Python object keeps the policy and SearchOptions it was made with, for introspection.
 struct PyPool : dtr::Pool {
-  PyPool(const std::string& policy, py::object search)
-      : dtr::Pool(dtr::policy_from_name(policy), dtr::search_from_python(search)),
-        policy_name(policy),
+  PyPool(PolicyArg policy, py::object search)
+      : dtr::Pool(policy.policy, dtr::search_from_python(search), std::move(policy.scorer)),
+        policy_obj(std::move(policy.name)),
         search_obj(std::move(search)) {}
-  std::string policy_name;
+  PyPool(const py::object& policy, py::object search) : PyPool(policy_arg(policy, search), search) {}
+  py::object policy_obj;
   py::object search_obj;
 };
 
@@ -126,6 +146,10 @@ PyObject* guarded(F&& body) {
     PyErr_SetString(dtr_error_type(), e.what_without_backtrace());
   } catch (const py::error_already_set& e) {
     py::error_already_set(e).restore();
+  } catch (python_error& e) {  // a Python policy's exception
+    e.restore();
+  } catch (const dtr::DTRError& e) {
+    dtr::set_python_error(e);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   }
@@ -270,7 +294,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyPool>(m, "CppPool",
                      "The C++ eviction pool; the same interface and decisions as "
                      "dtr.policies.PythonPool.")
-      .def(py::init<const std::string&, py::object>(), py::arg("policy") = "dtr_eq",
+      .def(py::init<const py::object&, py::object>(), py::arg("policy") = "dtr_eq",
            py::arg("search") = py::none())
       .def(
           "add",
@@ -304,7 +328,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("now"))
       .def("unlocked_candidates", &dtr::Pool::unlocked_candidates)
       .def("__len__", &dtr::Pool::size)
-      .def_readonly("policy", &PyPool::policy_name)
+      .def_readonly("policy", &PyPool::policy_obj)
       .def_readonly("search", &PyPool::search_obj)
       .def_property_readonly("candidate_bytes", &dtr::Pool::candidate_bytes)
       // Introspection for tests (PythonPool has the same private methods).

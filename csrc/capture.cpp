@@ -44,4 +44,8 @@ BelowDTRGuard::BelowDTRGuard()
              c10::impl::tls_local_dispatch_key_set().excluded_ |
                  c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
 
+NoCaptureGuard::NoCaptureGuard()
+    : guard_(without_dtr(c10::impl::tls_local_dispatch_key_set().included_),
+             c10::impl::tls_local_dispatch_key_set().excluded_) {}
+
 }  // namespace dtr

@@ -40,4 +40,15 @@ class BelowDTRGuard {
   c10::impl::ForceDispatchKeyGuard guard_;
 };
 
+// Ops on plain tensors stay plain (kDTRKey out of the TLS include set; the
+// block stays open: ops on dtr tensors still reach the fallback). Escapes run
+// under it: what they compute from an escaped value is not a value of the block.
+class NoCaptureGuard {
+ public:
+  NoCaptureGuard();
+
+ private:
+  c10::impl::ForceDispatchKeyGuard guard_;
+};
+
 }  // namespace dtr

@@ -93,8 +93,10 @@ Policy policy_from_name(const std::string& name) {
               valid, " (use the Python pool for other policies: make_pool(..., impl='python'))");
 }
 
-Pool::Pool(Policy policy, SearchOptions search)
-    : policy_(policy), search_(search), rng_(search.seed) {
+Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer)
+    : policy_(policy), search_(search), rng_(search.seed), scorer_(std::move(scorer)) {
+  TORCH_INTERNAL_ASSERT((policy == Policy::Python) == (scorer_ != nullptr),
+                        "dtr: a Python policy needs its scorer, and only it has one");
   TORCH_CHECK(search.min_evictable_fraction >= 0.0,
               "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
               search.min_evictable_fraction);
@@ -114,6 +116,14 @@ Entry* Pool::lookup(int64_t sid) {
 const Entry* Pool::find(int64_t sid) const {
   auto it = entries_.find(sid);
   return it == entries_.end() ? nullptr : &it->second;
+}
+
+std::vector<int64_t> Pool::ids() const {
+  std::vector<int64_t> out;
+  out.reserve(entries_.size());
+  for (const auto& kv : entries_) out.push_back(kv.first);
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 Entry& Pool::get(int64_t sid, const char* what) {
@@ -481,6 +491,11 @@ double Pool::score(Entry& e, double now) {
       c = c + (e.evicted_parents == 0 ? 0.0 : evicted_region_cost(e, false));
       return c / (static_cast<double>(e.nbytes) * staleness(e, now));
     }
+    case Policy::Python: {
+      std::vector<double> sc(1);
+      scorer_->score(*this, {e.sid}, now, sc);
+      return sc[0];
+    }
   }
   TORCH_INTERNAL_ASSERT(false, "dtr: unknown policy");
 }
@@ -580,7 +595,33 @@ const Entry* Pool::scan_bounded(const std::vector<Entry*>& entries, double now) 
   return best;
 }
 
+// See Note [Policies written in Python] in pool.h.
+// Locals, not scratch members: the callable may run ops that search again.
+const Entry* Pool::scan_external(const std::vector<Entry*>& entries, double now) {
+  std::vector<int64_t> sids;
+  sids.reserve(entries.size());
+  for (const Entry* e : entries)
+    if (!e->locks) sids.push_back(e->sid);
+  if (sids.empty()) return nullptr;
+  std::vector<double> scores(sids.size(), 0.0);
+  scorer_->score(*this, sids, now, scores);
+  const Entry* best = nullptr;
+  double best_score = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < sids.size(); ++i) {
+    // Still a candidate after the call (see ExternalScorer::score)?
+    const Entry* e = lookup(sids[i]);
+    if (e == nullptr || e->cand_pos == kNotCandidate || e->locks) continue;
+    const double sc = scores[i];
+    if (best == nullptr || sc < best_score || (sc == best_score && e->sid < best->sid)) {
+      best = e;
+      best_score = sc;
+    }
+  }
+  return best;
+}
+
 const Entry* Pool::scan(const std::vector<Entry*>& entries, double now) {
+  if (policy_ == Policy::Python) return scan_external(entries, now);
   if (can_bound()) return scan_bounded(entries, now);
   const Entry* best = nullptr;
   double best_score = std::numeric_limits<double>::infinity();

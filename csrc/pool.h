@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <unordered_map>
@@ -50,7 +51,9 @@ enum class Policy : int {
   Random,
   MspsSqrt,
   DtrRegions,
-  Lookahead
+  Lookahead,
+  // A policy written in Python (see Note [Policies written in Python]); not a name.
+  Python
 };
 
 // The names of the policies implemented natively, as registered in dtr.policies.
@@ -81,6 +84,29 @@ class SplitMix64 {
 
  private:
   uint64_t state_;
+};
+
+class Pool;
+struct Entry;
+
+// Note [Policies written in Python]
+// A policy given as a Python callable (dtr.budget(policy=f), or a name
+// registered with dtr.policies.register) scores the candidates of one search
+// in one call: the pool gathers the unlocked candidates it would score (after
+// sampling, as for a native policy), the scorer fills one score per
+// candidate, and the pool keeps the lowest (ties: smallest id), as
+// PythonPool._scan does. So the callable runs only when a victim is chosen,
+// never per op. csrc/python_policy.cpp implements the scorer: it takes the GIL
+// for the call only, and an exception (the callable's, or a dtr error for a
+// score that is not a number) leaves the pool as it was.
+class ExternalScorer {
+ public:
+  virtual ~ExternalScorer() = default;
+  // scores[i] for the storage sids[i]; scores arrives sized like sids. The
+  // callable runs Python, which may release wrappers (the garbage collector)
+  // and so change the pool: the pool reads its entries again by id afterwards.
+  virtual void score(Pool& pool, const std::vector<int64_t>& sids, double now,
+                     std::vector<double>& scores) = 0;
 };
 
 constexpr uint32_t kNoNode = std::numeric_limits<uint32_t>::max();
@@ -114,7 +140,8 @@ struct alignas(64) Entry {
 
 class Pool {
  public:
-  Pool(Policy policy, SearchOptions search);
+  // `scorer`: for Policy::Python only, which it scores.
+  Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer = nullptr);
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
 
@@ -154,6 +181,7 @@ class Pool {
   Policy policy() const { return policy_; }
   const SearchOptions& search() const { return search_; }
   const Entry* find(int64_t sid) const;
+  std::vector<int64_t> ids() const;
   const std::vector<Entry*>& candidates() const { return cands_; }
   // The summed cost of the class of an evicted storage (NaN if it has none).
   double class_cost(int64_t sid);
@@ -198,6 +226,7 @@ class Pool {
   bool needs_walk(const Entry& e) const;
   double base_score(const Entry& e, double now) const;
   const Entry* scan_bounded(const std::vector<Entry*>& entries, double now);
+  const Entry* scan_external(const std::vector<Entry*>& entries, double now);
 
   Policy policy_;
   SearchOptions search_;
@@ -213,6 +242,7 @@ class Pool {
   bool odd_cost_ = false;
   double plan_clock_ = 0.0;
   std::vector<std::pair<double, Entry*>> deferred_;
+  std::shared_ptr<ExternalScorer> scorer_;  // Policy::Python only
   // Scratch buffers reused by the search and the graph walks.
   std::vector<Entry*> sample_, big_, stack_;
   std::vector<uint32_t> roots_;

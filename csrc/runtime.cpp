@@ -161,8 +161,9 @@ const c10::StorageImpl* storage_of(const at::Tensor& t) {
 
 }  // namespace
 
-Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all)
-    : pool_(policy, search), limit_(limit), evict_all_(evict_all) {}
+Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all,
+                 std::shared_ptr<ExternalScorer> scorer)
+    : pool_(policy, search, std::move(scorer)), limit_(limit), evict_all_(evict_all) {}
 
 Runtime::~Runtime() = default;
 

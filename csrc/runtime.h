@@ -7,8 +7,7 @@
 //
 // What this runtime does not do yet (the Python runtime does; step by step):
 // in-place writes into a dtr tensor make the written storage unevictable
-// instead of recording a recipe for it, kernel scratch is not reserved, and
-// policies given as Python callables are refused.
+// instead of recording a recipe for it, and kernel scratch is not reserved.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -32,7 +31,9 @@ struct OpTraits;
 
 class Runtime : public c10::intrusive_ptr_target {
  public:
-  Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all);
+  // `scorer`: the policy's, for Policy::Python (Note [Policies written in Python] in pool.h).
+  Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all,
+          std::shared_ptr<ExternalScorer> scorer = nullptr);
   ~Runtime() override;
 
   // The per-op path for an op with a dtr tensor among its inputs, or a

@@ -1,11 +1,14 @@
 // dtr._C's C++ runtime: the class dtr._C.Runtime and the module functions
 // dtr/cpp_runtime.py calls. Called once per block or per escape, never per op.
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
 #include "capture.h"
 #include "errors.h"
+#include "escapes.h"
 #include "fallback.h"
+#include "python_policy.h"
 #include "runtime.h"
 #include "runtime_bindings.h"
 #include "wrapper.h"
@@ -24,6 +27,9 @@ auto no_gil(F&& f) {
     return f();
   } catch (const DTRError& e) {
     set_python_error(e);
+    throw py::error_already_set();
+  } catch (python_error& e) {  // a Python policy's exception
+    e.restore();
     throw py::error_already_set();
   }
 }
@@ -60,13 +66,20 @@ struct PyBlockToken {
 }  // namespace
 
 void bind_runtime(py::module_& m) {
+  bind_python_policy(m);
   py::class_<PyBlockToken>(m, "BlockToken");
   py::class_<Runtime, c10::intrusive_ptr<Runtime>>(m, "Runtime",
                                                    "The C++ runtime of one dtr session (dtr/cpp_runtime.py).")
-      .def(py::init([](std::optional<int64_t> limit, const std::string& policy, py::object search,
+      // policy: a native policy's name, or a dtr.python_policy.PolicyCall.
+      .def(py::init([](std::optional<int64_t> limit, py::object policy, py::object search,
                        bool evict_all) {
-             return c10::make_intrusive<Runtime>(limit, policy_from_name(policy),
-                                                 search_from_python(search), evict_all);
+             if (py::isinstance<py::str>(policy)) {
+               return c10::make_intrusive<Runtime>(limit, policy_from_name(policy.cast<std::string>()),
+                                                   search_from_python(search), evict_all);
+             }
+             std::string name = py::str(policy.attr("name"));
+             return c10::make_intrusive<Runtime>(limit, Policy::Python, search_from_python(search),
+                                                 evict_all, make_python_policy(policy, name));
            }),
            py::arg("limit"), py::arg("policy"), py::arg("search"), py::arg("evict_all"))
       .def_property("limit", &Runtime::limit, [](Runtime& rt, std::optional<int64_t> v) {
@@ -105,6 +118,12 @@ void bind_runtime(py::module_& m) {
     c10::intrusive_ptr<Cell> cell = w->cell();
     return no_gil([&] { return cell->storage->runtime->escape(cell); });
   });
+  m.def("escape", &escaped_leaf,
+        "A new plain leaf sharing the escaped value's memory (pinned; see Runtime::escape), "
+        "requiring grad when t does; t itself when it is not a tensor of the C++ runtime.");
+  // See Note [Escapes of C++ wrappers].
+  m.def("install_escape_methods", &install_escape_methods, py::arg("tensor_class"),
+        py::arg("methods"));
   m.def("runtime_of", [](const at::Tensor& t) -> py::object {
     DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
     if (w == nullptr) return py::none();

@@ -8,8 +8,9 @@
 // see one reach the boxed fallback (csrc/fallback.cpp), and the TensorImpl
 // constructor adds that key's autograd key: autograd runs above the wrapper
 // with its ordinary kernels. The device reported is the value's own (a
-// PrivateUse device aborts in autograd's InputMetadata). Storage access throws:
-// anything reading raw memory must unwrap first (dtr.unwrap).
+// PrivateUse device aborts in autograd's InputMetadata). Storage access throws;
+// the torch.Tensor methods that read raw memory escape the value first (Note
+// [Escapes of C++ wrappers] in escapes.h), other readers need dtr.unwrap.
 // Shallow copies (autograd's SavedVariable, detach) share the cell and count
 // as wrappers of its storage.
 #pragma once

@@ -1,7 +1,8 @@
 """The C++ eviction pool, ``dtr._C.CppPool``: PythonPool's interface and decisions, in C++.
 
 ``CppPool(policy, search)`` takes a policy *name* from ``dtr._C.native_policies()``
-and a ``dtr.SearchOptions``. Its public methods are exactly PythonPool's:
+(or a policy written in Python, called once per search: Note [Policies written in
+Python] in csrc/pool.h) and a ``dtr.SearchOptions``. Its public methods are exactly PythonPool's:
 ``add(sid, nbytes, cost, now, evictable, parents)``, ``remove(sid)``,
 ``touch(sid, now)``, ``add_cost(sid, c)``, ``cost(sid)``, ``last_access(sid)``, ``lock(sid)``,
 ``unlock(sid)``, ``locks(sid)``, ``pin(sid)``, ``evicted(sid)``,

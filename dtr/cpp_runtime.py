@@ -3,9 +3,12 @@
 The per-op path is all C++ (csrc/fallback.cpp, csrc/runtime.cpp): no Python
 runs per op. This module only opens and closes blocks, reads statistics and
 checks the options. ``dtr/runtime.py`` is the readable reference of the same
-design. Not yet in the C++ runtime (it raises or behaves as documented in
-docs/design.md): policies given as Python callables, mutation recipes
-(a value written in place becomes unevictable), kernel scratch reservation.
+design. Not yet in the C++ runtime (it behaves as documented in
+docs/design.md): mutation recipes (a value written in place becomes
+unevictable), kernel scratch reservation. Policies given as Python callables
+(and names registered in Python) are called once per search for a victim
+(dtr/python_policy.py); escapes of its tensors go through dtr/tensor.py's
+install_cpp_escapes.
 """
 from __future__ import annotations
 
@@ -14,20 +17,17 @@ from typing import List, Optional
 import torch
 
 from . import _ext
+from . import tensor as _tensor
+from .python_policy import PolicyCall
 from . import device_memory as _devmem
 from .runtime import Stats, entry_error
 
 
-def _check(policy, pool: str) -> None:
+def _check(pool: str) -> None:
     if not _ext.available():
         raise ValueError(
             "dtr: runtime='cpp' needs the C++ extension dtr._C, which is not built here; build "
             "it with `pip install --no-build-isolation -e .` or use runtime='python'")
-    native = _ext.native_policies()
-    if not isinstance(policy, str) or policy not in native:
-        raise ValueError(
-            f"dtr: runtime='cpp' supports the native policies {sorted(native)}, got {policy!r}; "
-            "use one of them or runtime='python' for policies written in Python")
     if pool not in ("auto", "cpp"):
         raise ValueError(f"dtr: runtime='cpp' always uses the C++ pool; got pool={pool!r}")
 
@@ -38,12 +38,16 @@ class CppRuntime:
     kind = "cpp"
 
     def __init__(self, spec, policy, search, evict_all: bool = False, pool_impl: str = "auto"):
-        _check(policy, pool_impl)
+        _check(pool_impl)
+        _tensor.install_cpp_escapes()
+        native = isinstance(policy, str) and policy in _ext.native_policies()
         # One limit per open block, outermost first, as dtr/runtime.py's Runtime keeps them;
         # "auto" and fractions are resolved when the device is bound.
         self._limits: List = [spec]
         self.device: Optional[torch.device] = None
-        self._rt = _ext._C.Runtime(spec if isinstance(spec, int) else None, policy, search,
+        # A policy written in Python is called only when a victim is chosen.
+        self._rt = _ext._C.Runtime(spec if isinstance(spec, int) else None,
+                                   policy if native else PolicyCall(policy, search), search,
                                    evict_all)
         self.policy = policy
         self._token = None
@@ -146,7 +150,9 @@ class CppRuntime:
     @property
     def stats(self) -> Stats:
         first = self._limits[0]
-        return Stats(budget_bytes=first if isinstance(first, int) else None, policy=self.policy,
+        return Stats(budget_bytes=first if isinstance(first, int) else None,
+                     policy=self.policy if isinstance(self.policy, str)
+                     else getattr(self.policy, "__name__", "custom"),  # as dtr/runtime.py names it
                      **self._rt.stats())
 
     @property

@@ -6,6 +6,8 @@ runtime may evict and recompute at any time. Autograd works on the wrappers.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils._mode_utils import no_dispatch
 
@@ -98,9 +100,7 @@ class DTRTensor(torch.Tensor):
         return value
 
     def __repr__(self, *, tensor_contents=None):
-        value = unwrap(self)
-        grad = f", grad_fn=<{type(self.grad_fn).__name__}>" if self.grad_fn is not None else ""
-        return f"DTRTensor({value!r}{grad})"
+        return _repr(self, unwrap(self))
 
     # --- torch.compile support (dtr/compile.py) ---
     def __coerce_same_metadata_as_tangent__(self, expected_metadata, expected_type=None):
@@ -110,6 +110,69 @@ class DTRTensor(torch.Tensor):
         if expected_type is not None and expected_type is not torch.Tensor:
             return None
         return unwrap(self)
+
+
+def _repr(t: torch.Tensor, value: torch.Tensor) -> str:
+    if t.grad_fn is not None:
+        grad = f", grad_fn=<{type(t.grad_fn).__name__}>"
+    else:
+        grad = ", requires_grad=True" if t.requires_grad else ""
+    return f"DTRTensor({value!r}{grad})"
+
+
+# The C++ runtime's tensors are torch.Tensors, so Note [Escapes] is done for
+# them by replacing a few torch.Tensor methods (see Note [Escapes of C++
+# wrappers] in csrc/escapes.h): for any other tensor they are torch's own. These
+# are the escape functions the replacements call for a C++ wrapper (None: torch's
+# method on the escaped value); they run with plain-only ops left plain.
+def _cpp_repr(self, *, tensor_contents=None):
+    return _repr(self, _ext._C.unwrap(self))
+
+
+def _cpp_reduce_ex(self, proto):
+    # torch.save / pickle / copy.copy store a plain tensor, with the wrapper's
+    # requires_grad and Python attributes, as they would store a plain one.
+    value = _ext._C.escape(self)
+    value.__dict__.update(self.__dict__)
+    return value.__reduce_ex__(proto)
+
+
+def _cpp_deepcopy(self, memo):
+    if not self.is_leaf:
+        return TORCH_METHODS["__deepcopy__"](self, memo)  # raises torch's error for non-leaves
+    if id(self) in memo:
+        return memo[id(self)]
+    value = _ext._C.escape(self)
+    # torch's __deepcopy__ keys memo by id(value): keep value alive as long as memo
+    # (what copy.deepcopy does for the objects it copies).
+    memo.setdefault(id(memo), []).append(value)
+    new = value.__deepcopy__(memo)  # copies the storage through memo, as for plain tensors
+    if self.grad is not None:
+        new.grad = self.grad.__deepcopy__(memo)
+    new.__dict__ = copy.deepcopy(self.__dict__, memo)
+    memo[id(self)] = new
+    return new
+
+
+_CPP_ESCAPES = {
+    "tolist": None,
+    "numpy": None,
+    "data_ptr": None,
+    "untyped_storage": None,
+    "__dlpack__": None,
+    "__repr__": _cpp_repr,
+    "__reduce_ex__": _cpp_reduce_ex,
+    "__deepcopy__": _cpp_deepcopy,
+}
+
+
+# torch's own methods, as they were before install_cpp_escapes (for the tests).
+TORCH_METHODS = {name: getattr(torch.Tensor, name) for name in _CPP_ESCAPES}
+
+
+def install_cpp_escapes() -> None:
+    """Called when the first C++ runtime is made; idempotent."""
+    _ext._C.install_escape_methods(torch.Tensor, _CPP_ESCAPES)
 
 
 # Note [Foreign subclasses]

@@ -27,18 +27,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
 _MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
-_ESCAPES = "C++ runtime step 3: repr/tolist/numpy/deepcopy/torch.save of C++ wrappers"
 _BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
            "passes the budget by up to a kernel's scratch")
-_PYPOLICY = "C++ runtime: policies given as Python callables"
 _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
     "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
-    "test_semantics.py::test_non_tensor_results_pass_through": _ESCAPES,
-    "test_semantics.py::test_escapes_behave_like_plain_tensors": _ESCAPES,
-    "test_semantics.py::test_deepcopy_and_repr": _ESCAPES,
-    "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
     "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,

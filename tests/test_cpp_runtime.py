@@ -5,14 +5,22 @@ both runtimes; these check what only the C++ path has: the wrapper TensorImpl, t
 capture of plain-only ops, the boxed fallback's direct registrations, the iterative
 recompute, and its error paths.
 """
+import contextlib
+import copy
+import ctypes
+import gc
+import io
+import pickle
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import dtr
 from dtr import _ext
-from harness import budget_above, live_bytes
+from harness import budget_above, live_bytes, step_room, train
+import test_pool
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
 
@@ -203,14 +211,12 @@ def test_the_key_is_released_after_the_block():
     assert torch.equal(torch.ones(2).fill_(3), torch.full((2,), 3.0))
 
 
-def test_unknown_runtime_and_python_policy_are_clear_errors(monkeypatch):
+def test_unknown_runtime_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown runtime"):
         dtr.budget(None, runtime="rust")
     monkeypatch.setenv("DTR_RUNTIME", "java")
     with pytest.raises(ValueError, match="DTR_RUNTIME"):
         dtr.budget(None)
-    with pytest.raises(ValueError, match="native policies"):
-        dtr.budget(None, policy=lambda e, p, now: 0.0, runtime="cpp")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a device with no counting allocator")
@@ -222,3 +228,430 @@ def test_a_device_whose_allocator_keeps_no_count_is_refused_clearly():
     for device in ("cuda:0", "meta:0"):
         with pytest.raises(dtr.DTRError, match="keeps no count of its bytes"):
             rt.use_device_allocator(device)
+
+
+# --- Escapes: Note [Escapes of C++ wrappers] in csrc/escapes.h ---------------------------
+
+def _storage_bytes(t):
+    return bytes(t.untyped_storage())[t.storage_offset() * t.element_size():][:t.nbytes]
+
+
+def _escape(kind, t):
+    """What escape `kind` gives for t, as something comparable across runs."""
+    if kind == "repr":
+        return repr(t)
+    if kind == "print":
+        buf = io.StringIO()
+        print(t, file=buf)
+        return buf.getvalue()
+    if kind == "tolist":
+        return t.tolist()
+    if kind == "numpy":
+        return t.numpy().tobytes()
+    if kind == "array":
+        return np.asarray(t).tobytes()
+    if kind == "data_ptr":
+        # The address of the value's memory: read it back through a plain view of it.
+        ptr = t.data_ptr()
+        assert ptr == t.data_ptr() and ptr == dtr.unwrap(t).data_ptr()
+        return bytes(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)),
+                                           shape=(t.nbytes,)))
+    if kind == "untyped_storage":
+        return _storage_bytes(t)
+    if kind == "dlpack":
+        return torch.from_dlpack(t).numpy().tobytes()
+    if kind == "torch.save":
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        buf.seek(0)
+        loaded = torch.load(buf)
+        assert not dtr.is_dtr_tensor(loaded)
+        return loaded.numpy().tobytes()
+    if kind == "pickle":
+        loaded = pickle.loads(pickle.dumps(t))
+        assert not dtr.is_dtr_tensor(loaded)
+        return loaded.numpy().tobytes()
+    if kind == "deepcopy":
+        c = copy.deepcopy(t)
+        assert not dtr.is_dtr_tensor(c) and c.data_ptr() != dtr.unwrap(t).data_ptr()
+        return c.numpy().tobytes()
+    if kind == "copy":
+        c = copy.copy(t)
+        assert not dtr.is_dtr_tensor(c)
+        return c.numpy().tobytes()
+    raise AssertionError(kind)
+
+
+ESCAPES = ["repr", "print", "tolist", "numpy", "array", "data_ptr", "untyped_storage", "dlpack",
+           "torch.save", "pickle", "deepcopy", "copy"]
+
+
+def _expected(kind, ref):
+    got = _escape(kind, ref)
+    if kind == "repr":
+        return f"DTRTensor({got})"
+    if kind == "print":
+        return f"DTRTensor({got.rstrip()})\n"
+    return got
+
+
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_escape_gives_eager_value_and_the_tensor_keeps_working(kind):
+    x = torch.randn(4, 3)
+    ref = torch.tanh(x)[:, 1:] * 3  # a view, so that offsets and strides matter
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = torch.tanh(x)[:, 1:] * 3  # evicted as soon as it is made
+        assert _escape(kind, y) == _expected(kind, ref)
+        z = y * 2 + 1  # the escaped tensor still works in later ops
+        s.runtime.evict_everything()
+        assert torch.equal(dtr.unwrap(z), ref * 2 + 1)
+        assert _escape(kind, y) == _expected(kind, ref)
+    # After the block: the same value, and ops on it still run through its session.
+    assert _escape(kind, y) == _expected(kind, ref)
+    s.runtime.evict_everything()
+    assert torch.equal(dtr.unwrap(y.exp()), ref.exp())
+    assert torch.equal(dtr.unwrap(y), ref)
+
+
+@pytest.mark.parametrize("kind", ["repr", "tolist", "numpy", "data_ptr", "torch.save", "deepcopy"])
+def test_escape_of_an_evicted_value_in_the_block_does_not_wrap_its_own_work(kind):
+    # repr and deepcopy run torch ops on the escaped value: they must not become values of
+    # the open block (no new records, plain results).
+    x = torch.randn(6)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x.sin() * 2
+        ops = s.stats.ops
+        _escape(kind, y)
+        assert s.stats.ops == ops
+
+
+def test_escaped_values_are_pinned_and_stay_valid():
+    x = torch.randn(64)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x * 2
+        arr = y.numpy()  # shares the value's memory
+        ptr = y.data_ptr()
+        for _ in range(3):
+            s.runtime.evict_everything()
+            y = y + 0  # noqa: PLW2901 - more ops, more evictions
+    assert torch.equal(torch.from_numpy(arr), x * 2)
+    assert ptr == arr.ctypes.data
+
+
+def test_escapes_keep_requires_grad_as_for_plain_tensors():
+    w = torch.randn(3, requires_grad=True)
+    with dtr.budget(None, runtime="cpp"):
+        y = w * 2
+        leaf = (w * 3).detach().requires_grad_()
+    assert dtr.is_dtr_tensor(y) and dtr.is_dtr_tensor(leaf)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        y.numpy()
+    assert np.array_equal(y.numpy(force=True), (w * 2).detach().numpy())
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(y)
+    c = copy.deepcopy(leaf)
+    assert c.requires_grad and c.is_leaf and torch.equal(c, (w * 3).detach())
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert loaded.requires_grad and torch.equal(loaded.detach(), (w * 2).detach())
+    assert "grad_fn=<MulBackward0>" in repr(y) and "requires_grad=True" in repr(leaf)
+
+
+def test_deepcopy_of_a_module_holding_wrappers_keeps_aliasing():
+    x = torch.randn(4, 4)
+    with dtr.budget(None, runtime="cpp"):
+        y = x * 2
+        v = y[1:]
+    a, b = copy.deepcopy([y, v])
+    assert not dtr.is_dtr_tensor(a) and torch.equal(a, x * 2) and torch.equal(b, (x * 2)[1:])
+    a.add_(1)  # the copies share one storage, as deep copies of a plain tensor and its view do
+    assert torch.equal(b, (x * 2)[1:] + 1)
+
+
+def _plain_results(name, t):
+    if name == "__repr__":
+        return repr(t)
+    if name == "__reduce_ex__":
+        return pickle.dumps(t, protocol=2)
+    if name == "__deepcopy__":
+        c = copy.deepcopy(t)
+        return (type(c), c.requires_grad, c.tolist())
+    if name == "untyped_storage":
+        s = t.untyped_storage()
+        return (type(s), s.data_ptr(), s.nbytes())
+    if name == "numpy":
+        return t.detach().numpy().tobytes()
+    if name == "__dlpack__":
+        return torch.from_dlpack(t.detach()).tolist()
+    return getattr(t, name)()
+
+
+def test_plain_tensors_get_torchs_own_methods():
+    with dtr.budget(None, runtime="cpp"):
+        pass  # installs the escape methods
+    from dtr.tensor import TORCH_METHODS
+
+    assert dtr.tensor.TORCH_METHODS["tolist"] is torch._C.TensorBase.tolist
+    p = torch.nn.Parameter(torch.randn(2, 3))
+    cases = [torch.randn(3, 2), torch.arange(6).view(2, 3).t(), torch.randn(2, requires_grad=True), p,
+             torch.tensor(1.5)]
+    for t in cases:
+        for name, original in TORCH_METHODS.items():
+            assert type(torch.Tensor.__dict__[name]).__name__ == "method_descriptor"
+            now = _plain_results(name, t)
+            with _originals():
+                before = _plain_results(name, t)
+            assert now == before, (name, t)
+    # Errors are torch's own too.
+    with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
+        torch.randn(2, requires_grad=True).numpy()
+    with pytest.raises(TypeError):
+        torch.randn(2).tolist(1)
+    # A plain tensor printed inside a block, as before.
+    with dtr.budget(None, runtime="cpp"):
+        assert repr(torch.ones(2)) == "tensor([1., 1.])"
+
+
+class _originals:
+    """Puts torch's own methods back for the duration (the baseline of the test above)."""
+
+    def __enter__(self):
+        from dtr.tensor import TORCH_METHODS
+
+        self.saved = {name: torch.Tensor.__dict__[name] for name in TORCH_METHODS}
+        for name, original in TORCH_METHODS.items():
+            setattr(torch.Tensor, name, original)
+
+    def __exit__(self, *exc):
+        for name, m in self.saved.items():
+            setattr(torch.Tensor, name, m)
+
+
+# --- Policies given as Python callables: Note [Policies written in Python] in csrc/pool.h ----
+
+def _mlp_peak():
+    return step_room(train("mlp", lambda: dtr.budget(None, runtime="cpp")))
+
+
+def _chain(policy, room):
+    """Loss and gradients of a chain of 128 KiB activations under a budget of ``room`` bytes
+    above what is in use, and the session's (evictions, rematerializations). Its tensors are
+    large against the few KiB the rest of the process allocates, so the decisions of two
+    runs do not depend on that."""
+    torch.manual_seed(0)
+    ws = [torch.randn(128, 128, requires_grad=True) for _ in range(6)]
+    x = torch.randn(256, 128)
+    gc.collect()
+    base = live_bytes()
+    with dtr.budget(budget_above(room) if room else None, policy=policy, runtime="cpp") as s:
+        h = x
+        for w in ws:
+            h = torch.tanh(h @ w)
+        loss = h.pow(2).sum()
+        loss.backward()
+        loss = dtr.unwrap(loss).clone()
+    return [loss] + [w.grad for w in ws], (s.stats.evictions, s.stats.rematerializations), \
+        s.stats.peak_bytes - base
+
+
+# (Not "random" with sampling: the C++ pool samples with its generator, the callable draws
+# from the view's, while PythonPool draws both from one.)
+@pytest.mark.parametrize("policy,sample", [(p, s) for p in test_pool.POLICIES for s in (None, 8)
+                                           if not (p == "random" and s)])
+def test_a_python_policy_on_the_cpp_pool_makes_the_python_pools_decisions(policy, sample):
+    # The scores of dtr/policies.py given as callables: called by the C++ pool on its
+    # snapshot (entries, neighbours, dtr_eq's classes, the plan clock) they choose what
+    # PythonPool chooses with them, and what the native C++ policy chooses, on random
+    # workloads (the runtime's costs are measured times, so only the pool is deterministic).
+    score = dtr.policies.get(policy)
+
+    def in_python(e, pool, now):
+        return score(e, pool, now)
+
+    search = dtr.SearchOptions(sample_above=sample, min_evictable_fraction=0.3 if sample else 0.0,
+                               seed=1)
+    from dtr.cpp_pool import CppPool
+
+    pools = (dtr.policies.PythonPool(in_python, search), CppPool(in_python, search))
+    expected, got = test_pool._random_workload(None, None, 1, pools=pools)
+    assert sum(v is not None for v in got) > 50
+    assert got == expected
+    native, _ = test_pool._random_workload(policy, search, 1)
+    assert got == native
+
+
+@pytest.mark.parametrize("name", ["lru", "largest"])
+def test_a_python_policy_runs_the_cpp_runtime_exactly(name):
+    # On the runtime, decisions also depend on measured costs; these two policies read
+    # none, so the native policy and the same score in Python evict alike.
+    eager, _, peak = _chain("dtr_eq", None)
+    room = 0.7 * peak
+    score = dtr.policies.get(name)
+    calls = []
+
+    def in_python(e, pool, now):
+        calls.append(e.sid)
+        return score(e, pool, now)
+
+    native, native_counts, _ = _chain(name, room)
+    python, python_counts, _ = _chain(in_python, room)
+    for a, b, c in zip(eager, native, python):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert native_counts == python_counts and python_counts[0] > 0
+    assert len(calls) >= python_counts[0]
+
+
+def test_a_python_policy_is_called_only_when_a_victim_is_chosen():
+    calls = []
+
+    def policy(e, pool, now):
+        calls.append(now)
+        return -e.nbytes
+
+    x = torch.randn(16, 16)
+    with dtr.budget(None, policy=policy, runtime="cpp") as s:
+        for _ in range(50):
+            x = torch.tanh(x) * 1.5
+    assert s.stats.ops > 0 and calls == []  # no search, no call
+    assert s.stats.policy == "policy"
+    _, _, peak = _chain("dtr_eq", None)
+    _, (evictions, _), _ = _chain(policy, 0.7 * peak)
+    searches = len(set(calls))  # one call per search: every score of a search has its `now`
+    assert 0 < searches <= evictions
+
+
+class _PolicyFailed(Exception):
+    pass
+
+
+def test_an_exception_from_a_python_policy_surfaces_and_leaves_the_runtime_usable():
+    failures = [1]
+
+    def flaky(e, pool, now):
+        if failures:
+            failures.pop()
+            raise _PolicyFailed("no idea")
+        return e.cost / e.nbytes
+
+    x = torch.randn(64, 64)
+    refs = [x * i for i in range(5)]
+    with dtr.budget(budget_above(5 * 64 * 64 * 4), policy=flaky, runtime="cpp") as s:
+        ys = [x * i for i in range(4)]
+        with pytest.raises(_PolicyFailed, match="no idea"):
+            ys.append(x * 4)  # needs room: the search calls the policy, which raises
+        # The runtime's lock was released and nothing was half done: another thread can run
+        # ops on the same runtime, and the values are exact.
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.equal(ys[1] + ys[2], refs[1] + refs[2])))
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive() and out == [True]
+        ys.append(x * 4)
+    for y, ref in zip(ys, refs):
+        assert torch.equal(y, ref)  # (unwrap would pin each: the budget still holds after the block)
+    assert len(ys) == 5 and s.stats.evictions > 0
+
+
+def test_an_exception_from_a_python_policy_in_backward_surfaces():
+    in_backward = []
+
+    def broken_in_backward(e, pool, now):
+        if in_backward:
+            raise _PolicyFailed("in backward")
+        return e.cost / e.nbytes
+
+    room = 0.6 * _mlp_peak()
+    model, data = __import__("models").make("mlp", 0)
+    with dtr.budget(budget_above(room), policy=broken_in_backward, runtime="cpp") as s:
+        loss = model(*data[0])
+        in_backward.append(True)
+        with pytest.raises(_PolicyFailed, match="in backward"):
+            loss.backward()  # the search runs inside autograd's engine
+    assert s.stats.evictions > 0
+
+
+def test_a_python_policy_returning_a_non_number_is_a_clear_dtr_error():
+    x = torch.randn(64, 64)
+    with dtr.budget(budget_above(3 * 64 * 64 * 4), policy=lambda e, pool, now: None,
+                    runtime="cpp"):
+        ys = [x * 1, x * 2]
+        with pytest.raises(dtr.DTRError, match=r"eviction policy .*<lambda>.* returned None"):
+            ys.append(x * 3)
+            ys.append(x * 4)
+
+
+def test_the_pool_a_python_policy_sees_is_valid_only_during_the_call():
+    kept = []
+
+    def keep(e, pool, now):
+        kept.append((e, pool, dict(pool.entries), pool.candidates, pool.candidate_bytes))
+        return e.last_access
+
+    x = torch.randn(64, 64)
+    with dtr.budget(budget_above(3 * 64 * 64 * 4), policy=keep, runtime="cpp"):
+        ys = [x * i for i in range(6)]
+    assert kept
+    e, pool, entries, candidates, candidate_bytes = kept[0]
+    assert isinstance(e, dtr.policies.Entry) and e.sid in entries and e.sid in candidates
+    assert candidate_bytes >= e.nbytes > 0 and e.resident and e.locks == 0
+    with pytest.raises(dtr.DTRError, match="only during the call"):
+        pool.candidates
+    with pytest.raises(dtr.DTRError, match="only during the call"):
+        pool.entries[e.sid + 1]
+    for i, y in enumerate(ys):
+        assert torch.equal(y, x * i)
+
+
+def test_python_policies_with_threads_do_not_deadlock():
+    # Note [The GIL under the runtime's lock]: the search takes the GIL under the runtime's
+    # lock while other threads run ops on the same runtime (their ops release the GIL).
+    errors = []
+    kept = {k: [] for k in range(4)}  # all alive at the end, so that the budget needs evictions
+    x = torch.randn(32, 32)
+
+    def policy(e, pool, now):
+        return e.cost / e.nbytes
+
+    with dtr.budget(budget_above(40 * 32 * 32 * 4), policy=policy, runtime="cpp") as s:
+        base = [x * i for i in range(8)]
+
+        def work(k):
+            try:
+                for j in range(30):
+                    kept[k].append(torch.tanh(base[k] + j))
+                    assert torch.equal(kept[k][-1], torch.tanh(x * k + j))
+                for j, y in enumerate(kept[k]):
+                    assert torch.equal(y, torch.tanh(x * k + j))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors, errors
+    assert s.stats.evictions > 0
+
+
+def test_item_backward_and_step_after_the_block_match_eager():
+    def step(ctx):
+        torch.manual_seed(0)
+        m = _mlp()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        x = torch.randn(16, 8)
+        with ctx():
+            loss = torch.nn.functional.dropout(m(x), 0.2).pow(2).mean()
+        value, text = loss.item(), repr(loss.detach())
+        loss.backward()
+        opt.step()  # (reading loss now would raise StaleInputError: its inputs changed)
+        return value, text, [p.detach().clone() for p in m.parameters()]
+
+    v0, r0, p0 = step(contextlib.nullcontext)
+    v1, r1, p1 = step(lambda: dtr.testing.evict_everything(runtime="cpp"))
+    assert v0 == v1 and r1 == f"DTRTensor({r0})"
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b) and not dtr.is_dtr_tensor(b)
