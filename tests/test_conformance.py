@@ -58,8 +58,8 @@ class SparseMM(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("a", (torch.randn(64, 64) * (torch.rand(64, 64) > 0.8)).to_sparse_csr())
-        self.register_buffer("b", (torch.randn(64, 6) * (torch.rand(64, 6) > 0.5)).to_sparse_csr())
+        self.register_buffer("a", (torch.randn(16, 16) * (torch.rand(16, 16) > 0.8)).to_sparse_csr())
+        self.register_buffer("b", (torch.randn(16, 6) * (torch.rand(16, 6) > 0.5)).to_sparse_csr())
         self.w = nn.Parameter(torch.randn(6, 6))
 
     def forward(self, x):
@@ -72,32 +72,32 @@ def _modules():
     lin = lambda i, o: nn.Linear(i, o)  # noqa: E731
     cases = {
         "gru_unbatched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                          (600, 4)),
+                          (2, 4)),
         "rnn_unbatched": (lambda: Seq(nn.RNN(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                          (600, 4)),
-        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 300, 4)),
+                          (3, 4)),
+        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 2, 4)),
         "lstm_unbatched": (lambda: Seq(nn.LSTM(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                           (600, 4)),
-        "stft": (lambda: Seq(STFT(), lin(64, 64)), (64, 64)),
-        "linear_cross_entropy": (lambda: Seq(LCE(), lin(8, 12)), (600, 8)),
+                           (3, 4)),
+        "stft": (lambda: Seq(STFT(), lin(40, 40)), (2, 40)),
+        "linear_cross_entropy": (lambda: Seq(LCE(), lin(8, 12)), (8, 8)),
         "linear_cross_entropy_chunked": (
-            lambda: Seq(LCE(options=nn.LinearCrossEntropyOptions(batch_chunk_size=2)), lin(8, 12)), (600, 8)),
+            lambda: Seq(LCE(options=nn.LinearCrossEntropyOptions(batch_chunk_size=2)), lin(8, 12)), (8, 8)),
         "instance_norm1d": (lambda: Seq(nn.InstanceNorm1d(3, track_running_stats=True, affine=True),
-                                        nn.Conv1d(2, 3, 3)), (8, 2, 200)),
+                                        nn.Conv1d(2, 3, 3)), (2, 2, 24)),
         "instance_norm2d": (lambda: Seq(nn.InstanceNorm2d(3, track_running_stats=True),
-                                        nn.Conv2d(2, 3, 3)), (8, 2, 16, 16)),
+                                        nn.Conv2d(2, 3, 3)), (2, 2, 8, 8)),
         "instance_norm3d": (lambda: Seq(nn.InstanceNorm3d(3, track_running_stats=True, affine=True),
-                                        nn.Conv3d(2, 3, 2)), (8, 2, 7, 7, 7)),
-        "lazy_linear": (lambda: Seq(nn.LazyLinear(5), lin(3, 3)), (600, 3)),
-        "lazy_conv1d": (lambda: Seq(nn.LazyConv1d(4, 3), nn.Conv1d(2, 3, 1)), (8, 2, 200)),
-        "lazy_conv2d": (lambda: Seq(nn.LazyConv2d(4, 3), nn.Conv2d(2, 3, 1)), (8, 2, 16, 16)),
-        "lazy_conv3d": (lambda: Seq(nn.LazyConv3d(4, 2), nn.Conv3d(2, 3, 1)), (8, 2, 7, 7, 7)),
-        "lazy_conv_transpose1d": (lambda: Seq(nn.LazyConvTranspose1d(4, 3), nn.Conv1d(2, 3, 1)), (8, 2, 200)),
+                                        nn.Conv3d(2, 3, 2)), (2, 2, 5, 5, 5)),
+        "lazy_linear": (lambda: Seq(nn.LazyLinear(5), lin(3, 3)), (8, 3)),
+        "lazy_conv1d": (lambda: Seq(nn.LazyConv1d(4, 3), nn.Conv1d(2, 3, 1)), (2, 2, 24)),
+        "lazy_conv2d": (lambda: Seq(nn.LazyConv2d(4, 3), nn.Conv2d(2, 3, 1)), (2, 2, 8, 8)),
+        "lazy_conv3d": (lambda: Seq(nn.LazyConv3d(4, 2), nn.Conv3d(2, 3, 1)), (2, 2, 5, 5, 5)),
+        "lazy_conv_transpose1d": (lambda: Seq(nn.LazyConvTranspose1d(4, 3), nn.Conv1d(2, 3, 1)), (2, 2, 24)),
         "lazy_conv_transpose2d": (lambda: Seq(nn.LazyConvTranspose2d(4, 3), nn.Conv2d(2, 3, 1)),
-                                  (8, 2, 14, 14)),
+                                  (2, 2, 6, 6)),
         "lazy_conv_transpose3d": (lambda: Seq(nn.LazyConvTranspose3d(4, 2), nn.Conv3d(2, 3, 1)),
-                                  (8, 2, 6, 6, 6)),
-        "sparse_csr": (lambda: Seq(SparseMM(), lin(6, 6)), (64, 6)),
+                                  (2, 2, 4, 4, 4)),
+        "sparse_csr": (lambda: Seq(SparseMM(), lin(6, 6)), (16, 6)),
     }
     return cases
 
@@ -150,8 +150,6 @@ def _assert_same(a, b):
             assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.skipif(os.environ.get("DTR_CONFORMANCE_FULL") != "1",
-                    reason="minutes per module: run with DTR_CONFORMANCE_FULL=1 (docs/conformance.md)")
 @pytest.mark.parametrize("name", list(MODULES))
 def test_module_trains_bit_identically(name):
     make, shape = MODULES[name]
@@ -451,3 +449,20 @@ def test_sparse_output_of_a_dtr_tensor_is_plain():
         sp = y.to_sparse()
         assert type(sp) is torch.Tensor and sp.layout == torch.sparse_coo
         assert torch.equal(sp.to_dense(), x * (x > 0))
+
+
+# ----------------------------------------------------------------------------
+# Efficient zero tensors (autograd's known-zero gradients)
+# ----------------------------------------------------------------------------
+def test_efficient_zero_tensor_gradient_read_in_the_block():
+    # sgn's gradient of a real input is an efficient zero tensor: a storage with no data,
+    # whose data_ptr raises. Ops reading it inside the block must not ask for its address.
+    x = torch.randn(4, 5, requires_grad=True)
+    with evict_everything():
+        y = torch.sgn(x * 2)
+        (g,) = torch.autograd.grad(y, x, torch.ones(4, 5))
+        assert dtr.unwrap(g)._is_zerotensor()
+        z = (g.clone() + x).sum()
+        w = (g * x).sum()
+        assert torch.equal(dtr.unwrap(z), x.detach().sum())
+        assert torch.equal(dtr.unwrap(w), torch.zeros(()))
