@@ -1,7 +1,6 @@
 """Standard modules that once failed under dtr, trained against eager bit for bit, and a
 test for each mechanism that fixed them (docs/design.md, "Corner cases")."""
 import contextlib
-import os
 import copy
 
 import pytest
@@ -11,6 +10,7 @@ from torch.utils._mode_utils import no_dispatch
 
 import dtr
 from dtr.testing import evict_everything
+from harness import budget_above, live_bytes
 
 
 # ----------------------------------------------------------------------------
@@ -26,6 +26,8 @@ class Seq(nn.Module):
     def forward(self, x):
         if self.pre is not None:
             x = self.pre(x)
+        for _ in range(3):  # activations the size of the input (a scalar loss has no others)
+            x = torch.tanh(x) * 1.5
         y = self.inner(x)
         if isinstance(y, tuple):
             y = y[0]
@@ -34,7 +36,10 @@ class Seq(nn.Module):
         if y.dim() == 0:
             return y
         y = y.abs() if y.is_complex() else y
-        for _ in range(4):  # activations the size of the output, for a budget to evict
+        # Activations 4x the output's size, more than a convolution's scratch, so that a
+        # budget above the largest op's working set still has values to evict.
+        y = y.unsqueeze(0).expand(4, *y.shape) * 1.5
+        for _ in range(4):
             y = torch.tanh(y) * 1.5
         return y.pow(2).mean()
 
@@ -75,7 +80,7 @@ def _modules():
                           (2, 4)),
         "rnn_unbatched": (lambda: Seq(nn.RNN(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
                           (3, 4)),
-        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 2, 4)),
+        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 1, 4)),
         "lstm_unbatched": (lambda: Seq(nn.LSTM(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
                            (3, 4)),
         "stft": (lambda: Seq(STFT(), lin(40, 40)), (2, 40)),
@@ -105,14 +110,15 @@ def _modules():
 MODULES = _modules()
 
 
-def _train(make, shape, ctx, steps=3):
+def _train(make, shape, ctx, steps=2):
     torch.manual_seed(0)
     model = make()
     xs = [torch.randn(shape) for _ in range(steps)]
     torch.manual_seed(1)
     opt = None
-    losses, grads, sessions = [], [], []
+    losses, grads, sessions, bases = [], [], [], []
     for x in xs:
+        bases.append(live_bytes())
         with ctx() as s:
             loss = model(x)
             if opt is None:  # lazy modules have their parameters only after the first call
@@ -126,7 +132,7 @@ def _train(make, shape, ctx, steps=3):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt_state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
                  for p in model.parameters()]
-    return losses, grads, state, opt_state, sessions
+    return losses, grads, state, opt_state, sessions, bases
 
 
 def _assert_same(a, b):
@@ -150,26 +156,46 @@ def _assert_same(a, b):
             assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.fixture
+def one_thread():
+    # These modules' kernels are tiny; with two OpenMP threads on a loaded 2-core machine
+    # each call waits on the other thread (10x slower: 9 s vs 0.9 s for one step of
+    # lazy_conv_transpose3d under evict_everything). Eager and dtr run with the same setting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", list(MODULES))
-def test_module_trains_bit_identically(name):
+def test_module_trains_bit_identically(name, one_thread):
     make, shape = MODULES[name]
-    eager = _train(make, shape, contextlib.nullcontext, steps=2)
-    _assert_same(eager, _train(make, shape, evict_everything, steps=2))
-    # A tight budget: from half of what the steps track with no limit, raised past each
-    # infeasible one (an op's working set on top of the parameters is the floor).
-    free = _train(make, shape, lambda: dtr.budget(None), steps=2)
-    peak = max(s.stats.peak_bytes for s in free[4])
-    limit = peak * 7 // 8
-    for _ in range(3):
+    eager = _train(make, shape, contextlib.nullcontext)
+    _assert_same(eager, _train(make, shape, evict_everything))
+    # A tight budget: each step's block gets half of the room above what is in use as it
+    # opens that the step used with no limit (the budget bounds all of the device's tensor
+    # memory: parameters, Adam's state and these tests' own results count), raised by what
+    # the error says is missing until feasible (an op's working set is the floor).
+    free = _train(make, shape, lambda: dtr.budget(None))
+    room = max(s.stats.peak_bytes - b for s, b in zip(free[4], free[5]))
+    extra, limits = room // 2, []
+
+    def tight_block():
+        limits.append(budget_above(extra))
+        return dtr.budget(limits[-1])
+
+    # (The unlimited run's peak does not reserve kernel scratch, so the floor can lie above
+    # the room it measured: convolution_backward's scratch here.)
+    for _ in range(8):
         try:
-            tight = _train(make, shape, lambda: dtr.budget(limit), steps=2)
+            tight = _train(make, shape, tight_block)
             break
         except dtr.BudgetExceededError as e:
-            limit = max(e.smallest_feasible_bytes, limit) * 9 // 8
+            extra += max(e.smallest_feasible_bytes - limits[-1], 0) + room // 16
     else:
-        pytest.fail(f"no feasible budget up to {limit} bytes (peak {peak})")
+        pytest.fail(f"no feasible budget within 8 tries ({extra} bytes above use, room {room})")
     _assert_same(eager, tight)
-    assert sum(s.stats.evictions for s in tight[4]) > 0, (limit, peak)
+    assert sum(s.stats.evictions for s in tight[4]) > 0, (extra, room)
 
 
 # ----------------------------------------------------------------------------
