@@ -45,7 +45,9 @@ def exact_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _key(t: torch.Tensor):
-    if t.layout != torch.strided:
+    # An efficient zero tensor (autograd's gradient where a formula knows it is zero, e.g.
+    # sgn's of a real input) has a storage without data and cannot be written: no key.
+    if t.layout != torch.strided or t._is_zerotensor():
         return None
     p = t.untyped_storage().data_ptr()
     return (p, t.device.type, t.device.index) if p else None

@@ -250,6 +250,8 @@ class Runtime:
             for part in _sparse_parts(t):
                 self.count_plain(part)
             return
+        if t._is_zerotensor():  # an efficient zero tensor holds no memory (its storage has no data)
+            return
         if self.device is None:
             self.bind_device(t.device)
         if not self.models_memory:
@@ -1162,17 +1164,23 @@ def _alias_map(info, outs, vals, cells) -> List[Optional[int]]:
     ptrs = {}
     for i, (c, v) in enumerate(zip(cells, vals)):
         if c is not None and isinstance(v, torch.Tensor):
-            p = v.untyped_storage().data_ptr() if v.layout is torch.strided else 0
+            p = _data_ptr(v)
             if p:
                 ptrs.setdefault(p, i)
     for k, o in enumerate(outs):
         if isinstance(o, torch.Tensor):
-            if o.layout is not torch.strided:
-                continue
-            p = o.untyped_storage().data_ptr()
+            p = _data_ptr(o)
             if p and p in ptrs:
                 res[k] = ptrs[p]
     return res
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage; 0 for tensors without one of their own (sparse, and
+    efficient zero tensors, whose storage has no data and refuses data_ptr)."""
+    if t.layout is not torch.strided or t._is_zerotensor():
+        return 0
+    return t.untyped_storage().data_ptr()
 
 
 def _renumber(a, src: int):

@@ -154,13 +154,38 @@ def check_sample(op, i, sample, kind) -> Result:
         msg = str(e).splitlines()[0][:300] if str(e) else ""
         return Result(name, i, kind, "fail", f"{type(e).__name__}{where}: {msg}")
     del junk
+    if _same(first[0], got[0]) and _same(first[1], got[1]):
+        return Result(name, i, kind, "pass")
+    if _eager_varies(run, first):
+        return Result(name, i, kind, "excluded", "eager is not reproducible in other memory")
     if not _same(first[0], got[0]):
         return Result(name, i, kind, "fail", "values differ from eager" + _subclass_path(run, got))
-    if not _same(first[1], got[1]):
-        return Result(name, i, kind, "fail",
-                      ("input gradients differ from eager" if kind == "fn"
-                       else "mutated input differs from eager") + _subclass_path(run, got))
-    return Result(name, i, kind, "pass")
+    return Result(name, i, kind, "fail",
+                  ("input gradients differ from eager" if kind == "fn"
+                   else "mutated input differs from eager") + _subclass_path(run, got))
+
+
+def _eager_varies(run, first, tries: int = 6) -> bool:
+    """Whether eager, run again with its buffers elsewhere, ever differs from its first run.
+
+    Two eager runs can agree by chance where a kernel's result depends on where its buffers
+    lie (LAPACK's gelsy in linalg.lstsq: its blocked QR takes other paths for other
+    alignments), so a sample that differs under dtr gets more eager runs, each after
+    allocations of another size, before it counts as a failure.
+    """
+    for k in range(tries):
+        junk = [torch.empty(1 + 7 * k, dtype=torch.uint8) for _ in range(k + 1)]
+        try:
+            again = run()
+        except Exception:
+            return True
+        if not _same(first, again):
+            return True
+        del junk
+    return False
+
+
+SUBCLASS_PATH_TAG = " (as eager under a pass-through dispatch mode: PyTorch's subclass path)"
 
 
 class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
@@ -175,7 +200,7 @@ def _subclass_path(run, got) -> str:
         with _PassThrough():
             moded = run()
         if _same(moded, got):
-            return " (as eager under a pass-through dispatch mode: PyTorch's subclass path)"
+            return SUBCLASS_PATH_TAG
     except Exception:
         pass
     return ""
@@ -211,6 +236,8 @@ def selected_ops(stride: int = 1, offset: int = 0, names=None):
 def summarize(results: List[Result], seconds: float, stride: int) -> dict:
     counted = [r for r in results if r.status in ("pass", "fail")]
     fails = [r for r in results if r.status == "fail"]
+    subclass = [r for r in fails if SUBCLASS_PATH_TAG in r.detail]
+    own = len(counted) - len(subclass)
     return {
         "torch": torch.__version__,
         "stride": stride,
@@ -219,6 +246,10 @@ def summarize(results: List[Result], seconds: float, stride: int) -> dict:
         "passed": len(counted) - len(fails),
         "failed": len(fails),
         "pass_rate": (len(counted) - len(fails)) / len(counted) if counted else 1.0,
+        # Failures where eager under a do-nothing dispatch mode gives dtr's bits exactly
+        # (docs/conformance.md, "PyTorch's subclass path"), and the rate of the rest.
+        "subclass_path": len(subclass),
+        "pass_rate_outside_subclass_path": (own - (len(fails) - len(subclass))) / own if own else 1.0,
         "excluded": [f"{r.op}[{r.sample}] {r.kind}: {r.detail}" for r in results
                      if r.status == "excluded"],
         "eager_refused": sum(1 for r in results if r.status == "skip"),

@@ -1,7 +1,6 @@
 """Standard modules that once failed under dtr, trained against eager bit for bit, and a
 test for each mechanism that fixed them (docs/design.md, "Corner cases")."""
 import contextlib
-import os
 import copy
 
 import pytest
@@ -11,6 +10,7 @@ from torch.utils._mode_utils import no_dispatch
 
 import dtr
 from dtr.testing import evict_everything
+from harness import budget_above, live_bytes
 
 
 # ----------------------------------------------------------------------------
@@ -26,6 +26,8 @@ class Seq(nn.Module):
     def forward(self, x):
         if self.pre is not None:
             x = self.pre(x)
+        for _ in range(3):  # activations the size of the input (a scalar loss has no others)
+            x = torch.tanh(x) * 1.5
         y = self.inner(x)
         if isinstance(y, tuple):
             y = y[0]
@@ -34,7 +36,10 @@ class Seq(nn.Module):
         if y.dim() == 0:
             return y
         y = y.abs() if y.is_complex() else y
-        for _ in range(4):  # activations the size of the output, for a budget to evict
+        # Activations 4x the output's size, more than a convolution's scratch, so that a
+        # budget above the largest op's working set still has values to evict.
+        y = y.unsqueeze(0).expand(4, *y.shape) * 1.5
+        for _ in range(4):
             y = torch.tanh(y) * 1.5
         return y.pow(2).mean()
 
@@ -58,8 +63,8 @@ class SparseMM(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("a", (torch.randn(64, 64) * (torch.rand(64, 64) > 0.8)).to_sparse_csr())
-        self.register_buffer("b", (torch.randn(64, 6) * (torch.rand(64, 6) > 0.5)).to_sparse_csr())
+        self.register_buffer("a", (torch.randn(16, 16) * (torch.rand(16, 16) > 0.8)).to_sparse_csr())
+        self.register_buffer("b", (torch.randn(16, 6) * (torch.rand(16, 6) > 0.5)).to_sparse_csr())
         self.w = nn.Parameter(torch.randn(6, 6))
 
     def forward(self, x):
@@ -72,32 +77,32 @@ def _modules():
     lin = lambda i, o: nn.Linear(i, o)  # noqa: E731
     cases = {
         "gru_unbatched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                          (600, 4)),
+                          (2, 4)),
         "rnn_unbatched": (lambda: Seq(nn.RNN(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                          (600, 4)),
-        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 300, 4)),
+                          (3, 4)),
+        "gru_batched": (lambda: Seq(nn.GRU(4, 5, num_layers=2, batch_first=True), lin(4, 4)), (2, 1, 4)),
         "lstm_unbatched": (lambda: Seq(nn.LSTM(4, 5, num_layers=2, bias=False, batch_first=True), lin(4, 4)),
-                           (600, 4)),
-        "stft": (lambda: Seq(STFT(), lin(64, 64)), (64, 64)),
-        "linear_cross_entropy": (lambda: Seq(LCE(), lin(8, 12)), (600, 8)),
+                           (3, 4)),
+        "stft": (lambda: Seq(STFT(), lin(40, 40)), (2, 40)),
+        "linear_cross_entropy": (lambda: Seq(LCE(), lin(8, 12)), (8, 8)),
         "linear_cross_entropy_chunked": (
-            lambda: Seq(LCE(options=nn.LinearCrossEntropyOptions(batch_chunk_size=2)), lin(8, 12)), (600, 8)),
+            lambda: Seq(LCE(options=nn.LinearCrossEntropyOptions(batch_chunk_size=2)), lin(8, 12)), (8, 8)),
         "instance_norm1d": (lambda: Seq(nn.InstanceNorm1d(3, track_running_stats=True, affine=True),
-                                        nn.Conv1d(2, 3, 3)), (8, 2, 200)),
+                                        nn.Conv1d(2, 3, 3)), (2, 2, 24)),
         "instance_norm2d": (lambda: Seq(nn.InstanceNorm2d(3, track_running_stats=True),
-                                        nn.Conv2d(2, 3, 3)), (8, 2, 16, 16)),
+                                        nn.Conv2d(2, 3, 3)), (2, 2, 8, 8)),
         "instance_norm3d": (lambda: Seq(nn.InstanceNorm3d(3, track_running_stats=True, affine=True),
-                                        nn.Conv3d(2, 3, 2)), (8, 2, 7, 7, 7)),
-        "lazy_linear": (lambda: Seq(nn.LazyLinear(5), lin(3, 3)), (600, 3)),
-        "lazy_conv1d": (lambda: Seq(nn.LazyConv1d(4, 3), nn.Conv1d(2, 3, 1)), (8, 2, 200)),
-        "lazy_conv2d": (lambda: Seq(nn.LazyConv2d(4, 3), nn.Conv2d(2, 3, 1)), (8, 2, 16, 16)),
-        "lazy_conv3d": (lambda: Seq(nn.LazyConv3d(4, 2), nn.Conv3d(2, 3, 1)), (8, 2, 7, 7, 7)),
-        "lazy_conv_transpose1d": (lambda: Seq(nn.LazyConvTranspose1d(4, 3), nn.Conv1d(2, 3, 1)), (8, 2, 200)),
+                                        nn.Conv3d(2, 3, 2)), (2, 2, 5, 5, 5)),
+        "lazy_linear": (lambda: Seq(nn.LazyLinear(5), lin(3, 3)), (8, 3)),
+        "lazy_conv1d": (lambda: Seq(nn.LazyConv1d(4, 3), nn.Conv1d(2, 3, 1)), (2, 2, 24)),
+        "lazy_conv2d": (lambda: Seq(nn.LazyConv2d(4, 3), nn.Conv2d(2, 3, 1)), (2, 2, 8, 8)),
+        "lazy_conv3d": (lambda: Seq(nn.LazyConv3d(4, 2), nn.Conv3d(2, 3, 1)), (2, 2, 5, 5, 5)),
+        "lazy_conv_transpose1d": (lambda: Seq(nn.LazyConvTranspose1d(4, 3), nn.Conv1d(2, 3, 1)), (2, 2, 24)),
         "lazy_conv_transpose2d": (lambda: Seq(nn.LazyConvTranspose2d(4, 3), nn.Conv2d(2, 3, 1)),
-                                  (8, 2, 14, 14)),
+                                  (2, 2, 6, 6)),
         "lazy_conv_transpose3d": (lambda: Seq(nn.LazyConvTranspose3d(4, 2), nn.Conv3d(2, 3, 1)),
-                                  (8, 2, 6, 6, 6)),
-        "sparse_csr": (lambda: Seq(SparseMM(), lin(6, 6)), (64, 6)),
+                                  (2, 2, 4, 4, 4)),
+        "sparse_csr": (lambda: Seq(SparseMM(), lin(6, 6)), (16, 6)),
     }
     return cases
 
@@ -105,14 +110,15 @@ def _modules():
 MODULES = _modules()
 
 
-def _train(make, shape, ctx, steps=3):
+def _train(make, shape, ctx, steps=2):
     torch.manual_seed(0)
     model = make()
     xs = [torch.randn(shape) for _ in range(steps)]
     torch.manual_seed(1)
     opt = None
-    losses, grads, sessions = [], [], []
+    losses, grads, sessions, bases = [], [], [], []
     for x in xs:
+        bases.append(live_bytes())
         with ctx() as s:
             loss = model(x)
             if opt is None:  # lazy modules have their parameters only after the first call
@@ -126,7 +132,7 @@ def _train(make, shape, ctx, steps=3):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt_state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
                  for p in model.parameters()]
-    return losses, grads, state, opt_state, sessions
+    return losses, grads, state, opt_state, sessions, bases
 
 
 def _assert_same(a, b):
@@ -150,28 +156,46 @@ def _assert_same(a, b):
             assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.skipif(os.environ.get("DTR_CONFORMANCE_FULL") != "1",
-                    reason="minutes per module: run with DTR_CONFORMANCE_FULL=1 (docs/conformance.md)")
+@pytest.fixture
+def one_thread():
+    # These modules' kernels are tiny; with two OpenMP threads on a loaded 2-core machine
+    # each call waits on the other thread (10x slower: 9 s vs 0.9 s for one step of
+    # lazy_conv_transpose3d under evict_everything). Eager and dtr run with the same setting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", list(MODULES))
-def test_module_trains_bit_identically(name):
+def test_module_trains_bit_identically(name, one_thread):
     make, shape = MODULES[name]
-    eager = _train(make, shape, contextlib.nullcontext, steps=2)
-    _assert_same(eager, _train(make, shape, evict_everything, steps=2))
-    # A tight budget: from half of what the steps track with no limit, raised past each
-    # infeasible one (an op's working set on top of the parameters is the floor).
-    free = _train(make, shape, lambda: dtr.budget(None), steps=2)
-    peak = max(s.stats.peak_bytes for s in free[4])
-    limit = peak * 7 // 8
-    for _ in range(3):
+    eager = _train(make, shape, contextlib.nullcontext)
+    _assert_same(eager, _train(make, shape, evict_everything))
+    # A tight budget: each step's block gets half of the room above what is in use as it
+    # opens that the step used with no limit (the budget bounds all of the device's tensor
+    # memory: parameters, Adam's state and these tests' own results count), raised by what
+    # the error says is missing until feasible (an op's working set is the floor).
+    free = _train(make, shape, lambda: dtr.budget(None))
+    room = max(s.stats.peak_bytes - b for s, b in zip(free[4], free[5]))
+    extra, limits = room // 2, []
+
+    def tight_block():
+        limits.append(budget_above(extra))
+        return dtr.budget(limits[-1])
+
+    # (The unlimited run's peak does not reserve kernel scratch, so the floor can lie above
+    # the room it measured: convolution_backward's scratch here.)
+    for _ in range(8):
         try:
-            tight = _train(make, shape, lambda: dtr.budget(limit), steps=2)
+            tight = _train(make, shape, tight_block)
             break
         except dtr.BudgetExceededError as e:
-            limit = max(e.smallest_feasible_bytes, limit) * 9 // 8
+            extra += max(e.smallest_feasible_bytes - limits[-1], 0) + room // 16
     else:
-        pytest.fail(f"no feasible budget up to {limit} bytes (peak {peak})")
+        pytest.fail(f"no feasible budget within 8 tries ({extra} bytes above use, room {room})")
     _assert_same(eager, tight)
-    assert sum(s.stats.evictions for s in tight[4]) > 0, (limit, peak)
+    assert sum(s.stats.evictions for s in tight[4]) > 0, (extra, room)
 
 
 # ----------------------------------------------------------------------------
@@ -451,3 +475,20 @@ def test_sparse_output_of_a_dtr_tensor_is_plain():
         sp = y.to_sparse()
         assert type(sp) is torch.Tensor and sp.layout == torch.sparse_coo
         assert torch.equal(sp.to_dense(), x * (x > 0))
+
+
+# ----------------------------------------------------------------------------
+# Efficient zero tensors (autograd's known-zero gradients)
+# ----------------------------------------------------------------------------
+def test_efficient_zero_tensor_gradient_read_in_the_block():
+    # sgn's gradient of a real input is an efficient zero tensor: a storage with no data,
+    # whose data_ptr raises. Ops reading it inside the block must not ask for its address.
+    x = torch.randn(4, 5, requires_grad=True)
+    with evict_everything():
+        y = torch.sgn(x * 2)
+        (g,) = torch.autograd.grad(y, x, torch.ones(4, 5))
+        assert dtr.unwrap(g)._is_zerotensor()
+        z = (g.clone() + x).sum()
+        w = (g * x).sum()
+        assert torch.equal(dtr.unwrap(z), x.detach().sum())
+        assert torch.equal(dtr.unwrap(w), torch.zeros(()))
