@@ -17,7 +17,7 @@ import torch
 
 from . import device_memory as _devmem
 from . import rng as _rng
-from .cost import estimate_from_bytes, perf_counter
+from .cost import estimate_op, perf_counter
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
 from . import hidden_writes as _hidden_writes
 from . import metadata_ops as _metadata_ops
@@ -864,7 +864,8 @@ class Runtime:
             _scratch.record(size_key, device, start)
         self.stats.op_seconds += cost
         if device is not None and device.type == "cuda":
-            cost = estimate_from_bytes(sum(v.nbytes for v in vals if v is not None))
+            # Note [Roofline cost] in dtr/cost.py: no sync to time the kernel.
+            cost = estimate_op(func, args, kwargs, vals, out, info.is_view)
         elif size_key is not None:
             # Note [Stable costs]
             # One wall-clock sample is noisy (a busy machine doubles it), and

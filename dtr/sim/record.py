@@ -19,7 +19,11 @@ The trace has the format of the DTR prototype's logs
 * an op that writes into its arguments (in-place and ``out=`` ops, from the
   schema's alias annotations, or a version counter bumped during the call) is
   a MUTATE naming the written arguments; if it also makes new outputs, a CALL
-  with time 0 follows for them. (``native_batch_norm``'s running statistics
+  with time 0 follows for them.
+* every CALL and MUTATE also carries FLOPS (torch's formula for the op, 0
+  where it has none), READ (bytes of its tensor arguments) and WRITE (bytes it
+  wrote), for replays scored with estimated costs (dtr/cost.py); a view op
+  reads and writes 0. (``native_batch_norm``'s running statistics
   are written without either sign at this dispatch level, so that write is
   not recorded; the statistics are constants anyway.)
 * when a recorded tensor object dies (a weakref finalizer), its handle is
@@ -39,6 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..cost import op_flops, tensor_bytes
 from .trace import Call, Constant, Mutate, Release, dumps_instr, Annotate
 
 __all__ = ["record", "Recorder"]
@@ -140,11 +145,17 @@ class Recorder(TorchDispatchMode):
             except Exception:
                 pass
         opname = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+        # For cost estimates (dtr/cost.py): a view op reads and writes nothing.
+        is_view = bool(getattr(func, "is_view", False))
+        flops = op_flops(func, args, kwargs, out)
+        read = 0 if is_view else tensor_bytes(tensors)
         if written:
             idx = tuple(k for k, t in enumerate(tensors) if id(t) in written)
             if idx:
-                self.instrs.append(Mutate(opname, tuple(names), idx, float(dt)))
+                wbytes = tensor_bytes(t for t in tensors if id(t) in written)
+                self.instrs.append(Mutate(opname, tuple(names), idx, float(dt), flops, read, wbytes))
                 dt = 0  # any new outputs below are part of the same op
+                flops = read = 0
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         in_ids = {id(t) for t in tensors}
         results, sizes, aliases, new = [], [], [], []
@@ -163,8 +174,9 @@ class Recorder(TorchDispatchMode):
             aliases.append(k)
             new.append(o)
         if results or not written:
+            wbytes = tensor_bytes(o for o, a in zip(new, aliases) if a < 0)
             self.instrs.append(Call(opname, tuple(names), tuple(results), float(dt), tuple(sizes),
-                                    tuple(aliases)))
+                                    tuple(aliases), flops, read, wbytes))
         return out
 
     def close(self) -> None:

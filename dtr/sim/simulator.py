@@ -43,7 +43,7 @@ import math
 import sys
 import time as _time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from ..policies import SearchOptions, make_pool, name_of
 from .plan import Plan
@@ -149,11 +149,12 @@ class _Storage:
 
 
 class _Op:
-    __slots__ = ("name", "cost", "args", "outputs", "out_bytes", "bases")
+    __slots__ = ("name", "cost", "score", "args", "outputs", "out_bytes", "bases")
 
-    def __init__(self, name, cost, args):
+    def __init__(self, name, cost, args, score=None):
         self.name = name
-        self.cost = cost
+        self.cost = cost  # what a recompute is charged: the recorded time
+        self.score = cost if score is None else score  # what the pool and clock see
         self.args = args
         self.outputs: List[_Value] = []
         self.out_bytes = 0
@@ -178,8 +179,16 @@ class Simulator:
     def __init__(self, budget: Optional[int], policy="dtr_eq",
                  search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
                  op_time: Optional[float] = None, pool_impl: str = "auto",
-                 plan: Optional[Plan] = None, record_plan: bool = False):
+                 plan: Optional[Plan] = None, record_plan: bool = False,
+                 score_cost: Optional[Callable[[Union[Call, Mutate]], float]] = None):
         self.budget = budget
+        # Note [Scoring with estimated costs]
+        # The pool scores, and the logical clock advances, by score_cost(instr)
+        # (ns) when given: what the runtime does on CUDA, where it estimates an
+        # op's cost rather than timing it (dtr/cost.py). Recomputations are
+        # still charged the recorded time, so a replay shows what the estimate's
+        # choices cost in real time.
+        self._score_fn = score_cost
         # The previous step's accesses (see dtr/sim/plan.py): followed while the
         # step matches it, or recorded into a new Plan.
         self.plan = plan
@@ -209,6 +218,9 @@ class Simulator:
             raise ValueError(f"dtr.sim: unknown access mode {options.access!r}")
         if options.mutation not in ("runtime", "simrd"):
             raise ValueError(f"dtr.sim: unknown mutation mode {options.mutation!r}")
+
+    def _score(self, ins) -> float:
+        return ins.time if self._score_fn is None else self._score_fn(ins)
 
     # ------------------------------------------------------------------
     def _new_storage(self, nbytes, cost, pinned, parents: List[_Storage]) -> _Storage:
@@ -330,7 +342,7 @@ class Simulator:
                 # The recompute writes into the old value, as the runtime does.
                 self._evict(b)
                 self.evictions -= 1
-            self.clock += op.cost
+            self.clock += op.score
             if remat:
                 self.remat_time += op.cost
                 self.remats += 1
@@ -463,7 +475,7 @@ class Simulator:
         k = self._op_index
         self._op_index += 1
         start = self._plan_clock
-        self._plan_clock += ins.time
+        self._plan_clock += self._score(ins)
         if self.recorded_plan is not None:
             self.recorded_plan.log_op(key, start, [a.storage.sid for a in args])
         plan = self.plan
@@ -488,7 +500,8 @@ class Simulator:
     def _call(self, ins: Call):
         handles = self.handles
         args = [handles[a] for a in ins.args]
-        op = _Op(ins.name, ins.time, args)
+        score = self._score(ins)
+        op = _Op(ins.name, ins.time, args, score)
         self.ops += 1
         parents = []
         for a in args:
@@ -507,7 +520,7 @@ class Simulator:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
             self.make_room(out_bytes)
-            self.clock += ins.time
+            self.clock += score
             now = self.clock
             self.mem += out_bytes
             self._note_peak()
@@ -516,9 +529,9 @@ class Simulator:
                     base = args[k].storage
                     v = _Value(base, op, True)
                     base.views.append(v)
-                    pool.add_cost(base.sid, ins.time)
+                    pool.add_cost(base.sid, score)
                 else:
-                    s = self._new_storage(size, ins.time, False, parents)
+                    s = self._new_storage(size, score, False, parents)
                     v = _Value(s, op, False)
                     s.root = v
                 op.outputs.append(v)
@@ -555,7 +568,8 @@ class Simulator:
                 continue
             targets.append(s)
         out_bytes = sum(s.nbytes for s in targets) if simrd else 0
-        op = _Op(ins.name, ins.time, args)
+        score = self._score(ins)
+        op = _Op(ins.name, ins.time, args, score)
         # A recompute allocates the written storages (less what it steals).
         op.out_bytes = sum(s.nbytes for s in targets)
         if not simrd:
@@ -567,12 +581,12 @@ class Simulator:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
             self.make_room(out_bytes)
-            self.clock += ins.time
+            self.clock += score
             now = self.clock
             self.mem += out_bytes
             self._note_peak()
             for old in targets:
-                cost = ins.time if simrd else ins.time + pool.cost(old.sid)
+                cost = score if simrd else score + pool.cost(old.sid)
                 new = self._new_storage(old.nbytes, cost, False, parents)
                 nv = _Value(new, op, False)
                 new.root = nv
@@ -635,7 +649,7 @@ class Simulator:
             nargs = list(vop.args)
             if idx is not None:
                 nargs[idx] = translate(vop.args[idx])
-            nop = _Op(vop.name, vop.cost, nargs)
+            nop = _Op(vop.name, vop.cost, nargs, vop.score)
             nv = _Value(new, nop, True)
             nv.defined = False
             new.views.append(nv)
@@ -681,13 +695,13 @@ def baseline_peak(trace: Trace, options: SimOptions = SimOptions()) -> int:
 _PLANS: Dict[tuple, Plan] = {}
 
 
-def make_plan(trace: Trace, options: SimOptions = SimOptions()) -> Plan:
+def make_plan(trace: Trace, options: SimOptions = SimOptions(), score_cost=None) -> Plan:
     """The accesses of one replay of ``trace`` with no budget: the plan a step
-    identical to this one would follow."""
-    key = (id(trace), len(trace.instrs), asdict(options).__repr__())
+    identical to this one would follow (on the clock of ``score_cost``)."""
+    key = (id(trace), len(trace.instrs), asdict(options).__repr__(), score_cost)
     got = _PLANS.get(key)
     if got is None:
-        sim = Simulator(None, "lru", options=options, record_plan=True)
+        sim = Simulator(None, "lru", options=options, record_plan=True, score_cost=score_cost)
         sim.run_trace(trace)
         got = _PLANS[key] = sim.recorded_plan
     return got
@@ -696,7 +710,8 @@ def make_plan(trace: Trace, options: SimOptions = SimOptions()) -> Plan:
 def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, policy="dtr_eq",
              search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
              ratio: Optional[float] = None, pool_impl: str = "auto",
-             plan: Union[None, bool, Plan] = None) -> SimResult:
+             plan: Union[None, bool, Plan] = None,
+             score_cost: Optional[Callable[[Union[Call, Mutate]], float]] = None) -> SimResult:
     """Replay ``trace`` (a Trace or a path) under a budget.
 
     ``ratio``: budget as a fraction of the trace's baseline peak; or ``budget``
@@ -706,6 +721,9 @@ def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, p
     ``plan``: the previous step's accesses for the ``lookahead`` policy (see
     dtr/sim/plan.py); None: for ``lookahead``, the trace's own (the previous
     step was the same), else none; False: none (lookahead is then msps_sqrt).
+    ``score_cost``: the cost (ns) the pool scores an op with, from its CALL or
+    MUTATE record; default its recorded time (Note [Scoring with estimated
+    costs]; dtr.sim.costs has the roofline and bytes-only estimates).
     """
     if isinstance(trace, str):
         trace = load(trace)
@@ -716,9 +734,9 @@ def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, p
     if plan is None:
         plan = policy == "lookahead"
     if plan is True:
-        plan = make_plan(trace, options)
+        plan = make_plan(trace, options, score_cost)
     sim = Simulator(budget, policy, search, options, op_time=op_time, pool_impl=pool_impl,
-                    plan=plan or None)
+                    plan=plan or None, score_cost=score_cost)
     t0 = _time.perf_counter()
     status = "ok"
     try:

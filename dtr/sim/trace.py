@@ -17,6 +17,11 @@ ALIAS      NAME, ALIAS                    -1: new storage; k: a view of argument
 MUTATE     NAME, ARGS, MUTATE, TIME       in-place op writing the arguments at MUTATE
 =========  =============================  =============================================
 
+CALL and MUTATE may also carry ``FLOPS``, ``READ`` and ``WRITE`` (what
+``dtr.sim.record`` writes: the op's FLOPs by torch's formula, the bytes of its
+tensor arguments and the bytes it wrote; see dtr/cost.py), for replays that
+score with estimated costs (``Simulator(score_cost=...)``).
+
 ``parse`` turns the lines into a list of :class:`Instr` records, folding each
 CALL's MEMORY/ALIAS lines into the CALL (``sizes``, ``aliases``) and each
 CONSTANT's MEMORY line into the CONSTANT (``size``). Everything before the
@@ -71,6 +76,11 @@ class Call:
     time: float  # nanoseconds
     sizes: Tuple[int, ...]  # bytes per result (a view's size is its base's)
     aliases: Tuple[int, ...]  # -1: own storage; k: a view of args[k]
+    # What dtr.sim.record adds for cost estimates (-1: not recorded): the op's
+    # FLOPs by torch's formula, bytes of its tensor arguments, bytes it wrote.
+    flops: int = -1
+    read: int = -1
+    write: int = -1
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,9 @@ class Mutate:
     args: Tuple[str, ...]
     mutate: Tuple[int, ...]
     time: float
+    flops: int = -1
+    read: int = -1
+    write: int = -1
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,16 @@ def _need(obj, key, lineno):
         return obj[key]
     except KeyError:
         raise TraceError(f"trace line {lineno}: {obj.get('INSTRUCTION')} without field {key!r}") from None
+
+
+def _work(o) -> Tuple[int, int, int]:
+    return (int(o.get("FLOPS", -1)), int(o.get("READ", -1)), int(o.get("WRITE", -1)))
+
+
+def _with_work(d: dict, ins) -> dict:
+    if ins.flops >= 0 or ins.read >= 0 or ins.write >= 0:
+        d.update(FLOPS=str(ins.flops), READ=str(ins.read), WRITE=str(ins.write))
+    return d
 
 
 def parse_lines(lines: Iterable[str], start: bool = True) -> List[Instr]:
@@ -172,14 +195,16 @@ def parse_lines(lines: Iterable[str], start: bool = True) -> List[Instr]:
                 if k >= len(args) or k < -1:
                     raise TraceError(f"trace line {lineno}: ALIAS {k} out of range for {len(args)} args")
             out.append(Call(_need(o, "NAME", lineno), args, results,
-                            float(_need(o, "TIME", lineno)), tuple(sizes), tuple(aliases)))
+                            float(_need(o, "TIME", lineno)), tuple(sizes), tuple(aliases),
+                            *_work(o)))
         elif kind == "MUTATE":
             args = tuple(_need(o, "ARGS", lineno))
             mut = tuple(int(k) for k in _need(o, "MUTATE", lineno))
             for k in mut:
                 if not 0 <= k < len(args):
                     raise TraceError(f"trace line {lineno}: MUTATE index {k} out of range")
-            out.append(Mutate(_need(o, "NAME", lineno), args, mut, float(_need(o, "TIME", lineno))))
+            out.append(Mutate(_need(o, "NAME", lineno), args, mut, float(_need(o, "TIME", lineno)),
+                              *_work(o)))
         elif kind == "COPY":
             out.append(Copy(_need(o, "DST", lineno), _need(o, "SRC", lineno)))
         elif kind == "COPY_FROM":
@@ -230,13 +255,13 @@ def dumps_instr(ins: Instr) -> List[str]:
     if isinstance(ins, Annotate):
         return [d({"INSTRUCTION": "ANNOTATE", "ANNOTATION": ins.annotation})]
     if isinstance(ins, Call):
-        lines = [d({"INSTRUCTION": "CALL", "NAME": ins.name, "ARGS": list(ins.args),
-                    "RESULT": list(ins.results), "TIME": str(int(ins.time))})]
+        lines = [d(_with_work({"INSTRUCTION": "CALL", "NAME": ins.name, "ARGS": list(ins.args),
+                               "RESULT": list(ins.results), "TIME": str(int(ins.time))}, ins))]
         for r, s, a in zip(ins.results, ins.sizes, ins.aliases):
             lines.append(d({"INSTRUCTION": "MEMORY", "NAME": r, "MEMORY": str(s)}))
             lines.append(d({"INSTRUCTION": "ALIAS", "NAME": r, "ALIAS": str(a)}))
         return lines
     if isinstance(ins, Mutate):
-        return [d({"INSTRUCTION": "MUTATE", "NAME": ins.name, "ARGS": list(ins.args),
-                   "MUTATE": list(ins.mutate), "TIME": str(int(ins.time))})]
+        return [d(_with_work({"INSTRUCTION": "MUTATE", "NAME": ins.name, "ARGS": list(ins.args),
+                              "MUTATE": list(ins.mutate), "TIME": str(int(ins.time))}, ins))]
     raise TypeError(f"not a trace instruction: {ins!r}")
