@@ -39,14 +39,13 @@ CPP_NOT_YET = {
     "test_semantics.py::test_escapes_behave_like_plain_tensors": _ESCAPES,
     "test_semantics.py::test_deepcopy_and_repr": _ESCAPES,
     "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
+    # Unlimited, the C++ runtime's measured peak is 16 KiB above eager's (103472 vs 87088):
+    # not scratch (reserved now); an extra copy the C++ path keeps, not yet found.
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
-    "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
     # Every budget tried is infeasible: written values are pinned (step 2) and scratch unplanned.
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[treelstm]": _BUDGET,
-    "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
-    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
-    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
-    "test_models.py::test_tight_budgets_are_exact_and_hold[cnn]": _BUDGET,
+    # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
+    # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
     "test_compile.py::": _COMPILE,
