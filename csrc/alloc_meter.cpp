@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 namespace dtr::meter {
 namespace {
@@ -96,9 +97,13 @@ CountingCPUAllocator* counting_allocator() {
 
 std::mutex g_install_mu;
 bool g_tried = false;
-bool g_installed = false;
-// Held from begin() to end(): one measuring window at a time in the process.
-std::mutex g_window;
+std::atomic<bool> g_installed{false};  // read per op by the C++ runtime: no lock
+// Held from begin() to end(): windows open on one thread at a time, nested there.
+std::recursive_mutex g_window;
+int g_window_depth = 0;  // guarded by g_window
+// Per open window of this thread, outermost first: the peak the enclosing
+// window had reached when this one opened (Note [Metering windows]).
+thread_local std::vector<int64_t> t_enclosing_peaks;
 
 }  // namespace
 
@@ -110,8 +115,8 @@ bool install() {
   // Priority 1, above the default allocator's 0. Storages made before keep
   // their own deleter, so they are never counted, in or out.
   c10::SetCPUAllocator(counting_allocator(), /*priority=*/1);
-  g_installed = c10::GetCPUAllocator() == counting_allocator();
-  return g_installed;
+  g_installed.store(c10::GetCPUAllocator() == counting_allocator());
+  return g_installed.load();
 }
 
 bool set_counting(bool on) {
@@ -122,8 +127,7 @@ bool set_counting(bool on) {
 }
 
 bool installed() {
-  std::lock_guard<std::mutex> guard(g_install_mu);
-  return g_installed;
+  return g_installed.load(std::memory_order_relaxed);
 }
 
 int64_t current_bytes() {
@@ -134,21 +138,36 @@ int64_t current_bytes() {
 // The count is always on; a window only tracks a peak over it, so an op's
 // scratch is what it allocated above its start and freed again before its
 // end. Allocations of other threads fall in the window too: the measurement
-// is an upper bound, which only makes the reservation safer.
+// is an upper bound, which only makes the reservation safer. Windows nest on
+// one thread (an op measured while another measurement is open, e.g. the
+// Python runtime's around a C++ one): opening one saves the enclosing
+// window's peak so far and restarts the peak at the current bytes; closing
+// it puts back the larger of the two, so the enclosing window still sees
+// every byte of its own span. Another thread's begin() gets -1 meanwhile.
 int64_t begin() {
-  TORCH_CHECK(g_installed, "dtr: meter_begin without the counting CPU allocator installed");
+  TORCH_CHECK(g_installed.load(std::memory_order_relaxed),
+              "dtr: meter_begin without the counting CPU allocator installed");
   if (!g_window.try_lock()) return -1;  // another thread is measuring: skip this time
   int64_t cur = g_current.load(std::memory_order_relaxed);
+  t_enclosing_peaks.push_back(g_window_depth > 0 ? g_peak.load(std::memory_order_relaxed) : 0);
+  g_window_depth += 1;
   g_peak.store(cur, std::memory_order_relaxed);
   g_window_open.store(true, std::memory_order_relaxed);
   return cur;
 }
 
 std::pair<int64_t, int64_t> end(int64_t start) {
-  TORCH_CHECK(start >= 0, "dtr: meter_end without an open window");
-  g_window_open.store(false, std::memory_order_relaxed);
+  TORCH_CHECK(start >= 0 && !t_enclosing_peaks.empty(), "dtr: meter_end without an open window");
   int64_t peak = g_peak.load(std::memory_order_relaxed);
   int64_t cur = g_current.load(std::memory_order_relaxed);
+  const int64_t enclosing = t_enclosing_peaks.back();
+  t_enclosing_peaks.pop_back();
+  g_window_depth -= 1;
+  if (g_window_depth > 0) {
+    g_peak.store(std::max(peak, enclosing), std::memory_order_relaxed);
+  } else {
+    g_window_open.store(false, std::memory_order_relaxed);
+  }
   g_window.unlock();
   return {std::max<int64_t>(peak - start, 0), std::max<int64_t>(cur - start, 0)};
 }

@@ -33,8 +33,9 @@ int64_t current_bytes();
 bool set_counting(bool on);
 
 // Opens a measuring window (Note [Metering windows]): the peak is reset to the
-// current bytes, which are returned; -1 when another window is open (on
-// another thread), and then there is nothing to end.
+// current bytes, which are returned; -1 when a window is open on another
+// thread, and then there is nothing to end. Windows nest on one thread: end()
+// them in the reverse order.
 int64_t begin();
 // Closes it: (peak above start, bytes still allocated above start).
 std::pair<int64_t, int64_t> end(int64_t start);

@@ -12,6 +12,7 @@
 
 #include "alloc_meter.h"
 #include "errors.h"
+#include "op_memory.h"
 #include "pool.h"
 #include "python_policy.h"
 #include "runtime_bindings.h"
@@ -290,6 +291,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("meter_begin", &dtr::meter::begin, "Start a window: reset the peak; returns the current bytes.");
   m.def("meter_end", &dtr::meter::end, py::arg("start"),
         "End a window: (peak bytes above start, bytes still allocated above start).");
+  m.def("measured_op_scratch", &dtr::measured_scratch_bytes,
+        "Scratch bytes the C++ runtime has measured, one per (op, input metadata).");
 
   py::class_<PyPool>(m, "CppPool",
                      "The C++ eviction pool; the same interface and decisions as "

@@ -45,6 +45,7 @@ OpTraits compute(const c10::OperatorHandle& op) {
     if (args[i].name() == "device") t.device_args.push_back(static_cast<int>(i));
   }
   t.seeded = op.hasTag(at::Tag::nondeterministic_seeded);
+  t.workspace = workspace_estimate_for(base);
   t.unsupported = op.hasTag(at::Tag::inplace_view) || base == "resize_" ||
                   base == "resize_as_" || base == "set_" || base == "_resize_output_";
   t.alias_ok = full == "aten::detach" || full == "aten::alias";

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "scratch.h"
+
 namespace dtr {
 
 struct OpTraits {
@@ -29,6 +31,8 @@ struct OpTraits {
   int generator = -1;
   // Arguments named `device` (set to meta when planning output sizes).
   std::vector<int> device_args;
+  // Its kernel's scratch before the first measurement (Note [Op workspace]).
+  WorkspaceEstimate workspace;
 };
 
 // Cached per operator; thread-safe.

@@ -93,6 +93,7 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   std::optional<RNGState> rng;
   double cost = 0.0;
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
+  int64_t scratch_bytes = 0;         // its kernel's scratch, reserved before a recompute
   bool grad_enabled = true;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}

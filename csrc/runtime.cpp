@@ -10,7 +10,9 @@
 #include "errors.h"
 #include "alloc_meter.h"
 #include "grad_hook.h"
+#include "op_memory.h"
 #include "op_traits.h"
+#include "scratch.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -30,15 +32,6 @@ int64_t storage_bytes(const at::Tensor& t) {
   if (t.is_cuda() && n) n = (n + 511) & ~int64_t(511);
   return n;
 }
-
-// Output bytes and least-seen cost per (op, input metadata, arguments), shared
-// by every runtime: a property of the op (Note [Stable costs] in dtr/runtime.py).
-struct SizeEntry {
-  int64_t bytes;
-  double cost;
-};
-std::mutex size_mu;
-std::unordered_map<uint64_t, SizeEntry> size_cache;
 
 inline uint64_t mix(uint64_t h, uint64_t v) {
   v *= 0x9E3779B97F4A7C15ULL;
@@ -552,8 +545,12 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
       vals.push_back(plain_value(in, traits));
     }
   }
-  if (r.out_bytes) {
-    make_room(r.out_bytes, traits.name + " (recomputing an evicted value)", r.out_bytes + locked_bytes);
+  // Its kernel's scratch too, and the RNG state the replay saves meanwhile
+  // (Note [Measured op scratch] in dtr/scratch.py).
+  const int64_t need = r.out_bytes + r.scratch_bytes +
+                       (r.rng ? rng_state_bytes(r.rng->generator.device()) : 0);
+  if (need) {
+    make_room(need, traits.name + " (recomputing an evicted value)", need + locked_bytes);
   }
   torch::jit::Stack stack;
   const double t0 = now_seconds();
@@ -566,7 +563,7 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
         RNGReplayGuard rng(r.rng);
         r.op.callBoxed(&stack);
       },
-      traits.name + " (recomputing an evicted value)", r.out_bytes);
+      traits.name + " (recomputing an evicted value)", need);
   auto& by_op = stats_.remat_by_op[traits.name];
   by_op.first += 1;
   by_op.second += now_seconds() - t0;
@@ -651,16 +648,25 @@ at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* c
 }
 
 int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
-                                      const torch::jit::Stack& stack, size_t first, uint64_t* key) {
+                                      const torch::jit::Stack& stack, size_t first,
+                                      OpMemory** memory) {
   uint64_t h = reinterpret_cast<uintptr_t>(&op.schema());
   bool hashable = true;
   for (size_t i = first; i < stack.size() && hashable; ++i) hashable = hash_ivalue(h, stack[i]);
-  *key = hashable ? (h | 1) : 0;
+  const uint64_t key = h | 1;
+  *memory = nullptr;
   if (hashable) {
-    std::lock_guard<std::mutex> g(size_mu);
-    auto it = size_cache.find(*key);
-    if (it != size_cache.end()) return it->second.bytes;
+    // Note [One lock per op] in op_memory.h: the only time the table's lock is taken.
+    *memory = find_op_memory(key);
+    if (*memory) return (*memory)->out_bytes.load(std::memory_order_relaxed);
   }
+  const int64_t total = meta_output_bytes(op, traits, stack, first);
+  if (hashable) *memory = add_op_memory(key, total);
+  return total;
+}
+
+int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
+                                   const torch::jit::Stack& stack, size_t first) {
   // First sight: run the op on meta tensors.
   torch::jit::Stack meta;
   for (size_t i = first; i < stack.size(); ++i) meta.push_back(meta_ivalue(stack[i]));
@@ -834,17 +840,26 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     return;
   }
 
-  // 2. Make room for the outputs before running, so the budget holds.
-  uint64_t key = 0;
-  const int64_t planned = planned_output_bytes(op, traits, *stack, first, &key);
-  if (planned > 0) {
+  // 2. Make room before running, so the budget holds: for the outputs, the
+  // kernel's scratch (Note [Measured op scratch] in dtr/scratch.py) and the
+  // RNG state a seeded op's recipe keeps.
+  OpMemory* memory = nullptr;
+  const int64_t planned = planned_output_bytes(op, traits, *stack, first, &memory);
+  const c10::Device device = vals.empty() ? c10::Device(c10::kCPU) : vals[0].device();
+  const int64_t measured_scratch =
+      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
+  const int64_t scratch = measured_scratch >= 0 ? measured_scratch
+                                                : estimated_scratch(traits.workspace, planned, vals);
+  const int64_t rng_bytes = traits.seeded ? rng_state_bytes(device) : 0;
+  const int64_t need = planned + scratch + rng_bytes;
+  if (need > 0) {
     int64_t locked_bytes = 0;
     for (const auto& c : cells) {
       if (c) locked_bytes += c->storage->nbytes;
     }
-    make_room(planned, traits.name, planned + locked_bytes);
+    make_room(need, traits.name, need + locked_bytes);
   }
-  note_peak(planned);
+  note_peak(need);
 
   // The recipe's argument template, taken before the kernel consumes the stack.
   auto recipe = c10::make_intrusive<Recipe>(op);
@@ -854,13 +869,16 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   recipe->list_sizes = list_sizes;
   recipe->grad_enabled = c10::GradMode::is_enabled();
   if (traits.seeded) {
-    c10::Device device = vals.empty() ? c10::Device(c10::kCPU) : vals[0].device();
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
     recipe->rng = capture_rng(gen, device);
+    if (rng_bytes) count_plain(recipe->rng->state);
   }
 
-  // 3. Run.
+  // 3. Run; the first run of an (op, input metadata) measures its scratch.
   double cost = 0.0;
+  int64_t seen = -1;
+  const bool measure = memory && measured_scratch < 0 && device.is_cpu() &&
+                       scratch_measuring_enabled();
   run_evicting_on_oom(
       [&](bool retry) {
         if (retry) {
@@ -868,17 +886,17 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
           fill_stack(*recipe, vals, *stack);
           if (recipe->rng) reset_rng(*recipe->rng);
         }
+        ScratchWindow window(measure);
         cost = run_timed(op, stack);
+        seen = window.close();
       },
-      traits.name, planned);
-  if (key) {
-    std::lock_guard<std::mutex> sg(size_mu);
-    auto [it, inserted] = size_cache.try_emplace(key, SizeEntry{planned, cost});
-    if (!inserted) {
-      if (it->second.cost < cost) cost = it->second.cost;  // Note [Stable costs]
-      else it->second.cost = cost;
-    }
+      traits.name, need);
+  if (seen >= 0) {
+    const int64_t before = memory->scratch.load(std::memory_order_relaxed);
+    memory->scratch.store(std::max(before, seen), std::memory_order_relaxed);
   }
+  recipe->scratch_bytes = seen >= 0 ? seen : scratch;
+  if (memory) cost = memory->stable_cost(cost);  // Note [Stable costs] in dtr/runtime.py
   recipe->cost = cost;
   clock_ += cost;
   for (const auto& c : cells) {
@@ -973,10 +991,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     }
   }
   recipe->out_bytes = new_bytes;
-  if (key && new_bytes != planned) {
-    std::lock_guard<std::mutex> sg(size_mu);
-    size_cache[key].bytes = new_bytes;
-  }
+  if (memory && new_bytes != planned) memory->out_bytes.store(new_bytes, std::memory_order_relaxed);
   note_peak();
   if (evict_all_) {
     unlock_all(locked);

@@ -5,9 +5,15 @@
 // session. Every method that touches records takes the runtime's lock
 // (recursive: eviction and recomputation nest inside an op).
 //
+// Room is made before an op runs, and before each recompute, for its outputs,
+// its kernel's scratch (measured on an (op, input metadata)'s first run, on CPU
+// with the counting allocator; estimated before that: csrc/scratch.h) and the
+// RNG state a seeded op's recipe keeps.
+//
 // What this runtime does not do yet (the Python runtime does; step by step):
 // in-place writes into a dtr tensor make the written storage unevictable
-// instead of recording a recipe for it, and kernel scratch is not reserved.
+// instead of recording a recipe for it (and reserve no scratch), and kernel
+// scratch is not measured on CUDA (the estimates stand in).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -27,6 +33,7 @@
 
 namespace dtr {
 
+struct OpMemory;
 struct OpTraits;
 
 class Runtime : public c10::intrusive_ptr_target {
@@ -99,8 +106,12 @@ class Runtime : public c10::intrusive_ptr_target {
   void count_plain(const at::Tensor& t);
   void materialize(const c10::intrusive_ptr<Cell>& cell);
   // 2. room
+  // From the op-memory table (op_memory.h), which `*memory` is set to (null when an
+  // argument cannot be hashed); on first sight by running the op on meta tensors.
   int64_t planned_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
-                               const torch::jit::Stack& stack, size_t first, uint64_t* key);
+                               const torch::jit::Stack& stack, size_t first, OpMemory** memory);
+  int64_t meta_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
+                            const torch::jit::Stack& stack, size_t first);
   void make_room(int64_t need, const std::string& opname, int64_t working);
   // 3. run
   double run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack);

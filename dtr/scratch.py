@@ -29,7 +29,7 @@ from . import _ext
 from . import device_memory as _devmem
 from .ops import OpInfo, workspace_bytes
 
-__all__ = ["enable", "planned", "should_measure", "begin", "cancel", "record"]
+__all__ = ["enable", "planned", "should_measure", "begin", "cancel", "record", "measured"]
 
 # (op, input shapes, arguments) -> largest scratch bytes measured; shares its key
 # (and its clearing) with the runtime's output-size cache.
@@ -46,6 +46,14 @@ def enable() -> bool:
         _state["on"] = (_devmem.install_cpu_counter()
                         and os.environ.get("DTR_MEASURE_SCRATCH", "1") != "0")
     return _state["on"]
+
+
+def measured() -> list:
+    """Scratch bytes measured so far by either runtime, one per (op, input metadata)."""
+    out = list(MEASURED.values())
+    if _ext.available():
+        out.extend(_ext._C.measured_op_scratch())
+    return out
 
 
 def planned(info: OpInfo, size_key: Optional[tuple], out_bytes: int, vals) -> int:

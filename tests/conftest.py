@@ -33,11 +33,11 @@ _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
     "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
+    # Unlimited, the C++ runtime's measured peak is 16 KiB above eager's (103472 vs 87088):
+    # not scratch (reserved now); an extra copy the C++ path keeps, not yet found.
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
-    "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
-    "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
-    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
-    "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
+    # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
+    # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
     "test_compile.py::": _COMPILE,

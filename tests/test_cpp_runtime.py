@@ -655,3 +655,94 @@ def test_item_backward_and_step_after_the_block_match_eager():
     assert v0 == v1 and r1 == f"DTRTensor({r0})"
     for a, b in zip(p0, p1):
         assert torch.equal(a, b) and not dtr.is_dtr_tensor(b)
+
+
+# Note [Measured op scratch] on the C++ runtime: room for a kernel's scratch and for
+# a seeded op's RNG state is made before it runs, so the allocator's own peak (the
+# profiler's, dtr.measure.peak_memory) stays within the budget, not only dtr's count.
+
+needs_meter = pytest.mark.skipif(not dtr.device_memory.cpu_counter_installed(),
+                                 reason="the budget counts CPU memory with the counting allocator")
+
+
+def _allocator_peak_under(budget, fn):
+    """(fn's result, the bytes in use at the start + the profiler's peak above them)."""
+    from dtr.measure import peak_memory
+
+    def run():
+        with dtr.budget(budget, runtime="cpp") as s:
+            out = fn()
+        return s, out
+
+    base = live_bytes()
+    (s, out), peak = peak_memory(run)
+    return s, out, base + peak
+
+
+@needs_meter
+def test_conv_scratch_is_measured_then_reserved_and_the_allocator_stays_within_budget():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 48, 48)
+
+    def chain():
+        y = x
+        for _ in range(6):
+            y = torch.tanh(conv(y))
+        return dtr.unwrap(y.sum())
+
+    with torch.no_grad():
+        eager = x
+        for _ in range(6):
+            eager = torch.tanh(conv(eager))
+        eager = eager.sum()
+    _allocator_peak_under(None, chain)  # first sight: measured
+    assert any(v > 0 for v in _ext._C.measured_op_scratch())
+    s, out, peak = _allocator_peak_under(None, chain)
+    # Unlimited, dtr's peak is the allocator's: it reserved the measured scratch exactly.
+    assert s.stats.peak_bytes == peak, (s.stats.peak_bytes, peak)
+    above = peak - live_bytes()
+    checked = 0
+    for frac in (0.8, 0.6, 0.45):
+        budget = budget_above(above * frac)
+        try:
+            s, out, peak = _allocator_peak_under(budget, chain)
+        except dtr.BudgetExceededError:
+            continue
+        checked += 1
+        assert s.stats.evictions > 0
+        assert torch.equal(out, eager)
+        assert peak <= budget, (frac, peak, budget, peak - budget)
+    assert checked
+
+
+@needs_meter
+def test_seeded_ops_reserve_and_count_their_rng_states():
+    # A CPU generator's state is a 5 KiB tensor each bernoulli's recipe keeps: on
+    # 1 KiB values the states are most of the memory, and a budget that made room
+    # only for the outputs would be passed by each capture.
+    state_bytes = torch.get_rng_state().nbytes
+    x = torch.randn(256, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(12):
+            y = y + torch.bernoulli(torch.sigmoid(y))
+        return dtr.unwrap(y.sum()).detach()
+
+    torch.manual_seed(1)
+    eager = x
+    for _ in range(12):
+        eager = eager + torch.bernoulli(torch.sigmoid(eager))
+    eager = eager.sum().detach()
+    torch.manual_seed(1)
+    base = live_bytes()
+    s, out, peak = _allocator_peak_under(None, chain)
+    assert torch.equal(out, eager)
+    assert s.stats.peak_bytes >= peak >= base + 12 * state_bytes  # the recipes hold the states
+    budget = budget_above(12 * state_bytes + 4 * x.nbytes + state_bytes + 4096)
+    torch.manual_seed(1)
+    s, out, peak = _allocator_peak_under(budget, chain)
+    assert torch.equal(out, eager)
+    assert peak <= budget, (peak, budget, peak - budget)
+    assert s.stats.evictions > 0
