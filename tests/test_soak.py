@@ -71,19 +71,29 @@ def test_500_steps_at_a_tight_budget_leak_nothing_and_stay_exact(runtime):
         _train(unlimited, steps=4)
     finally:
         gc.enable()
-    room = max(r() for r in rooms)
-    sessions = []
+    # The last step's: on the first, the C++ runtime reserves estimated kernel scratch,
+    # measured from then on (107 KB of room, then 91 KB).
+    room = rooms[-1]()
+    sessions = []  # the latest step's
+    evictions = rematerializations = 0
     bytes_after, objects_after = {}, {}
 
     def ctx():
         # live_bytes(), not harness.budget_above: a gc.collect() per step would be most of
         # the test's time, and this loop makes no cyclic garbage.
-        s = dtr.budget(live_bytes() + int(room * 0.75))
-        if len(sessions) < 3:
-            sessions.append(s)
+        # 0.9 of the room: this model's gradients are a third of it and cannot be evicted,
+        # and DTR's greedy choices stop fitting near 0.72 (Python) and 0.85 (C++) of it
+        # (0.75 failed in the whole suite's order by 1.5 KiB); the margin keeps the test
+        # about leaks, not about where the edge of feasibility lies.
+        s = dtr.budget(live_bytes() + int(room * 0.9))
+        sessions[:] = [s]
         return s
 
     def probe(step):
+        nonlocal evictions, rematerializations
+        evictions += sessions[0].stats.evictions
+        rematerializations += sessions[0].stats.rematerializations
+        sessions.clear()  # its runtime's records must be free to die
         if step >= WARMUP and (step % 50 == 0 or step == STEPS - 1):
             gc.collect()
             bytes_after[step] = live_bytes()
@@ -98,7 +108,7 @@ def test_500_steps_at_a_tight_budget_leak_nothing_and_stay_exact(runtime):
         for k, v in eager_opt.state[pa].items():
             assert torch.equal(v, opt.state[pb][k]), k
     # The budget was tight enough to evict and recompute.
-    assert any(s.stats.evictions > 0 and s.stats.rematerializations > 0 for s in sessions)
+    assert evictions > 0 and rematerializations > 0, (evictions, rematerializations)
     first = min(bytes_after)
     assert all(b == bytes_after[first] for b in bytes_after.values()), bytes_after
     assert all(o == objects_after[first] for o in objects_after.values()), objects_after
