@@ -34,7 +34,6 @@ _PYPOLICY = "C++ runtime: policies given as Python callables"
 _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
-    "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
     "test_semantics.py::test_non_tensor_results_pass_through": _ESCAPES,
     "test_semantics.py::test_escapes_behave_like_plain_tensors": _ESCAPES,
     "test_semantics.py::test_deepcopy_and_repr": _ESCAPES,
