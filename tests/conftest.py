@@ -26,7 +26,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # a strict xfail, so that each entry must be removed the moment it starts passing.
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
-_MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
 _ESCAPES = "C++ runtime step 3: repr/tolist/numpy/deepcopy/torch.save of C++ wrappers"
 _BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
            "passes the budget by up to a kernel's scratch")
@@ -40,12 +39,11 @@ CPP_NOT_YET = {
     "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
-    # Every budget tried is infeasible: written values are pinned (step 2) and scratch unplanned.
+    # Every budget tried is infeasible: kernel scratch is not planned yet.
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[treelstm]": _BUDGET,
     "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
-    "test_models.py::test_tight_budgets_are_exact_and_hold[cnn]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
     "test_compile.py::": _COMPILE,
