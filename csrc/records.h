@@ -82,6 +82,18 @@ struct RecipeInput {
   bool scratch = false;           // pass a copy (Note [Hidden running-stat updates])
 };
 
+// One argument an in-place op writes (Note [In-place ops in the C++ runtime]):
+// recompute takes the old base's value (inputs[base]), replays the view chain
+// from it to the written view and passes that as inputs[written].
+struct MutationTarget {
+  int32_t written;  // the input the op writes
+  int32_t base;     // the input holding the old base cell
+  // The old view cells from the base (exclusive) to the written view
+  // (inclusive); replaying their recipes rebuilds the view. Strong: they are
+  // inputs of the new value, as the base is.
+  std::vector<c10::intrusive_ptr<Cell>> chain;
+};
+
 // How to recompute one op call.
 struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   c10::OperatorHandle op;
@@ -95,6 +107,8 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
   int64_t scratch_bytes = 0;         // its kernel's scratch, reserved before a recompute
   bool grad_enabled = true;
+  // Non-empty for an in-place op: its outputs are the written bases, in order.
+  std::vector<MutationTarget> mutation;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
   ~Recipe() override;  // Note [Iterative teardown]

@@ -13,6 +13,7 @@
 #include "op_memory.h"
 #include "op_traits.h"
 #include "scratch.h"
+#include "recipe_stack.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -477,8 +478,6 @@ void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
   if (outermost) stats_.remat_seconds += now_seconds() - t0;
 }
 
-namespace {
-
 at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
   const at::Tensor& t = in.plain;
   if (!t.defined()) return t;
@@ -530,8 +529,6 @@ void fill_stack(const Recipe& r, const std::vector<at::Tensor>& vals, torch::jit
   for (auto& a : args) stack.push_back(std::move(a));
 }
 
-}  // namespace
-
 void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   const OpTraits& traits = op_traits(r.op);
   std::vector<at::Tensor> vals;
@@ -546,31 +543,45 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
     }
   }
   // Its kernel's scratch too, and the RNG state the replay saves meanwhile
-  // (Note [Measured op scratch] in dtr/scratch.py).
-  const int64_t need = r.out_bytes + r.scratch_bytes +
-                       (r.rng ? rng_state_bytes(r.rng->generator.device()) : 0);
-  if (need) {
+  // (Note [Measured op scratch] in dtr/scratch.py). Note [Stealing on recompute]:
+  // an in-place recipe may write into its old base's memory itself, which then
+  // needs no room.
+  const std::vector<StorageRecord*> stolen =
+      r.mutation.empty() ? std::vector<StorageRecord*>() : stealable_bases(r, locked);
+  int64_t need = r.out_bytes + r.scratch_bytes +
+                 (r.rng ? rng_state_bytes(r.rng->generator.device()) : 0);
+  for (const StorageRecord* rec : stolen) need -= rec->nbytes;
+  if (need > 0) {
     make_room(need, traits.name + " (recomputing an evicted value)", need + locked_bytes);
   }
-  torch::jit::Stack stack;
+  for (StorageRecord* rec : stolen) evict(*rec, /*counted=*/false);
+  std::vector<at::Tensor> outs;
   const double t0 = now_seconds();
-  run_evicting_on_oom(
-      [&](bool) {
-        stack.clear();
-        fill_stack(r, vals, stack);
-        c10::AutoGradMode grad(r.grad_enabled);
-        BelowDTRGuard below;
-        RNGReplayGuard rng(r.rng);
-        r.op.callBoxed(&stack);
-      },
-      traits.name + " (recomputing an evicted value)", need);
+  if (r.mutation.empty()) {
+    torch::jit::Stack stack;
+    run_evicting_on_oom(
+        [&](bool) {
+          stack.clear();
+          fill_stack(r, vals, stack);
+          c10::AutoGradMode grad(r.grad_enabled);
+          BelowDTRGuard below;
+          RNGReplayGuard rng(r.rng);
+          r.op.callBoxed(&stack);
+        },
+        traits.name + " (recomputing an evicted value)", std::max<int64_t>(need, 1));
+    outs = flat_tensors(stack, 0);
+  } else {
+    // Not retried on out-of-memory: a write that failed half way cannot be run again.
+    c10::AutoGradMode grad(r.grad_enabled);
+    BelowDTRGuard below;
+    outs = run_mutation_recipe(r, vals);
+  }
   auto& by_op = stats_.remat_by_op[traits.name];
   by_op.first += 1;
   by_op.second += now_seconds() - t0;
   // A recompute is an access like any other (see dtr/runtime.py's _recompute).
   clock_ += r.cost;
   for (int64_t sid : locked) pool_.touch(sid, clock_);
-  std::vector<at::Tensor> outs = flat_tensors(stack, 0);
   for (size_t k = 0; k < r.outputs.size() && k < outs.size(); ++k) {
     auto cell = r.outputs[k].lock();
     if (!cell || cell->value.defined() || !outs[k].defined()) continue;
@@ -836,7 +847,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
                        "x.unsqueeze_(0)) or call it outside the dtr block");
   }
   if (!traits.written.empty()) {
-    dispatch_mutation(op, traits, stack, first, original);
+    dispatch_mutation(op, traits, stack, first,
+                      MutationCall{original, cells, vals, slots, list_sizes});
+    if (evict_all_) {
+      unlock_all(locked);
+      evict_everything();
+    }
     return;
   }
 
@@ -997,121 +1013,6 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     unlock_all(locked);
     evict_everything();
   }
-}
-
-// Note [In-place ops in the C++ runtime, for now]
-// The written value's old storage is treated as dtr/runtime.py does: its
-// cells lose their values (their recipes rebuild the old value for whoever
-// recorded it) and every wrapper of it is rebound to a new storage holding
-// the written memory. That new storage has no recipe yet, so it is pinned:
-// exact, but not evictable, until the C++ runtime records mutation recipes
-// (Note [In-place ops] in dtr/runtime.py). An unrecomputable old storage keeps
-// its old value in a copy instead.
-void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
-                                torch::jit::Stack* stack, size_t first,
-                                const std::vector<c10::IValue>& original_args) {
-  struct Target {
-    c10::intrusive_ptr<StorageRecord> old;
-    c10::intrusive_ptr<Cell> base;
-    at::Tensor base_copy;
-  };
-  std::vector<Target> targets;
-  std::unordered_set<int64_t> seen;
-  std::vector<int64_t> locked;
-  UnlockOnExit unlock{this, locked};
-  for (int w : traits.written) {
-    for_each_tensor(original_args[w], [&](const at::Tensor& t) {
-      DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr;
-      if (impl == nullptr || impl->cell()->storage->runtime.get() != this) return;
-      c10::intrusive_ptr<StorageRecord> old = impl->cell()->storage;
-      if (!seen.insert(old->sid).second) {
-        throw DTRError(DTRError::kUnsupportedOp,
-                       "dtr: " + traits.name +
-                           " writes to two views of the same storage at once; dtr cannot preserve "
-                           "that aliasing. Run it outside the dtr block.");
-      }
-      c10::intrusive_ptr<Cell> base = impl->cell();
-      while (Cell* p = base->view_parent()) base = c10::intrusive_ptr<Cell>::reclaim_copy(p);
-      materialize(base);
-      pool_.lock(old->sid);
-      locked.push_back(old->sid);
-      // Every alias gets its value now, so that it can be rebound to the written memory.
-      for (auto& ref : old->wrappers) {
-        if (auto wimpl = ref.lock()) materialize(static_cast<DTRTensorImpl*>(wimpl.get())->cell());
-      }
-      Target tg{old, base, at::Tensor()};
-      if (old->pinned || !base->recipe) {
-        make_room(old->nbytes, traits.name, old->nbytes);
-        BelowDTRGuard below;
-        tg.base_copy = base->value.clone();
-      }
-      targets.push_back(std::move(tg));
-    });
-  }
-  const double cost = run_timed(op, stack);
-  clock_ += cost;
-
-  for (Target& tg : targets) {
-    StorageRecord& old = *tg.old;
-    auto fresh = new_storage(old.nbytes, cost, /*pinned=*/true, {});
-    std::unordered_map<const Cell*, c10::intrusive_ptr<Cell>> moved;
-    std::vector<std::pair<c10::intrusive_ptr<c10::TensorImpl>, c10::intrusive_ptr<Cell>>> rebinds;
-    for (auto& ref : old.wrappers) {
-      auto wimpl = ref.lock();
-      if (!wimpl) continue;
-      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
-      if (w->cell()->storage.get() != &old) continue;
-      auto& nc = moved[w->cell().get()];
-      if (!nc) {
-        nc = c10::make_intrusive<Cell>(c10::intrusive_ptr<Recipe>(), 0, -1, fresh);
-        nc->value = w->cell()->value;
-        fresh->cells.emplace_back(nc);
-      }
-      rebinds.emplace_back(std::move(wimpl), nc);
-    }
-    if (tg.base_copy.defined()) {
-      for (auto& ref : old.cells) {
-        if (auto c = ref.lock()) c->value.reset();
-      }
-      old.cells.clear();
-      set_value(*tg.base, tg.base_copy);
-    } else {
-      evict(old, /*counted=*/false);
-    }
-    for (auto& [wimpl, nc] : rebinds) {
-      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
-      at::Tensor v = nc->value;
-      w->rebind(nc, v);
-    }
-  }
-  // Return what eager returns: the written arguments themselves.
-  std::unordered_map<const c10::TensorImpl*, at::Tensor> by_inner;
-  for (const c10::IValue& a : original_args) {
-    for_each_tensor(a, [&](const at::Tensor& t) {
-      if (DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr) {
-        if (impl->cell()->value.defined()) by_inner[impl->cell()->value.unsafeGetTensorImpl()] = t;
-      }
-    });
-  }
-  auto back = [&](const at::Tensor& o) -> at::Tensor {
-    if (!o.defined()) return o;
-    auto it = by_inner.find(o.unsafeGetTensorImpl());
-    if (it == by_inner.end()) return o;
-    dtr_impl(it->second)->sync_metadata(o);
-    return it->second;
-  };
-  for (size_t i = first; i < stack->size(); ++i) {
-    c10::IValue& r = (*stack)[i];
-    if (r.isTensor()) {
-      r = back(r.toTensor());
-    } else if (r.isTensorList()) {
-      c10::List<at::Tensor> in = r.toTensorList();
-      c10::List<at::Tensor> out;
-      for (const at::Tensor& t : in) out.push_back(back(t));
-      r = out;
-    }
-  }
-  note_peak();
 }
 
 }  // namespace dtr

@@ -10,10 +10,12 @@
 // with the counting allocator; estimated before that: csrc/scratch.h) and the
 // RNG state a seeded op's recipe keeps.
 //
-// What this runtime does not do yet (the Python runtime does; step by step):
-// in-place writes into a dtr tensor make the written storage unevictable
-// instead of recording a recipe for it (and reserve no scratch), and kernel
-// scratch is not measured on CUDA (the estimates stand in).
+// In-place ops (their recipes, rebinding and stealing on recompute) live in
+// csrc/mutation.cpp; see Note [In-place ops in the C++ runtime] there.
+//
+// What this runtime does not do yet (the Python runtime does): in-place ops
+// reserve no kernel scratch, and kernel scratch is not measured on CUDA (the
+// estimates stand in).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -125,9 +127,20 @@ class Runtime : public c10::intrusive_ptr_target {
   c10::intrusive_ptr<StorageRecord> new_storage(int64_t nbytes, double cost, bool pinned,
                                                 const std::vector<int64_t>& parents);
   void set_value(Cell& cell, at::Tensor value);
+  // What dispatch knows about an in-place op's inputs once they are materialized.
+  struct MutationCall {
+    const std::vector<c10::IValue>& original_args;  // the wrappers, as called
+    const std::vector<c10::intrusive_ptr<Cell>>& cells;  // per input; null for plain ones
+    const std::vector<at::Tensor>& vals;
+    const std::vector<Slot>& slots;
+    const std::vector<int32_t>& list_sizes;
+  };
+  // csrc/mutation.cpp
   void dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
-                         torch::jit::Stack* stack, size_t first,
-                         const std::vector<c10::IValue>& original_args);
+                         torch::jit::Stack* stack, size_t first, const MutationCall& call);
+  std::vector<StorageRecord*> stealable_bases(const Recipe& recipe,
+                                              const std::vector<int64_t>& locked);
+  std::vector<at::Tensor> run_mutation_recipe(const Recipe& recipe, std::vector<at::Tensor> vals);
 
   void evict(StorageRecord& rec, bool counted);
   void maybe_banish(StorageRecord& rec);

@@ -26,16 +26,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # a strict xfail, so that each entry must be removed the moment it starts passing.
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
-_MUTATION = "C++ runtime step 2: recipes for in-place ops (written values are pinned for now)"
-_BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
-           "passes the budget by up to a kernel's scratch")
+_BUDGET = "C++ runtime step 4: the budget's findings noted at each entry"
 _COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
 _DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
-    "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
-    # Unlimited, the C++ runtime's measured peak is 16 KiB above eager's (103472 vs 87088):
-    # not scratch (reserved now); an extra copy the C++ path keeps, not yet found.
-    "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
     # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,

@@ -746,3 +746,112 @@ def test_seeded_ops_reserve_and_count_their_rng_states():
     assert torch.equal(out, eager)
     assert peak <= budget, (peak, budget, peak - budget)
     assert s.stats.evictions > 0
+
+
+# Note [In-place ops in the C++ runtime]: a value written in place gets a recipe (old base ->
+# view chain -> the op), so it is evicted and recomputed like any other value.
+
+def test_values_written_in_place_are_evicted_and_recomputed_bit_exactly():
+    x = torch.randn(4, 6)
+    ey = x.relu()
+    ez = ey + 1
+    ey.mul_(2)
+    ev = ey[0]
+    ed = ey.detach()
+    et = ey.t()
+    ev.add_(1)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x.relu()
+        z = y + 1           # read before the writes: recomputed from the old value
+        y.mul_(2)
+        v = y[0]
+        d = y.detach()
+        t = y.t()
+        v.add_(1)           # through a view, after another write
+        for got, want in [(y, ey), (v, ev), (d, ed), (t, et), (z, ez)]:
+            assert torch.equal(dtr.unwrap(got), want)
+            assert dtr.unwrap(got).stride() == want.stride()
+    assert s.stats.remat_by_op["aten.mul_.Tensor"][0] >= 1
+    assert s.stats.remat_by_op["aten.add_.Tensor"][0] >= 1
+
+
+def test_dropout_masks_are_recomputed_exactly_with_their_random_numbers():
+    x = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(32, 32, requires_grad=True)
+
+    def step():
+        h = x @ w
+        mask = torch.empty_like(h).bernoulli_(0.7).div_(0.7)  # dropout's mask, spelled out
+        h = torch.nn.functional.relu(h * mask, inplace=True)
+        return torch.nn.functional.dropout(h, 0.5, training=True).tanh().sum()
+
+    torch.manual_seed(7)
+    ref = step()
+    g_ref = torch.autograd.grad(ref, (x, w))
+    after_ref = torch.get_rng_state()
+    torch.manual_seed(7)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        out = step()
+        g = torch.autograd.grad(out, (x, w))
+        got = dtr.unwrap(out)
+    assert torch.equal(got, ref.detach())
+    assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+    assert torch.equal(torch.get_rng_state(), after_ref)
+    assert s.stats.remat_by_op["aten.bernoulli_.float"][0] >= 1
+
+
+def test_out_arguments_get_recipes():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = a * 1
+        torch.mul(a, b, out=y)
+        torch.add(y[0], b[1], out=y[1])
+        got = dtr.unwrap(y)
+    want = a * b
+    want[1] = want[0] + b[1]
+    assert torch.equal(got, want)
+    assert s.stats.remat_by_op["aten.mul.out"][0] >= 1
+
+
+def test_foreach_in_place_ops_write_every_list_element():
+    xs = [torch.randn(8), torch.randn(3, 3)]
+    ys = [torch.randn(8), torch.randn(3, 3)]
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        a = [x * 2 for x in xs]
+        b = [y + 0 for y in ys]
+        torch._foreach_add_(a, b, alpha=3)
+        torch._foreach_mul_(a, 0.5)
+        got = [dtr.unwrap(t) for t in a]
+    for g, x, y in zip(got, xs, ys):
+        assert torch.equal(g, torch.add(x * 2, y, alpha=3) * 0.5)
+    assert s.stats.remat_by_op["aten._foreach_add_.List"][0] >= 1
+
+
+def test_recomputing_a_chain_of_in_place_ops_holds_one_buffer():
+    # Note [Stealing on recompute]: each write of the chain takes over its input's memory.
+    x = torch.randn(256, 256)  # 256 KiB
+    nbytes = x.numel() * x.element_size()
+    want = x.clone()
+    with dtr.testing.evict_everything(runtime="cpp") as s:
+        y = x * 1
+        for k in range(8):
+            y.mul_(1.5).add_(k)
+            want.mul_(1.5).add_(k)
+        before = s.stats.remat_by_op["aten.add_.Tensor"][0]
+        got, peak = dtr.measure.peak_memory(dtr.unwrap, y)
+        recomputed = s.stats.remat_by_op["aten.add_.Tensor"][0] - before
+    assert torch.equal(got, want)
+    assert recomputed == 8
+    assert peak <= nbytes + 4096, peak  # copying each old value would need 2x
+
+
+def test_writes_into_an_escaped_value_stay_exact():
+    x = torch.randn(6)
+    with dtr.testing.evict_everything(runtime="cpp"):
+        y = x * 2
+        plain = dtr.unwrap(y)  # pinned from now on: no recipe can replace its value
+        z = y + 1
+        y.add_(1)
+        assert torch.equal(dtr.unwrap(y), x * 2 + 1)
+        assert torch.equal(dtr.unwrap(z), x * 2 + 1)
+        assert torch.equal(plain, x * 2 + 1)  # as in eager: the escaped tensor is y's memory

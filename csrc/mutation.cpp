@@ -1,0 +1,380 @@
+// In-place ops in the C++ runtime: recipes for written values, rebinding every
+// alias, and stealing on recompute. The Runtime's other methods are in
+// csrc/runtime.cpp; the reference is dtr/runtime.py's _run_mutation.
+//
+// Note [In-place ops in the C++ runtime]
+// An in-place op (or an out= op, or a _foreach_*_ op) on a dtr tensor runs for
+// real on its value, as in eager: for each written argument, the op writes
+// into the memory of the storage that argument lives in (the "old" storage).
+// The old storage then no longer holds its old value, so it is marked evicted
+// (its recipes rebuild the old value for whoever recorded it) and the written
+// memory becomes a *new* storage. Its base cell's recipe is the op's, with the
+// old base cell as an extra input and, per written argument, the chain of
+// view cells from the old base to the written view (Recipe::mutation):
+// recompute takes the old base's value, replays the view chain on it and
+// applies the op. Every live wrapper of the old storage (the base, its views,
+// detached aliases) is rebound to the matching cell of the new storage: the
+// base's to the new base, a view's to a copy of its view recipe reading the
+// translated parent. Strong references still go only from a value to its
+// inputs (Note [Ownership in C++]): the new value keeps the old base and the
+// chain's cells, nothing keeps the new one.
+//
+// Where no recipe can exist the write stays exact instead, as before recipes
+// (the "pinned" way): the new storage holds the written memory with no recipe
+// and is never evicted, and an old storage that cannot lose its value (pinned:
+// escaped, a collective's output; or a base with no recipe) keeps a copy of
+// it. That is the case for collectives, for a write into a plain tensor in the
+// same call (a recompute would write it again), for an alias the view chain
+// cannot rebuild (a cell of the storage not derived from the written base, a
+// view recipe reading another dtr value), and for an op that reallocated the
+// written memory (out= resizing its output).
+//
+// Note [Stealing on recompute] (as in dtr/runtime.py)
+// Recomputing an in-place recipe writes into the old base's value itself when
+// nothing else can see it: no wrapper (rebinding moved them all), not pinned,
+// and locked only by this recompute (an op in progress may be about to read
+// it). The old storage is then evicted and the recompute needs no room;
+// otherwise it writes into a copy, for which it makes room.
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "capture.h"
+#include "errors.h"
+#include "op_traits.h"
+#include "recipe_stack.h"
+#include "rng.h"
+#include "runtime.h"
+#include "wrapper.h"
+
+namespace dtr {
+namespace {
+
+template <typename F>
+void for_each_tensor(const c10::IValue& v, F&& f) {
+  if (v.isTensor()) {
+    f(v.toTensor());
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorList()) f(t);
+  } else if (v.isOptionalTensorList()) {
+    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
+  }
+}
+
+int64_t storage_bytes(const at::Tensor& t) {
+  int64_t n = static_cast<int64_t>(t.storage().nbytes());
+  if (t.is_cuda() && n) n = (n + 511) & ~int64_t(511);
+  return n;
+}
+
+// The cell of `cell`'s storage it is a view of (itself if none); `chain` gets
+// the view cells from there (exclusive) to `cell` (inclusive).
+c10::intrusive_ptr<Cell> base_of(const c10::intrusive_ptr<Cell>& cell,
+                                 std::vector<c10::intrusive_ptr<Cell>>* chain) {
+  c10::intrusive_ptr<Cell> base = cell;
+  while (Cell* p = base->view_parent()) {
+    if (chain) chain->push_back(base);
+    base = c10::intrusive_ptr<Cell>::reclaim_copy(p);
+  }
+  if (chain) std::reverse(chain->begin(), chain->end());
+  return base;
+}
+
+// A chain recompute can replay from the base alone: no view reads another dtr value.
+bool replayable(const std::vector<c10::intrusive_ptr<Cell>>& chain) {
+  for (const auto& c : chain) {
+    const auto& ins = c->recipe->inputs;
+    for (size_t i = 0; i < ins.size(); ++i) {
+      if (static_cast<int32_t>(i) != c->view_src && ins[i].cell) return false;
+    }
+  }
+  return true;
+}
+
+// The written view, rebuilt from `x` (a value of its base) by the view chain.
+// Runs below dtr (the caller holds a BelowDTRGuard).
+at::Tensor replay_chain(const std::vector<c10::intrusive_ptr<Cell>>& chain, at::Tensor x) {
+  for (const auto& c : chain) {
+    const Recipe& r = *c->recipe;
+    const OpTraits& traits = op_traits(r.op);
+    std::vector<at::Tensor> vals;
+    vals.reserve(r.inputs.size());
+    for (size_t i = 0; i < r.inputs.size(); ++i) {
+      vals.push_back(static_cast<int32_t>(i) == c->view_src ? x : plain_value(r.inputs[i], traits));
+    }
+    torch::jit::Stack stack;
+    fill_stack(r, vals, stack);
+    r.op.callBoxed(&stack);
+    at::Tensor next;
+    int32_t k = 0;
+    for (const c10::IValue& iv : stack) {
+      for_each_tensor(iv, [&](const at::Tensor& t) {
+        if (k++ == c->out_index) next = t;
+      });
+    }
+    TORCH_INTERNAL_ASSERT(next.defined(), "dtr: replaying the view ", traits.name,
+                          " of an in-place op's target gave no value");
+    x = std::move(next);
+  }
+  return x;
+}
+
+// View cell `old`, re-rooted onto `parent` (a cell of the new storage `rec`).
+c10::intrusive_ptr<Cell> view_over(const Cell& old, c10::intrusive_ptr<Cell> parent,
+                                   const c10::intrusive_ptr<StorageRecord>& rec) {
+  const Recipe& r = *old.recipe;
+  auto nr = c10::make_intrusive<Recipe>(r.op);
+  nr->args = r.args;
+  nr->slots = r.slots;
+  nr->list_sizes = r.list_sizes;
+  nr->inputs = r.inputs;
+  nr->inputs[old.view_src].cell = std::move(parent);
+  nr->cost = r.cost;
+  nr->grad_enabled = r.grad_enabled;
+  nr->outputs.assign(std::max<size_t>(r.outputs.size(), old.out_index + 1),
+                     c10::weak_intrusive_ptr<Cell>(c10::intrusive_ptr<Cell>()));
+  auto nc = c10::make_intrusive<Cell>(nr, old.out_index, old.view_src, rec);
+  nr->outputs[old.out_index] = c10::weak_intrusive_ptr<Cell>(nc);
+  return nc;
+}
+
+}  // namespace
+
+void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
+                                torch::jit::Stack* stack, size_t first, const MutationCall& call) {
+  struct Target {
+    int32_t input;  // index among the op's inputs
+    c10::intrusive_ptr<StorageRecord> old;
+    c10::intrusive_ptr<Cell> base;
+    std::vector<c10::intrusive_ptr<Cell>> chain;
+    const c10::StorageImpl* memory;  // the base value's storage before the op
+    at::Tensor base_copy;            // pinned way, for an old storage that keeps its value
+  };
+  std::vector<Target> targets;
+  std::unordered_set<int64_t> seen;
+  std::vector<int64_t> locked;
+  UnlockOnExit unlock{this, locked};
+  bool with_recipe = !traits.collective;
+  for (size_t i = 0; i < call.slots.size(); ++i) {
+    const int32_t arg = call.slots[i].arg;
+    if (std::find(traits.written.begin(), traits.written.end(), arg) == traits.written.end()) continue;
+    const c10::intrusive_ptr<Cell>& cell = call.cells[i];
+    if (!cell) {  // a plain tensor, or another session's value: written as in eager
+      with_recipe = false;
+      continue;
+    }
+    c10::intrusive_ptr<StorageRecord> old = cell->storage;
+    if (!seen.insert(old->sid).second) {
+      throw DTRError(DTRError::kUnsupportedOp,
+                     "dtr: " + traits.name +
+                         " writes to two views of the same storage at once; dtr cannot preserve "
+                         "that aliasing. Run it outside the dtr block.");
+    }
+    Target tg{static_cast<int32_t>(i), old, c10::intrusive_ptr<Cell>(), {}, nullptr, at::Tensor()};
+    tg.base = base_of(cell, &tg.chain);
+    materialize(tg.base);
+    pool_.lock(old->sid);
+    locked.push_back(old->sid);
+    // Every alias gets its value now, so that it can be rebound to the written memory.
+    for (auto& ref : old->wrappers) {
+      auto wimpl = ref.lock();
+      if (!wimpl) continue;
+      const c10::intrusive_ptr<Cell>& wc = static_cast<DTRTensorImpl*>(wimpl.get())->cell();
+      if (wc->storage.get() != old.get()) continue;
+      materialize(wc);
+      if (base_of(wc, nullptr).get() != tg.base.get()) with_recipe = false;
+    }
+    if (old->pinned || !tg.base->recipe || !replayable(tg.chain)) with_recipe = false;
+    tg.memory = tg.base->value.storage().unsafeGetStorageImpl();
+    targets.push_back(std::move(tg));
+  }
+  if (targets.empty()) {  // only plain tensors are written: nothing to record
+    const double cost = run_timed(op, stack);
+    clock_ += cost;
+    return;
+  }
+  if (!with_recipe) {
+    for (Target& tg : targets) {
+      if (tg.old->pinned || !tg.base->recipe) {
+        make_room(tg.old->nbytes, traits.name, tg.old->nbytes);
+        BelowDTRGuard below;
+        tg.base_copy = tg.base->value.clone();
+      }
+    }
+  }
+
+  // The recipe's argument template, taken before the kernel consumes the stack.
+  c10::intrusive_ptr<Recipe> recipe;
+  if (with_recipe) {
+    recipe = c10::make_intrusive<Recipe>(op);
+    recipe->args.assign(stack->begin() + first, stack->end());
+    for (const Slot& s : call.slots) recipe->args[s.arg] = c10::IValue();
+    recipe->slots = call.slots;
+    recipe->list_sizes = call.list_sizes;
+    recipe->grad_enabled = c10::GradMode::is_enabled();
+    if (traits.seeded) {
+      const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
+      recipe->rng = capture_rng(gen, call.vals[0].device());
+    }
+  }
+
+  const double cost = run_timed(op, stack);
+  clock_ += cost;
+  for (const auto& c : call.cells) {
+    if (c) pool_.touch(c->storage->sid, clock_);
+  }
+  // An out= op may have reallocated its output (resized it): then the view
+  // chain no longer rebuilds it.
+  for (const Target& tg : targets) {
+    if (tg.base->value.storage().unsafeGetStorageImpl() != tg.memory) with_recipe = false;
+  }
+  if (!with_recipe) recipe.reset();
+
+  std::vector<int64_t> parents;
+  if (recipe) {
+    recipe->cost = cost;
+    recipe->inputs.resize(call.vals.size());
+    for (size_t i = 0; i < call.vals.size(); ++i) {
+      RecipeInput& in = recipe->inputs[i];
+      if (call.cells[i]) {
+        in.cell = call.cells[i];
+        parents.push_back(call.cells[i]->storage->sid);
+      } else {
+        in.plain = call.vals[i];
+        if (call.vals[i].defined()) in.version = call.vals[i]._version();
+      }
+    }
+  }
+
+  for (size_t k = 0; k < targets.size(); ++k) {
+    Target& tg = targets[k];
+    StorageRecord& old = *tg.old;
+    const int64_t nb = storage_bytes(tg.base->value);
+    auto fresh = new_storage(nb, cost + pool_.cost(old.sid), /*pinned=*/!recipe,
+                             recipe ? parents : std::vector<int64_t>());
+    auto nbase = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(k), -1, fresh);
+    nbase->value = tg.base->value;
+    fresh->cells.emplace_back(nbase);
+    if (recipe) {
+      recipe->outputs.emplace_back(nbase);
+      recipe->inputs.push_back(RecipeInput{tg.base, at::Tensor(), 0, false});
+      recipe->mutation.push_back(MutationTarget{
+          tg.input, static_cast<int32_t>(recipe->inputs.size() - 1), std::move(tg.chain)});
+      recipe->out_bytes += nb;
+    }
+    // The cell of the new storage matching each cell of the old one.
+    std::unordered_map<const Cell*, c10::intrusive_ptr<Cell>> moved;
+    moved[tg.base.get()] = nbase;
+    auto translate = [&](const c10::intrusive_ptr<Cell>& cell) -> c10::intrusive_ptr<Cell> {
+      if (!recipe) {  // the pinned way: a cell with no recipe holding the written memory
+        auto& nc = moved[cell.get()];
+        if (!nc) {
+          nc = c10::make_intrusive<Cell>(c10::intrusive_ptr<Recipe>(), 0, -1, fresh);
+          nc->value = cell->value;
+          fresh->cells.emplace_back(nc);
+        }
+        return nc;
+      }
+      std::vector<Cell*> path;  // iteratively: view chains can be long
+      for (Cell* c = cell.get(); !moved.count(c); c = c->view_parent()) {
+        TORCH_INTERNAL_ASSERT(c != nullptr, "dtr: an alias of an in-place op's target is not a view of its base");
+        path.push_back(c);
+      }
+      for (auto it = path.rbegin(); it != path.rend(); ++it) {
+        Cell* c = *it;
+        auto nc = view_over(*c, moved.at(c->view_parent()), fresh);
+        nc->value = c->value;
+        fresh->cells.emplace_back(nc);
+        moved[c] = std::move(nc);
+      }
+      return moved.at(cell.get());
+    };
+    std::vector<std::pair<c10::intrusive_ptr<c10::TensorImpl>, c10::intrusive_ptr<Cell>>> rebinds;
+    for (auto& ref : old.wrappers) {
+      auto wimpl = ref.lock();
+      if (!wimpl) continue;
+      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
+      if (w->cell()->storage.get() != &old) continue;
+      rebinds.emplace_back(std::move(wimpl), translate(w->cell()));
+    }
+    if (tg.base_copy.defined()) {
+      for (auto& ref : old.cells) {
+        if (auto c = ref.lock()) c->value.reset();
+      }
+      old.cells.clear();
+      set_value(*tg.base, tg.base_copy);
+    } else {
+      evict(old, /*counted=*/false);  // its memory is the new storage's now
+    }
+    for (auto& [wimpl, nc] : rebinds) {
+      auto* w = static_cast<DTRTensorImpl*>(wimpl.get());
+      at::Tensor v = nc->value;
+      w->rebind(nc, v);
+    }
+  }
+  // Return what eager returns: the written arguments themselves.
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> by_inner;
+  for (const c10::IValue& a : call.original_args) {
+    for_each_tensor(a, [&](const at::Tensor& t) {
+      if (DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr) {
+        if (impl->cell()->value.defined()) by_inner[impl->cell()->value.unsafeGetTensorImpl()] = t;
+      }
+    });
+  }
+  auto back = [&](const at::Tensor& o) -> at::Tensor {
+    if (!o.defined()) return o;
+    auto it = by_inner.find(o.unsafeGetTensorImpl());
+    if (it == by_inner.end()) return o;
+    dtr_impl(it->second)->sync_metadata(o);
+    return it->second;
+  };
+  for (size_t i = first; i < stack->size(); ++i) {
+    c10::IValue& r = (*stack)[i];
+    if (r.isTensor()) {
+      r = back(r.toTensor());
+    } else if (r.isTensorList()) {
+      c10::List<at::Tensor> in = r.toTensorList();
+      c10::List<at::Tensor> out;
+      for (const at::Tensor& t : in) out.push_back(back(t));
+      r = out;
+    }
+  }
+  note_peak();
+}
+
+std::vector<StorageRecord*> Runtime::stealable_bases(const Recipe& r,
+                                                     const std::vector<int64_t>& locked) {
+  std::vector<StorageRecord*> out;
+  for (const MutationTarget& m : r.mutation) {
+    StorageRecord* rec = r.inputs[m.base].cell->storage.get();
+    const int64_t ours = std::count(locked.begin(), locked.end(), rec->sid);
+    if (!rec->pinned && rec->nwrappers == 0 && rec->resident && pool_.locks(rec->sid) == ours) {
+      out.push_back(rec);
+    }
+  }
+  return out;
+}
+
+// Runs below dtr, under the recipe's grad mode (see Runtime::recompute).
+std::vector<at::Tensor> Runtime::run_mutation_recipe(const Recipe& r, std::vector<at::Tensor> vals) {
+  std::vector<at::Tensor> bases;
+  bases.reserve(r.mutation.size());
+  for (const MutationTarget& m : r.mutation) {
+    at::Tensor base = vals[m.base];
+    // Still resident: not stolen (Note [Stealing on recompute]), so write into a copy.
+    if (r.inputs[m.base].cell->storage->resident) base = base.clone();
+    vals[m.written] = replay_chain(m.chain, base);
+    bases.push_back(std::move(base));
+  }
+  torch::jit::Stack stack;
+  fill_stack(r, vals, stack);
+  RNGReplayGuard rng(r.rng);
+  r.op.callBoxed(&stack);
+  return bases;
+}
+
+}  // namespace dtr
