@@ -7,7 +7,7 @@
 //   Cell -> StorageRecord -> Runtime
 // A StorageRecord refers to its cells and wrappers weakly, a Recipe to its
 // output cells weakly. A value nobody can reach is freed by reference
-// counting, and ~StorageRecord tells the runtime (and its pool) it is gone.
+// counting (Note [Released at the last strong reference]), and the record tells the runtime (and its pool) it is gone.
 // Every mutation of these objects happens under the owning runtime's lock.
 #pragma once
 
@@ -30,6 +30,14 @@ class DTRTensorImpl;
 // The unit of eviction: one storage and every cell (view) living in it.
 struct StorageRecord : c10::intrusive_ptr_target {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
+  // Note [Released at the last strong reference]
+  // An intrusive_ptr_target is deleted only when its weak references are gone
+  // too, but records are referred to weakly by design (a recipe's outputs, a
+  // storage's cells, the runtime's kept list). Whatever they own is released
+  // in release_resources(), which runs when the last strong reference goes:
+  // otherwise a cell and its recipe (which refers back to it weakly) keep each
+  // other, their inputs and their storage record alive forever.
+  void release_resources() override;
   ~StorageRecord() override;
 
   c10::intrusive_ptr<Runtime> runtime;
@@ -90,6 +98,13 @@ struct Cell : c10::intrusive_ptr_target {
   int32_t out_index;                // which flat output of the recipe
   int32_t view_src;                 // >= 0: a view of recipe->inputs[view_src], same storage
   c10::intrusive_ptr<StorageRecord> storage;
+
+  // Note [Released at the last strong reference].
+  void release_resources() override {
+    value.reset();
+    recipe.reset();
+    storage.reset();
+  }
 
   Cell* view_parent() const {
     return view_src >= 0 ? recipe->inputs[view_src].cell.get() : nullptr;

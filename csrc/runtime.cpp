@@ -1,6 +1,7 @@
 #include "runtime.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/GradMode.h>
 
 #include <chrono>
@@ -140,6 +141,10 @@ void for_each_tensor(const c10::IValue& v, F&& f) {
     for (const at::Tensor& t : v.toTensorList()) f(t);
   } else if (v.isOptionalTensorList()) {
     for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
+  } else if (v.isList()) {  // Tensor[][] (c10d's allgather_, reduce_scatter_)
+    for (const c10::IValue& e : v.toListRef()) {
+      if (e.isTensorList()) for_each_tensor(e, f);
+    }
   }
 }
 
@@ -168,7 +173,15 @@ const c10::StorageImpl* storage_of(const at::Tensor& t) {
 StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
     : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
 
-StorageRecord::~StorageRecord() { runtime->storage_died(this); }
+// Note [Released at the last strong reference] in records.h. A record with no
+// weak references is deleted at once, without release_resources().
+StorageRecord::~StorageRecord() { release_resources(); }
+
+void StorageRecord::release_resources() {
+  if (!runtime) return;
+  c10::intrusive_ptr<Runtime> rt = std::move(runtime);
+  rt->storage_died(this);
+}
 
 Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all)
     : pool_(policy, search), limit_(limit), evict_all_(evict_all) {}
@@ -497,6 +510,23 @@ at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
            "optimizer.step()), or use a larger budget so the value is not evicted.";
     throw DTRError(DTRError::kStaleInput, msg.str());
   }
+  if (t.numel() && t.layout() == c10::kStrided && t.has_storage() &&
+      t.storage().nbytes() < at::detail::computeStorageNbytes(t.sizes(), t.strides(), t.itemsize(),
+                                                              t.storage_offset())) {
+    // Note [Freed plain inputs] in dtr/runtime.py: FSDP2 frees gathered
+    // parameters in place (storage resized to 0 bytes), which moves no version.
+    std::ostringstream msg;
+    msg << "dtr: cannot recompute " << traits.name
+        << ": one of its inputs, a tensor made outside the dtr block (shape " << t.sizes() << ", "
+        << t.scalar_type() << "), has had its memory freed in place since the value was computed "
+        << "(its storage now holds " << t.storage().nbytes()
+        << " bytes). torch.distributed.fsdp.fully_shard (FSDP2) does this to gathered parameters "
+           "when it reshards after forward or backward, and dtr cannot gather them again. Keep "
+           "them gathered for the block with `with dtr.distributed.fsdp_keep_gathered(model):` "
+           "(see docs/distributed.md), or use a budget large enough that nothing computed from "
+           "them is evicted.";
+    throw DTRError(DTRError::kUnsupportedOp, msg.str());
+  }
   return t;
 }
 
@@ -697,6 +727,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   stats_.ops += 1;
 
   // 1. Inputs: dtr values materialized and locked, plain tensors counted.
+  std::vector<c10::intrusive_ptr<Cell>> nested_cells;  // inputs in Tensor[][] arguments
   std::vector<int64_t> locked;
   UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
@@ -745,6 +776,27 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
         }
       }
       list_sizes[i] = static_cast<int32_t>(in.size());
+      iv = out;
+    } else if (iv.isList() && !traits.written.empty()) {
+      // Tensor[][] (c10d's allgather_, reduce_scatter_): inputs of in-place
+      // collectives, which record no recipe (Note [Collectives in the C++ runtime]).
+      c10::impl::GenericList out(iv.toList().elementType());
+      for (const c10::IValue& e : iv.toListRef()) {
+        if (!e.isTensorList()) {
+          out.push_back(e);
+          continue;
+        }
+        c10::List<at::Tensor> inner;
+        for (const at::Tensor& t : e.toTensorList()) {
+          c10::intrusive_ptr<Cell> cell;
+          inner.push_back(input_value(t, &cell, locked));
+          any_dtr = any_dtr || cell;
+          // Kept (with its storage) until the locks are released: the write
+          // rebinds the wrappers, which may leave this the last reference.
+          if (cell) nested_cells.push_back(std::move(cell));
+        }
+        out.push_back(inner);
+      }
       iv = out;
     }
   }

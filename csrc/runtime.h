@@ -41,7 +41,7 @@ class Runtime : public c10::intrusive_ptr_target {
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
   // A wrapper of `cell` died or was rebound (see Note [Deferred releases]).
   void wrapper_released(c10::intrusive_ptr<Cell> cell);
-  // ~StorageRecord.
+  // StorageRecord::release_resources.
   void storage_died(StorageRecord* rec);
 
   // Counts a plain tensor against the budget from now on (dtr.budget's count=).

@@ -31,8 +31,6 @@ _ESCAPES = "C++ runtime step 3: repr/tolist/numpy/deepcopy/torch.save of C++ wra
 _BUDGET = ("C++ runtime step 4: kernel scratch is not reserved yet, so the device's count "
            "passes the budget by up to a kernel's scratch")
 _PYPOLICY = "C++ runtime: policies given as Python callables"
-_COMPILE = "C++ runtime step 5: torch.compile(backend='dtr') on the C++ runtime"
-_DISTRIBUTED = "C++ runtime step 5: collectives, DDP and FSDP2 on the C++ runtime"
 CPP_NOT_YET = {
     "test_semantics.py::test_recomputing_in_place_ops_reuses_the_old_buffer": _MUTATION,
     "test_semantics.py::test_non_tensor_results_pass_through": _ESCAPES,
@@ -49,12 +47,6 @@ CPP_NOT_YET = {
     "test_models.py::test_tight_budgets_are_exact_and_hold[cnn]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
-    "test_compile.py::": _COMPILE,
-    "test_distributed.py::test_ddp_bit_identical_under_tight_budget": _DISTRIBUTED,
-    "test_distributed.py::test_ddp_options_bit_identical_under_budget": _DISTRIBUTED,
-    "test_distributed.py::test_collectives_run_once_and_values_exact": _DISTRIBUTED,
-    "test_distributed.py::test_fsdp2_keep_gathered_bit_identical_under_tight_budget": _DISTRIBUTED,
-    "test_distributed.py::test_fsdp2_resharded_parameters_raise_a_clear_error": _DISTRIBUTED,
 }
 
 
