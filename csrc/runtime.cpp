@@ -727,13 +727,16 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   stats_.ops += 1;
 
   // 1. Inputs: dtr values materialized and locked, plain tensors counted.
+  // The input cells outlive the locks taken on their storages (declared first,
+  // destroyed last): an in-place op rebinds the wrappers, which may leave these
+  // the last references to the old storage.
+  std::vector<c10::intrusive_ptr<Cell>> cells;         // per input; null for plain ones
   std::vector<c10::intrusive_ptr<Cell>> nested_cells;  // inputs in Tensor[][] arguments
   std::vector<int64_t> locked;
   UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
   if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
-  std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
   std::vector<at::Tensor> vals;
   std::vector<Slot> slots;
   std::vector<int32_t> list_sizes(nargs, 0);
@@ -791,8 +794,6 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
           c10::intrusive_ptr<Cell> cell;
           inner.push_back(input_value(t, &cell, locked));
           any_dtr = any_dtr || cell;
-          // Kept (with its storage) until the locks are released: the write
-          // rebinds the wrappers, which may leave this the last reference.
           if (cell) nested_cells.push_back(std::move(cell));
         }
         out.push_back(inner);
