@@ -8,7 +8,8 @@ Dynamo captures the model's frames; aot_autograd turns each into a forward and
 a backward graph of aten ops (no recomputation of its own: the default
 partitioner saves what the backward needs). Both graphs are run here node by
 node, and every aten node goes straight to ``Runtime.dispatch``, exactly as
-the dispatch mode sends eager ops there. So:
+the dispatch mode sends eager ops there (on the C++ runtime: to its fallback,
+see Note [Compiled graphs on the C++ runtime]). So:
 
 * the activations the forward saves for the backward are DTRTensors: autograd
   keeps them (``ctx.save_for_backward``) while the runtime may evict and
