@@ -39,8 +39,6 @@ CPP_NOT_YET = {
     "test_budget.py::test_custom_policies_by_callable_and_registry": _PYPOLICY,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[cnn]": _BUDGET,
     "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[lstm]": _BUDGET,
-    # Every budget tried is infeasible: written values are pinned (step 2) and scratch unplanned.
-    "test_budget.py::test_measured_peak_matches_eager_when_unlimited_and_holds_under_budget[treelstm]": _BUDGET,
     "test_budget.py::test_count_makes_parameters_count_from_the_start": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[cnn]": _BUDGET,
     "test_budget.py::test_budget_holds_for_the_allocator_with_measured_scratch[lstm]": _BUDGET,
