@@ -32,6 +32,17 @@ BlockToken enter_block(Runtime* rt) {
   return token;
 }
 
+BlockToken suspend_block() {
+  BlockToken token;
+  token.previous = tls_runtime;
+  auto local = c10::impl::tls_local_dispatch_key_set();
+  token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
+  local.included_ = without_dtr(local.included_);
+  c10::impl::_force_tls_local_dispatch_key_set(local);
+  tls_runtime = nullptr;
+  return token;
+}
+
 void exit_block(const BlockToken& token) {
   tls_runtime = token.previous;
   auto local = c10::impl::tls_local_dispatch_key_set();

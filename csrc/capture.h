@@ -27,6 +27,10 @@ struct BlockToken {
 };
 BlockToken enter_block(Runtime* rt);
 void exit_block(const BlockToken& token);
+// Takes this thread out of its block until exit_block(token): no op is
+// captured and plain results stay plain (Note [Tracing outside the block] in
+// dtr/compile.py).
+BlockToken suspend_block();
 
 // Kernels run below dtr and below autograd: kDTRKey out of the TLS include
 // set (so the plain values the op now has stay plain), autograd excluded (a

@@ -21,6 +21,7 @@
 // left alone: they must keep decomposing above autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -87,7 +88,8 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::St
       return;
     }
     // A block open on this thread takes the op, also for tensors of a finished session.
-    (active != nullptr ? active : owner)->dispatch(op, stack);
+    const OpTraits& traits = op_traits(op);
+    (active != nullptr ? active : owner)->dispatch(traits.run_as ? *traits.run_as : op, stack);
   });
 }
 
@@ -129,4 +131,16 @@ void register_new_ops() {
 
 TORCH_LIBRARY_IMPL(_, PrivateUse3, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&dtr::fallback>());
+}
+
+// Note [Autograd fallback for our key]
+// Torch registers its autograd fallback (for ops without an autograd kernel:
+// the c10d collectives, custom ops with only backend kernels) on every
+// Autograd<Backend> key but AutogradPrivateUse2/3, which it leaves to the
+// plug-in. Without one, c10d::allreduce_ on a dtr tensor, or on any tensor
+// while a block is open, fails with "Could not run 'c10d::allreduce_' with
+// arguments from the 'AutogradPrivateUse3' backend". This is the one
+// AutogradCPU has.
+TORCH_LIBRARY_IMPL(_, AutogradPrivateUse3, m) {
+  m.fallback(torch::autograd::basicAutogradNotImplementedFallback());
 }

@@ -159,14 +159,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   std::vector<int64_t> locked;
   UnlockOnExit unlock{this, locked};
   bool with_recipe = !traits.collective;
-  for (size_t i = 0; i < call.slots.size(); ++i) {
-    const int32_t arg = call.slots[i].arg;
-    if (std::find(traits.written.begin(), traits.written.end(), arg) == traits.written.end()) continue;
-    const c10::intrusive_ptr<Cell>& cell = call.cells[i];
-    if (!cell) {  // a plain tensor, or another session's value: written as in eager
-      with_recipe = false;
-      continue;
-    }
+  auto add_target = [&](int32_t input, const c10::intrusive_ptr<Cell>& cell) {
     c10::intrusive_ptr<StorageRecord> old = cell->storage;
     if (!seen.insert(old->sid).second) {
       throw DTRError(DTRError::kUnsupportedOp,
@@ -174,7 +167,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
                          " writes to two views of the same storage at once; dtr cannot preserve "
                          "that aliasing. Run it outside the dtr block.");
     }
-    Target tg{static_cast<int32_t>(i), old, c10::intrusive_ptr<Cell>(), {}, nullptr, at::Tensor()};
+    Target tg{input, old, c10::intrusive_ptr<Cell>(), {}, nullptr, at::Tensor()};
     tg.base = base_of(cell, &tg.chain);
     materialize(tg.base);
     pool_.lock(old->sid);
@@ -191,6 +184,23 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     if (old->pinned || !tg.base->recipe || !replayable(tg.chain)) with_recipe = false;
     tg.memory = tg.base->value.storage().unsafeGetStorageImpl();
     targets.push_back(std::move(tg));
+  };
+  auto is_written = [&](int32_t arg) {
+    return std::find(traits.written.begin(), traits.written.end(), arg) != traits.written.end();
+  };
+  for (size_t i = 0; i < call.slots.size(); ++i) {
+    if (!is_written(call.slots[i].arg)) continue;
+    const c10::intrusive_ptr<Cell>& cell = call.cells[i];
+    if (!cell) {  // a plain tensor, or another session's value: written as in eager
+      with_recipe = false;
+      continue;
+    }
+    add_target(static_cast<int32_t>(i), cell);
+  }
+  for (const auto& [arg, cell] : call.nested) {
+    if (!is_written(arg)) continue;
+    with_recipe = false;  // no recipe input stands for a Tensor[][] element
+    add_target(-1, cell);
   }
   if (targets.empty()) {  // only plain tensors are written: nothing to record
     const double cost = run_timed(op, stack);

@@ -23,6 +23,34 @@ constexpr RunningStats kRunningStats[] = {
     {"aten::batch_norm_update_stats", 1, 2, -1},
 };
 
+// Note [Collectives in the C++ runtime]
+// The same rules as Note [Collectives] in dtr/ops.py. The c10d ops that write
+// into their arguments (what dist.all_reduce, broadcast, all_gather and the
+// DDP reducer and FSDP2 call) have no alias annotations in their schemas
+// (`Tensor[] tensors`, not `Tensor(a!)[]`), so the written argument is named
+// here: the runtime handles them as in-place writes, which makes the written
+// memory a new pinned value (never evicted, so never replayed) while the value
+// it held before keeps its recipe. The functional collectives
+// (_c10d_functional) return new tensors, recorded as pinned values.
+// _c10d_functional::_wrap_tensor_autograd returns an AsyncCollectiveTensor (a
+// Python subclass, waited on at first use), which a dtr value cannot hold: the
+// runtime runs wait_tensor in its place, which returns the same value, waited.
+struct CollectiveWrite {
+  const char* base;
+  const char* written;
+};
+constexpr CollectiveWrite kC10dWrites[] = {
+    {"allreduce_", "tensors"}, {"allreduce_coalesced_", "tensors"},
+    {"broadcast_", "tensors"}, {"reduce_", "tensors"},
+    {"recv_", "tensors"}, {"recv_any_source_", "tensors"},
+    {"allgather_", "output_tensors"}, {"allgather_coalesced_", "output_lists"},
+    {"_allgather_base_", "output_tensor"}, {"allgather_into_tensor_coalesced_", "outputs"},
+    {"reduce_scatter_", "output_tensors"}, {"_reduce_scatter_base_", "output_tensor"},
+    {"reduce_scatter_tensor_coalesced_", "outputs"}, {"gather_", "output_tensors"},
+    {"scatter_", "output_tensors"}, {"alltoall_", "output_tensors"},
+    {"alltoall_base_", "output"},
+};
+
 OpTraits compute(const c10::OperatorHandle& op) {
   const c10::FunctionSchema& schema = op.schema();
   OpTraits t;
@@ -51,6 +79,17 @@ OpTraits compute(const c10::OperatorHandle& op) {
   t.alias_ok = full == "aten::detach" || full == "aten::alias";
   t.collective = ns == "c10d" || ns == "_c10d_functional" || ns == "c10d_functional" ||
                  ns == "_c10d_functional_autograd" || ns == "_dtensor";
+  if (ns == "c10d") {
+    for (const auto& cw : kC10dWrites) {
+      if (base != cw.base) continue;
+      for (size_t i = 0; i < args.size(); ++i) {
+        if (args[i].name() == cw.written) t.written.push_back(static_cast<int>(i));
+      }
+    }
+  }
+  if (full == "_c10d_functional::_wrap_tensor_autograd") {
+    t.run_as = c10::Dispatcher::singleton().findOp({"_c10d_functional::wait_tensor", ""});
+  }
   for (const auto& rs : kRunningStats) {
     if (full == rs.name && schema.overload_name().empty()) {
       t.running_mean = rs.mean;

@@ -7,6 +7,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,8 @@ struct OpTraits {
   bool returns_tensor = false;
   bool unsupported = false; // changes a tensor's metadata or storage in place
   bool collective = false;  // communication: never replayed (Note [Collectives] in dtr/ops.py)
+  // The op run in this one's place (Note [Collectives in the C++ runtime]).
+  std::optional<c10::OperatorHandle> run_as;
   // Arguments the schema marks as written (in-place, out=, _foreach_*_).
   std::vector<int> written;
   // See Note [Hidden running-stat updates] in dtr/ops.py: positions of

@@ -1,6 +1,7 @@
 #include "runtime.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/GradMode.h>
 
 #include <chrono>
@@ -134,6 +135,10 @@ void for_each_tensor(const c10::IValue& v, F&& f) {
     for (const at::Tensor& t : v.toTensorList()) f(t);
   } else if (v.isOptionalTensorList()) {
     for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
+  } else if (v.isList()) {  // Tensor[][] (c10d's allgather_, reduce_scatter_)
+    for (const c10::IValue& e : v.toListRef()) {
+      if (e.isTensorList()) for_each_tensor(e, f);
+    }
   }
 }
 
@@ -496,6 +501,23 @@ at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
            "optimizer.step()), or use a larger budget so the value is not evicted.";
     throw DTRError(DTRError::kStaleInput, msg.str());
   }
+  if (t.numel() && t.layout() == c10::kStrided && t.has_storage() &&
+      t.storage().nbytes() < at::detail::computeStorageNbytes(t.sizes(), t.strides(), t.itemsize(),
+                                                              t.storage_offset())) {
+    // Note [Freed plain inputs] in dtr/runtime.py: FSDP2 frees gathered
+    // parameters in place (storage resized to 0 bytes), which moves no version.
+    std::ostringstream msg;
+    msg << "dtr: cannot recompute " << traits.name
+        << ": one of its inputs, a tensor made outside the dtr block (shape " << t.sizes() << ", "
+        << t.scalar_type() << "), has had its memory freed in place since the value was computed "
+        << "(its storage now holds " << t.storage().nbytes()
+        << " bytes). torch.distributed.fsdp.fully_shard (FSDP2) does this to gathered parameters "
+           "when it reshards after forward or backward, and dtr cannot gather them again. Keep "
+           "them gathered for the block with `with dtr.distributed.fsdp_keep_gathered(model):` "
+           "(see docs/distributed.md), or use a budget large enough that nothing computed from "
+           "them is evicted.";
+    throw DTRError(DTRError::kUnsupportedOp, msg.str());
+  }
   return t;
 }
 
@@ -787,12 +809,17 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   stats_.ops += 1;
 
   // 1. Inputs: dtr values materialized and locked, plain tensors counted.
+  // The input cells outlive the locks taken on their storages (declared first,
+  // destroyed last): an in-place op rebinds the wrappers, which may leave these
+  // the last references to the old storage.
+  std::vector<c10::intrusive_ptr<Cell>> cells;         // per input; null for plain ones
+  // Inputs in Tensor[][] arguments, with their argument's index.
+  std::vector<std::pair<int32_t, c10::intrusive_ptr<Cell>>> nested_cells;
   std::vector<int64_t> locked;
   UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
   if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
-  std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
   std::vector<at::Tensor> vals;
   std::vector<Slot> slots;
   std::vector<int32_t> list_sizes(nargs, 0);
@@ -836,6 +863,25 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       }
       list_sizes[i] = static_cast<int32_t>(in.size());
       iv = out;
+    } else if (iv.isList() && !traits.written.empty()) {
+      // Tensor[][] (c10d's allgather_, reduce_scatter_): inputs of in-place
+      // collectives, which record no recipe (Note [Collectives in the C++ runtime]).
+      c10::impl::GenericList out(iv.toList().elementType());
+      for (const c10::IValue& e : iv.toListRef()) {
+        if (!e.isTensorList()) {
+          out.push_back(e);
+          continue;
+        }
+        c10::List<at::Tensor> inner;
+        for (const at::Tensor& t : e.toTensorList()) {
+          c10::intrusive_ptr<Cell> cell;
+          inner.push_back(input_value(t, &cell, locked));
+          any_dtr = any_dtr || cell;
+          if (cell) nested_cells.emplace_back(static_cast<int32_t>(i), std::move(cell));
+        }
+        out.push_back(inner);
+      }
+      iv = out;
     }
   }
 
@@ -848,7 +894,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
   if (!traits.written.empty()) {
     dispatch_mutation(op, traits, stack, first,
-                      MutationCall{original, cells, vals, slots, list_sizes});
+                      MutationCall{original, cells, vals, slots, list_sizes, nested_cells});
     if (evict_all_) {
       unlock_all(locked);
       evict_everything();

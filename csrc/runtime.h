@@ -53,7 +53,7 @@ class Runtime : public c10::intrusive_ptr_target {
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
   // A wrapper of `cell` died or was rebound (see Note [Deferred releases]).
   void wrapper_released(c10::intrusive_ptr<Cell> cell);
-  // ~StorageRecord.
+  // StorageRecord::release_resources.
   void storage_died(StorageRecord* rec);
 
   // Counts a plain tensor against the budget from now on (dtr.budget's count=).
@@ -134,6 +134,9 @@ class Runtime : public c10::intrusive_ptr_target {
     const std::vector<at::Tensor>& vals;
     const std::vector<Slot>& slots;
     const std::vector<int32_t>& list_sizes;
+    // Tensors in Tensor[][] arguments (c10d's allgather_ outputs), by argument:
+    // written ones are targets too, never with a recipe.
+    const std::vector<std::pair<int32_t, c10::intrusive_ptr<Cell>>>& nested;
   };
   // csrc/mutation.cpp
   void dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,

@@ -110,6 +110,11 @@ void bind_runtime(py::module_& m) {
     return t;
   });
   m.def("exit_block", [](const PyBlockToken& t) { exit_block(t.token); });
+  m.def("suspend_block", [] {
+    PyBlockToken t;
+    t.token = suspend_block();
+    return t;
+  }, "Takes this thread out of its open block until exit_block(token).");
   m.def("is_dtr", [](const at::Tensor& t) { return is_dtr(t); },
         "Whether t is a tensor of the C++ runtime.");
   m.def("unwrap", [](const at::Tensor& t) -> at::Tensor {

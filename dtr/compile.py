@@ -8,7 +8,8 @@ Dynamo captures the model's frames; aot_autograd turns each into a forward and
 a backward graph of aten ops (no recomputation of its own: the default
 partitioner saves what the backward needs). Both graphs are run here node by
 node, and every aten node goes straight to ``Runtime.dispatch``, exactly as
-the dispatch mode sends eager ops there. So:
+the dispatch mode sends eager ops there (on the C++ runtime: to its fallback,
+see Note [Compiled graphs on the C++ runtime]). So:
 
 * the activations the forward saves for the backward are DTRTensors: autograd
   keeps them (``ctx.save_for_backward``) while the runtime may evict and
@@ -46,6 +47,7 @@ which wait for the backward, as the first to go.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -53,9 +55,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import _ext
 from . import policies as _policies
 from .session import Session, _stack
-from .tensor import DTRTensor, unwrap
+from .tensor import DTRTensor, is_dtr_tensor, unwrap
 
 __all__ = ["compile_backend", "dtr_backend", "DTRBackend"]
 
@@ -240,20 +243,20 @@ class _Program:
             st.append(st[0] in leaving)
 
 
-def _run(program: _Program, args: List, runtime) -> List:
+def _run(program: _Program, args: List, dispatch) -> List:
+    """Runs the program; ``dispatch(op, args, kwargs)`` runs an aten node under the runtime."""
     env: List[Any] = [None] * program.n
     for j, i in enumerate(program.placeholders):
         a = args[j]
         # Parameters are torch.nn.Parameter, not torch.Tensor: test with isinstance.
         # Under enable_grad an undetached input would make every op record
         # autograd history, whose saved tensors keep freed values alive.
-        if isinstance(a, torch.Tensor) and a.requires_grad and type(a) is not DTRTensor:
+        if isinstance(a, torch.Tensor) and a.requires_grad and not is_dtr_tensor(a):
             a = a.detach()
         env[i] = a
     args.clear()  # boxed call: let aot_autograd's references to the inputs go
     for i, c in program.consts:
         env[i] = c
-    dispatch = runtime.dispatch
     try:
         for i, kind_, fn, targs, tkwargs, frees, leaves in program.steps:
             args_ = _fill(targs, env) if targs else ()
@@ -269,11 +272,12 @@ def _run(program: _Program, args: List, runtime) -> List:
                 args_ = list(args_)
                 for p in (3, 4):
                     if p < len(args_) and isinstance(args_[p], torch.Tensor):
-                        args_[p] = unwrap(args_[p]).clone()
+                        with torch.no_grad():  # a plain copy: no runtime wraps it
+                            args_[p] = unwrap(args_[p]).clone()
                 out = dispatch(fn, tuple(args_), kwargs_)
             else:
                 out = fn(*args_, **kwargs_)
-            if leaves and type(out) is DTRTensor:
+            if leaves and is_dtr_tensor(out):
                 out = _escape(out)
             env[i] = out
             for r in frees:
@@ -284,7 +288,7 @@ def _run(program: _Program, args: List, runtime) -> List:
     outs = list(result) if isinstance(result, (list, tuple)) else [result]
     for j in range(program.escape_n):
         o = outs[j]
-        if type(o) is DTRTensor:
+        if is_dtr_tensor(o):
             outs[j] = _escape(o)
     return outs
 
@@ -312,10 +316,67 @@ def _any_tensor(args, kwargs) -> bool:
 
 
 def _runtime_of_inputs(args) -> Optional[Any]:
+    """The Python runtime or the C++ runtime (a ``dtr._C.Runtime``) of the first dtr input."""
+    C = _ext._C
     for a in args:
         if type(a) is DTRTensor:
             return a._cell.storage.runtime
+        if C is not None and isinstance(a, torch.Tensor) and C.is_dtr(a):
+            return C.runtime_of(a)
     return None
+
+
+# Note [Compiled graphs on the C++ runtime]
+# The C++ runtime has no Python dispatch: an aten node reaches it by being
+# called, with the runtime's block open on this thread (its TLS include sends
+# ops on plain tensors to the C++ fallback too, Note [Capturing plain-only ops]
+# in csrc/capture.h). So the runner calls each node directly inside the block,
+# entering it for the call when the graph runs outside one (the backend's own
+# session; a backward run after its block closed).
+def _call_node(op, args, kwargs):
+    return op(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _outside_cpp_block():
+    """Note [Tracing outside the block]
+    aot_autograd traces under FakeTensorMode and clones the RNG state while it
+    compiles; with a C++ block open on the thread those ops would be captured,
+    and their results wrapped (Dynamo then fails on a wrapper: "Cannot access
+    data pointer"). Compiling happens with the thread taken out of its block,
+    as the Python runtime's dispatch mode is switched off for it."""
+    C = _ext._C
+    if C is None:
+        yield
+        return
+    token = C.suspend_block()
+    try:
+        yield
+    finally:
+        C.exit_block(token)
+
+
+class _RawCppRuntime:
+    """A ``dtr._C.Runtime`` found through a tensor, when no open session holds it."""
+
+    kind = "cpp"
+
+    def __init__(self, rt):
+        self._rt = rt
+
+    @property
+    def limit(self):
+        return self._rt.limit
+
+    @limit.setter
+    def limit(self, value):
+        self._rt.limit = value
+
+    def tightened(self, spec):
+        # Only bytes: "auto" and fractions need the session's device (CppRuntime).
+        if not isinstance(spec, int):
+            return self.limit
+        return spec if self.limit is None else min(self.limit, spec)
 
 
 # ----------------------------------------------------------------------------
@@ -383,20 +444,44 @@ class DTRBackend:
             _warn_unbudgeted()
         return self._own_session().runtime, _KEEP
 
+    def _cpp_session_runtime(self, c_rt):
+        """The CppRuntime of a session (open, or this backend's own) wrapping ``c_rt``."""
+        for s in [*_stack(), *reversed(self.sessions)]:
+            if getattr(s.runtime, "_rt", None) is c_rt:
+                return s.runtime
+        return _RawCppRuntime(c_rt)
+
     def _call(self, program, args, *, backward: bool):
         if backward:
             rt = _runtime_of_inputs(args)
             restore = _KEEP
             if rt is None:
                 rt, restore = self._runtime_for_forward()
-            elif self.budget_bytes is not None:
-                restore = rt.limit
-                rt.limit = rt.tightened(self.budget_bytes)
+            else:
+                if _ext._C is not None and isinstance(rt, _ext._C.Runtime):
+                    rt = self._cpp_session_runtime(rt)
+                if self.budget_bytes is not None:
+                    restore = rt.limit
+                    rt.limit = rt.tightened(self.budget_bytes)
         else:
             rt, restore = self._runtime_for_forward()
         try:
+            if getattr(rt, "kind", None) == "cpp":  # Note [Compiled graphs on the C++ runtime]
+                if getattr(rt, "device", True) is None:
+                    # A backend's own session, never entered as a block: its budget is
+                    # the device's memory, known from the first tensor (the Python
+                    # runtime binds it at its first plain tensor the same way).
+                    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+                    if dev is not None:
+                        rt.bind_device(dev)
+                token = _ext._C.enter_block(rt._rt)
+                try:
+                    with _disable_current_modes(), torch.enable_grad():
+                        return _run(program, args, _call_node)
+                finally:
+                    _ext._C.exit_block(token)
             with _disable_current_modes(), torch.enable_grad():
-                return _run(program, args, rt)
+                return _run(program, args, rt.dispatch)
         finally:
             if restore is not _KEEP:
                 rt.limit = restore
@@ -441,7 +526,7 @@ class DTRBackend:
         from torch._functorch.aot_autograd import aot_module_simplified
 
         self.frames += 1
-        with _disable_current_modes():
+        with _disable_current_modes(), _outside_cpp_block():
             return aot_module_simplified(
                 gm, example_inputs,
                 fw_compiler=self._fw_compiler,
