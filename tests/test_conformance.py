@@ -12,6 +12,8 @@ import dtr
 from dtr.testing import evict_everything
 from harness import budget_above, live_bytes
 
+pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
+
 
 # ----------------------------------------------------------------------------
 # Modules, trained eagerly, under evict_everything and under a tight budget
