@@ -12,11 +12,15 @@ rounds with one torch thread:
   ``_make_wrapper_subclass`` tensors holding the real ones, unwrapped before each
   op (what any ``__torch_dispatch__`` wrapper subclass pays: the Python call per
   op, the wrapper objects, autograd over them);
-- dtr with no limit (``dtr.budget(None)``): that plus
-  dtr's bookkeeping.
+- dtr with no limit on the Python runtime (``dtr.budget(None, runtime="python")``):
+  that plus dtr's bookkeeping;
+- dtr with no limit on the C++ runtime (``runtime="cpp"``, when ``dtr._C`` is built):
+  a C++ wrapper ``TensorImpl`` and a boxed fallback, no Python per op.
 
-The gap between the last two is what dtr's own per-op work costs; the first gap is
-the floor of doing it in Python at the dispatch level (see docs/performance.md).
+The gap between the do-nothing wrapper and the Python runtime is what dtr's own per-op
+work costs in Python; the do-nothing wrapper's own gap is the floor of doing anything
+in Python at the dispatch level, which the C++ runtime does not pay (see
+docs/performance.md).
 """
 from __future__ import annotations
 
@@ -85,8 +89,10 @@ def measure(name: str, size: str, reps: int) -> dict:
     ctxs = {
         "eager": contextlib.nullcontext,
         "do-nothing wrapper": DoNothingMode,
-        "dtr no limit": lambda: dtr.budget(None),
+        "dtr no limit": lambda: dtr.budget(None, runtime="python"),
     }
+    if dtr._ext.available():
+        ctxs["dtr C++ no limit"] = lambda: dtr.budget(None, runtime="cpp")
 
     def step(ctx):
         torch.manual_seed(0)
@@ -115,18 +121,20 @@ def main(argv=None) -> None:
                                                  "dispatch_floor.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    lines = ["# The cost of intercepting every op in Python", "",
+    cpp = dtr._ext.available()
+    lines = ["# The cost of intercepting every op in Python, and on the C++ runtime", "",
              f"Command: `python -m bench.dispatch_floor{' ' + ' '.join(argv) if argv else ''}`; "
              f"torch {torch.__version__}, one torch thread, median process CPU time of {args.reps} "
              "interleaved rounds of one forward + backward step.", "",
-             "| model | eager s | do-nothing wrapper (x eager) | dtr no limit (x eager) | "
-             "dtr's own share of its step |",
-             "|---|---|---|---|---|"]
+             "| model | eager s | do-nothing Python wrapper (x eager) | dtr Python runtime (x eager) | "
+             "dtr's own share of its Python step |" + (" dtr C++ runtime (x eager) |" if cpp else ""),
+             "|---|---|---|---|---|" + ("---|" if cpp else "")]
     for name in args.models:
         t = measure(name, args.size, args.reps)
         e, w, d = t["eager"], t["do-nothing wrapper"], t["dtr no limit"]
         lines.append(f"| {name} | {e:.3f} | {w:.3f} ({w / e:.2f}x) | {d:.3f} ({d / e:.2f}x) | "
-                     f"{max(0.0, (d - w) / d):.0%} |")
+                     f"{max(0.0, (d - w) / d):.0%} |" +
+                     (f" {t['dtr C++ no limit']:.3f} ({t['dtr C++ no limit'] / e:.2f}x) |" if cpp else ""))
         print(lines[-1], flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
