@@ -819,7 +819,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
-  if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
+  if (!traits.written.empty() || traits.unsupported) {
+    original.assign(stack->begin() + first, stack->end());
+  }
   std::vector<at::Tensor> vals;
   std::vector<Slot> slots;
   std::vector<int32_t> list_sizes(nargs, 0);
@@ -886,11 +888,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 
   if (traits.unsupported && any_dtr) {
-    throw DTRError(DTRError::kUnsupportedOp,
-                   "dtr: " + traits.name +
-                       " changes a tensor's shape or storage in place, which dtr cannot track; "
-                       "use the out-of-place form (for example x = x.unsqueeze(0) instead of "
-                       "x.unsqueeze_(0)) or call it outside the dtr block");
+    dispatch_metadata_op(op, traits, stack, first, original, cells, slots);
+    if (evict_all_) {
+      unlock_all(locked);
+      evict_everything();
+    }
+    return;
   }
   if (!traits.written.empty()) {
     dispatch_mutation(op, traits, stack, first,
@@ -901,6 +904,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     }
     return;
   }
+
+  // Note [Writes into what recipes read in C++] (hidden_writes.h): running stats.
+  const auto stat_copies = take_hidden_writes(traits, stack, first, cells, vals, slots);
 
   // 2. Make room before running, so the budget holds: for the outputs, the
   // kernel's scratch (Note [Measured op scratch] in dtr/scratch.py) and the
@@ -982,6 +988,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       if (vals[i].defined()) in.version = vals[i]._version();
       const int32_t arg = slots[i].arg;
       in.scratch = training && (arg == traits.running_mean || arg == traits.running_var);
+      readers_.add(recipe, i);
     }
   }
   std::vector<int64_t> parents;
@@ -1055,6 +1062,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   recipe->out_bytes = new_bytes;
   if (memory && new_bytes != planned) memory->out_bytes.store(new_bytes, std::memory_order_relaxed);
   note_peak();
+  write_back(stat_copies);
   if (evict_all_) {
     unlock_all(locked);
     evict_everything();
