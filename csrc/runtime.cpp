@@ -15,6 +15,7 @@
 #include "op_traits.h"
 #include "scratch.h"
 #include "recipe_stack.h"
+#include "sparse.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -48,6 +49,7 @@ uint64_t hash_tensor(uint64_t h, const at::Tensor& t) {
   h = mix(h, static_cast<uint64_t>(t.device().type()));
   for (int64_t s : t.sizes()) h = mix(h, static_cast<uint64_t>(s));
   h = mix(h, 0x77);
+  if (is_sparse_value(t)) return mix(h, 0x100 + static_cast<uint64_t>(t.layout()));  // no strides
   for (int64_t s : t.strides()) h = mix(h, static_cast<uint64_t>(s));
   return h;
 }
@@ -105,6 +107,8 @@ bool hash_ivalue(uint64_t& h, const c10::IValue& v) {
 
 at::Tensor to_meta(const at::Tensor& t) {
   if (!t.defined()) return t;
+  // A sparse tensor in a list (top-level ones leave the op unplanned): a dense stand-in.
+  if (is_sparse_value(t)) return at::empty(t.sizes(), t.options().device(c10::kMeta).layout(c10::kStrided));
   return at::empty_strided(t.sizes(), t.strides(), t.options().device(c10::kMeta));
 }
 
@@ -251,6 +255,10 @@ void Runtime::storage_died(StorageRecord* rec) {
 void Runtime::count_plain(const at::Tensor& t) {
   // With an allocator's count the runtime keeps none of its own.
   if (meter_offset_ || device_meter_) return;
+  if (is_sparse_value(t)) {  // Note [Sparse tensors in the C++ runtime]
+    for (const at::Tensor& part : sparse_parts(t)) count_plain(part);
+    return;
+  }
   const c10::StorageImpl* st = storage_of(t);
   if (st == nullptr || st->data() == nullptr) return;
   if (plain_.count(st)) return;
@@ -701,6 +709,12 @@ int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTra
 int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
                                    const torch::jit::Stack& stack, size_t first) {
   // First sight: run the op on meta tensors.
+  for (size_t i = first; i < stack.size(); ++i) {
+    if (stack[i].isTensor() && is_sparse_value(stack[i].toTensor())) {  // as in dtr/runtime.py
+      stats_.unplanned_ops += 1;
+      return 0;
+    }
+  }
   torch::jit::Stack meta;
   for (size_t i = first; i < stack.size(); ++i) meta.push_back(meta_ivalue(stack[i]));
   for (int d : traits.device_args) {
@@ -719,6 +733,10 @@ int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits
   });
   for (const at::Tensor& o : flat_tensors(meta, 0)) {
     if (!o.defined()) continue;
+    if (is_sparse_value(o)) {  // unplanned, as in dtr/runtime.py
+      stats_.unplanned_ops += 1;
+      return 0;
+    }
     int64_t n = static_cast<int64_t>(o.storage().nbytes());
     if (cuda && n) n = (n + 511) & ~int64_t(511);
     total += n;
@@ -1006,6 +1024,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   auto record = [&](const at::Tensor& o) -> at::Tensor {
     const size_t index = k++;
     if (!o.defined()) {
+      recipe->outputs.push_back(no_cell());
+      return o;
+    }
+    if (is_sparse_value(o)) {  // Note [Sparse tensors in the C++ runtime]
+      count_plain(o);
       recipe->outputs.push_back(no_cell());
       return o;
     }
