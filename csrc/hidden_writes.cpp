@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <unordered_map>
 
 #include "capture.h"
@@ -43,6 +44,15 @@ void PlainReaders::add(const c10::intrusive_ptr<Recipe>& recipe, size_t input) {
   if (in.scratch) return;
   const c10::StorageImpl* key = key_of(in.plain);
   if (key == nullptr) return;
+  if (by_storage_.size() >= sweep_at_) {
+    for (auto it = by_storage_.begin(); it != by_storage_.end();) {
+      Readers& r = it->second;
+      r.erase(std::remove_if(r.begin(), r.end(), [](const auto& e) { return e.first.expired(); }),
+              r.end());
+      it = r.empty() ? by_storage_.erase(it) : std::next(it);
+    }
+    sweep_at_ = std::max<size_t>(1024, 2 * by_storage_.size());
+  }
   Readers& readers = by_storage_[key];
   readers.emplace_back(recipe, input);
   const size_t n = readers.size();

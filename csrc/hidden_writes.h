@@ -45,6 +45,9 @@ class PlainReaders {
  private:
   using Readers = std::vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>>;
   std::unordered_map<const c10::StorageImpl*, Readers> by_storage_;
+  // Keys of storages no live recipe reads any more are dropped by a sweep once
+  // the table doubles (a block reading a fresh plain tensor each step).
+  size_t sweep_at_ = 1024;
 };
 
 // A copy of `t` with the same sizes, strides and storage offset (kernels may

@@ -177,6 +177,10 @@ def test_metadata_ops_that_cannot_be_views_are_refused_naming_the_op():
             b.set_(a)
         with pytest.raises(dtr.UnsupportedOpError, match=r"aten\.resize_\.default would grow .* 48 to 100 bytes"):
             b.resize_(5, 5)
+        c = x * 4
+        b.set_(c)
+        assert torch.equal(dtr.unwrap(b), x * 4)
+        b.set_(x * 3)
         assert b.shape == (3, 4) and torch.equal(dtr.unwrap(b), x * 3)
         b.unsqueeze_(0)
         assert b.shape == (1, 3, 4) and torch.equal(dtr.unwrap(b), (x * 3).unsqueeze(0))
