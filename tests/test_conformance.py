@@ -240,6 +240,31 @@ def test_metadata_op_exact_under_recomputation(name):
         assert torch.equal(dtr.unwrap(dg), g)
 
 
+def _metadata_ops_on_aliases(x):
+    y = x * 2
+    v = y[1:]
+    v.unsqueeze_(0)  # on a view
+    v.mul_(3)
+    w = y.t()
+    w.squeeze_()  # changes nothing, on a view of a view
+    w.add_(1)
+    z = y.detach()
+    z.transpose_(0, 1)  # on a detached alias
+    return (y.sin() * torch.arange(12.0).view(3, 4)).sum() + v.sum(), z * 1
+
+
+def test_metadata_ops_on_views_and_detached_aliases_are_exact():
+    x = torch.randn(3, 4, requires_grad=True)
+    loss, z = _metadata_ops_on_aliases(x)
+    (g,) = torch.autograd.grad(loss, x)
+    with evict_everything() as s:
+        dloss, dz = _metadata_ops_on_aliases(x)
+        (dg,) = torch.autograd.grad(dloss, x)
+        assert torch.equal(dtr.unwrap(dloss), loss) and torch.equal(dtr.unwrap(dz), z)
+        assert torch.equal(dtr.unwrap(dg), g)
+    assert s.stats.rematerializations > 0
+
+
 def test_metadata_op_leaves_other_aliases_alone():
     x = torch.randn(3, 4)
     with evict_everything():
