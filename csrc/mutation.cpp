@@ -192,6 +192,8 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     if (!is_written(call.slots[i].arg)) continue;
     const c10::intrusive_ptr<Cell>& cell = call.cells[i];
     if (!cell) {  // a plain tensor, or another session's value: written as in eager
+      // Note [Writes into what recipes read in C++] (hidden_writes.h)
+      readers_.before_write(call.vals[i], [&](const at::Tensor& copy) { count_plain(copy); });
       with_recipe = false;
       continue;
     }
@@ -256,6 +258,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
       } else {
         in.plain = call.vals[i];
         if (call.vals[i].defined()) in.version = call.vals[i]._version();
+        readers_.add(recipe, i);
       }
     }
   }

@@ -34,11 +34,16 @@ void Cell::release_resources() {
   storage.reset();
 }
 
-Recipe::~Recipe() {
+void Recipe::release_resources() {
   Graveyard& g = graveyard;
   for (RecipeInput& in : inputs) {
     if (in.cell) g.cells.push_back(std::move(in.cell));
   }
+  inputs.clear();
+  args.clear();
+  outputs.clear();
+  mutation.clear();
+  rng.reset();
   if (g.draining) return;
   g.draining = true;
   while (!g.cells.empty()) {

@@ -111,7 +111,10 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
   std::vector<MutationTarget> mutation;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
-  ~Recipe() override;  // Note [Iterative teardown]
+  ~Recipe() override { release_resources(); }
+  // Note [Iterative teardown]; also Note [Weak references keep members alive]:
+  // PlainReaders (hidden_writes.h) refers to recipes weakly.
+  void release_resources() override;
 };
 
 // One tensor value.

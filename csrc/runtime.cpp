@@ -15,6 +15,7 @@
 #include "op_traits.h"
 #include "scratch.h"
 #include "recipe_stack.h"
+#include "sparse.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -48,6 +49,7 @@ uint64_t hash_tensor(uint64_t h, const at::Tensor& t) {
   h = mix(h, static_cast<uint64_t>(t.device().type()));
   for (int64_t s : t.sizes()) h = mix(h, static_cast<uint64_t>(s));
   h = mix(h, 0x77);
+  if (is_sparse_value(t)) return mix(h, 0x100 + static_cast<uint64_t>(t.layout()));  // no strides
   for (int64_t s : t.strides()) h = mix(h, static_cast<uint64_t>(s));
   return h;
 }
@@ -105,6 +107,8 @@ bool hash_ivalue(uint64_t& h, const c10::IValue& v) {
 
 at::Tensor to_meta(const at::Tensor& t) {
   if (!t.defined()) return t;
+  // A sparse tensor in a list (top-level ones leave the op unplanned): a dense stand-in.
+  if (is_sparse_value(t)) return at::empty(t.sizes(), t.options().device(c10::kMeta).layout(c10::kStrided));
   return at::empty_strided(t.sizes(), t.strides(), t.options().device(c10::kMeta));
 }
 
@@ -251,6 +255,10 @@ void Runtime::storage_died(StorageRecord* rec) {
 void Runtime::count_plain(const at::Tensor& t) {
   // With an allocator's count the runtime keeps none of its own.
   if (meter_offset_ || device_meter_) return;
+  if (is_sparse_value(t)) {  // Note [Sparse tensors in the C++ runtime]
+    for (const at::Tensor& part : sparse_parts(t)) count_plain(part);
+    return;
+  }
   const c10::StorageImpl* st = storage_of(t);
   if (st == nullptr || st->data() == nullptr) return;
   if (plain_.count(st)) return;
@@ -701,6 +709,12 @@ int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTra
 int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits& traits,
                                    const torch::jit::Stack& stack, size_t first) {
   // First sight: run the op on meta tensors.
+  for (size_t i = first; i < stack.size(); ++i) {
+    if (stack[i].isTensor() && is_sparse_value(stack[i].toTensor())) {  // as in dtr/runtime.py
+      stats_.unplanned_ops += 1;
+      return 0;
+    }
+  }
   torch::jit::Stack meta;
   for (size_t i = first; i < stack.size(); ++i) meta.push_back(meta_ivalue(stack[i]));
   for (int d : traits.device_args) {
@@ -719,6 +733,10 @@ int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits
   });
   for (const at::Tensor& o : flat_tensors(meta, 0)) {
     if (!o.defined()) continue;
+    if (is_sparse_value(o)) {  // unplanned, as in dtr/runtime.py
+      stats_.unplanned_ops += 1;
+      return 0;
+    }
     int64_t n = static_cast<int64_t>(o.storage().nbytes());
     if (cuda && n) n = (n + 511) & ~int64_t(511);
     total += n;
@@ -819,7 +837,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   UnlockOnExit unlock{this, locked};
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
-  if (!traits.written.empty()) original.assign(stack->begin() + first, stack->end());
+  if (!traits.written.empty() || traits.unsupported) {
+    original.assign(stack->begin() + first, stack->end());
+  }
   std::vector<at::Tensor> vals;
   std::vector<Slot> slots;
   std::vector<int32_t> list_sizes(nargs, 0);
@@ -886,11 +906,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 
   if (traits.unsupported && any_dtr) {
-    throw DTRError(DTRError::kUnsupportedOp,
-                   "dtr: " + traits.name +
-                       " changes a tensor's shape or storage in place, which dtr cannot track; "
-                       "use the out-of-place form (for example x = x.unsqueeze(0) instead of "
-                       "x.unsqueeze_(0)) or call it outside the dtr block");
+    dispatch_metadata_op(op, traits, stack, first, original, cells, slots);
+    if (evict_all_) {
+      unlock_all(locked);
+      evict_everything();
+    }
+    return;
   }
   if (!traits.written.empty()) {
     dispatch_mutation(op, traits, stack, first,
@@ -901,6 +922,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     }
     return;
   }
+
+  // Note [Writes into what recipes read in C++] (hidden_writes.h): running stats.
+  const auto stat_copies = take_hidden_writes(traits, stack, first, cells, vals, slots);
 
   // 2. Make room before running, so the budget holds: for the outputs, the
   // kernel's scratch (Note [Measured op scratch] in dtr/scratch.py) and the
@@ -982,6 +1006,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       if (vals[i].defined()) in.version = vals[i]._version();
       const int32_t arg = slots[i].arg;
       in.scratch = training && (arg == traits.running_mean || arg == traits.running_var);
+      readers_.add(recipe, i);
     }
   }
   std::vector<int64_t> parents;
@@ -999,6 +1024,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   auto record = [&](const at::Tensor& o) -> at::Tensor {
     const size_t index = k++;
     if (!o.defined()) {
+      recipe->outputs.push_back(no_cell());
+      return o;
+    }
+    if (is_sparse_value(o)) {  // Note [Sparse tensors in the C++ runtime]
+      count_plain(o);
       recipe->outputs.push_back(no_cell());
       return o;
     }
@@ -1055,6 +1085,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   recipe->out_bytes = new_bytes;
   if (memory && new_bytes != planned) memory->out_bytes.store(new_bytes, std::memory_order_relaxed);
   note_peak();
+  write_back(stat_copies);
   if (evict_all_) {
     unlock_all(locked);
     evict_everything();

@@ -11,7 +11,8 @@
 // RNG state a seeded op's recipe keeps.
 //
 // In-place ops (their recipes, rebinding and stealing on recompute) live in
-// csrc/mutation.cpp; see Note [In-place ops in the C++ runtime] there.
+// csrc/mutation.cpp; see Note [In-place ops in the C++ runtime] there. In-place
+// metadata ops (transpose_, resize_, set_, ...) live in csrc/metadata_ops.cpp.
 //
 // What this runtime does not do yet (the Python runtime does): in-place ops
 // reserve no kernel scratch, and kernel scratch is not measured on CUDA (the
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "device_meter.h"
+#include "hidden_writes.h"
 #include "pool.h"
 #include "records.h"
 #include "stats.h"
@@ -144,6 +146,22 @@ class Runtime : public c10::intrusive_ptr_target {
   std::vector<StorageRecord*> stealable_bases(const Recipe& recipe,
                                               const std::vector<int64_t>& locked);
   std::vector<at::Tensor> run_mutation_recipe(const Recipe& recipe, std::vector<at::Tensor> vals);
+  // csrc/metadata_ops.cpp (Note [In-place metadata ops in the C++ runtime]): an op
+  // tagged inplace_view, resize_ or set_ with a dtr tensor among its inputs.
+  void dispatch_metadata_op(const c10::OperatorHandle& op, const OpTraits& traits,
+                            torch::jit::Stack* stack, size_t first,
+                            const std::vector<c10::IValue>& original,
+                            const std::vector<c10::intrusive_ptr<Cell>>& cells,
+                            const std::vector<Slot>& slots);
+
+  // csrc/hidden_writes.cpp: an op that writes running statistics without saying
+  // so. Plain ones: their readers keep copies; dtr ones: the kernel gets a copy
+  // (its input becomes plain scratch), returned as (cell, copy) for write_back.
+  std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> take_hidden_writes(
+      const OpTraits& traits, torch::jit::Stack* stack, size_t first,
+      std::vector<c10::intrusive_ptr<Cell>>& cells, std::vector<at::Tensor>& vals,
+      const std::vector<Slot>& slots);
+  void write_back(const std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>>& copies);
 
   void evict(StorageRecord& rec, bool counted);
   void maybe_banish(StorageRecord& rec);
@@ -172,6 +190,8 @@ class Runtime : public c10::intrusive_ptr_target {
   size_t plain_sweep_at_ = 1024;
   // Recomputed storages no wrapper refers to (see Note [Eager eviction] in dtr/runtime.py).
   std::vector<c10::weak_intrusive_ptr<StorageRecord>> kept_;
+  // Recipe inputs reading plain tensors (Note [Writes into what recipes read in C++]).
+  PlainReaders readers_;
   // Note [Deferred releases]
   // A wrapper can die on any thread (Python's garbage collector, autograd's
   // graph teardown) while another thread holds the lock: it must not wait

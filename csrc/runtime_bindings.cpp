@@ -11,6 +11,7 @@
 #include "python_policy.h"
 #include "runtime.h"
 #include "runtime_bindings.h"
+#include "sparse.h"
 #include "wrapper.h"
 
 namespace py = pybind11;
@@ -104,6 +105,7 @@ void bind_runtime(py::module_& m) {
 
   m.def("enter_block", [](c10::intrusive_ptr<Runtime> rt) {
     register_new_ops();
+    register_new_sparse_ops();  // Note [Sparse tensors in the C++ runtime]
     PyBlockToken t;
     t.token = enter_block(rt.get());
     t.runtime = std::move(rt);

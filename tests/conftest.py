@@ -27,30 +27,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
 _BUDGET = "C++ runtime step 4: the budget's findings noted at each entry"
-_CONFORMANCE = ("C++ runtime: issue 13's conformance fixes are in the Python runtime only "
-                "(in-place metadata ops as view cells, plain tensors written after a read, "
-                "InstanceNorm's running stats, foreign subclasses, sparse values)")
+_CONFORMANCE = ("C++ runtime: a foreign subclass's error is not a dtr error yet (its "
+                "__torch_dispatch__ runs above the C++ wrapper's kernel, which never sees the op)")
+# Note [Writes into what recipes read in C++] (csrc/hidden_writes.h): a write into a plain
+# tensor by an op whose arguments are all plain runs below dtr (csrc/fallback.cpp), unseen.
+_PLAIN_WRITES = ("C++ runtime: a write into a plain tensor by an op with only plain arguments "
+                 "does not reach the runtime, so recipes reading it keep no copy")
 CPP_NOT_YET = {
-    **{f"test_conformance.py::{t}": _CONFORMANCE for t in (
-        "test_module_trains_bit_identically[gru_unbatched]",
-        "test_module_trains_bit_identically[rnn_unbatched]",
-        "test_module_trains_bit_identically[gru_batched]",
-        "test_module_trains_bit_identically[stft]",
-        "test_module_trains_bit_identically[instance_norm1d]",
-        "test_module_trains_bit_identically[instance_norm2d]",
-        "test_module_trains_bit_identically[instance_norm3d]",
-        "test_module_trains_bit_identically[sparse_csr]",
-        "test_metadata_op_exact_under_recomputation",
-        "test_metadata_op_leaves_other_aliases_alone",
-        "test_set_to_a_dtr_tensor",
-        "test_metadata_ops_refused_with_a_remedy",
-        "test_write_into_a_view_taken_before_a_metadata_change_is_refused",
-        "test_plain_tensor_read_then_written_in_the_block",
-        "test_instance_norm_running_stats_updated_once_per_call",
-        "test_subclass_without_data_that_defers_is_named_in_the_error",
-        "test_sparse_inputs_are_plain_values",
-        "test_sparse_output_of_a_dtr_tensor_is_plain",
-    )},
+    "test_conformance.py::test_subclass_without_data_that_defers_is_named_in_the_error": _CONFORMANCE,
+    **{f"test_conformance.py::test_plain_tensor_read_then_written_in_the_block[{how}]": _PLAIN_WRITES
+       for how in ("inplace", "view", "out")},
+    # Both runtimes find the half-room budget infeasible for this tiny model (2240 bytes of
+    # room); the C++ error's smallest_feasible_bytes is ~48 bytes higher than the Python one's,
+    # and the raised budget then evicts nothing (the test asserts evictions).
+    "test_conformance.py::test_module_trains_bit_identically[gru_batched]":
+        "C++ runtime: the budget the test raises to leaves nothing to evict (calibration)",
     # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
     # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,

@@ -165,12 +165,25 @@ def test_stale_plain_input_raises_stale_input_error():
             dtr.unwrap(y)
 
 
-def test_unsupported_metadata_op_is_refused_clearly():
+def test_metadata_ops_that_cannot_be_views_are_refused_naming_the_op():
+    # Note [In-place metadata ops in the C++ runtime]; the refusals shared with the Python
+    # runtime are in test_conformance.py.
     x = torch.randn(3, 4)
     with dtr.budget(None, runtime="cpp"):
-        y = x * 2
-        with pytest.raises(dtr.UnsupportedOpError, match="unsqueeze_"):
-            y.unsqueeze_(0)
+        a = x * 2
+    with dtr.budget(None, runtime="cpp"):
+        b = x * 3
+        with pytest.raises(dtr.UnsupportedOpError, match=r"aten\.set_\.source_Tensor joins .* two different sessions"):
+            b.set_(a)
+        with pytest.raises(dtr.UnsupportedOpError, match=r"aten\.resize_\.default would grow .* 48 to 100 bytes"):
+            b.resize_(5, 5)
+        c = x * 4
+        b.set_(c)
+        assert torch.equal(dtr.unwrap(b), x * 4)
+        b.set_(x * 3)
+        assert b.shape == (3, 4) and torch.equal(dtr.unwrap(b), x * 3)
+        b.unsqueeze_(0)
+        assert b.shape == (1, 3, 4) and torch.equal(dtr.unwrap(b), (x * 3).unsqueeze(0))
 
 
 def test_tensors_outlive_the_block():
