@@ -10,7 +10,7 @@
 //    kernel on the wrapper and fail on its missing storage.
 //  - CompositeImplicitAutograd kernels cover the autograd keys of backends
 //    with no kernel of their own. An op with one and a backend kernel
-//    (mish_backward, silu_backward: CPU and CUDA kernels) decomposes above
+//    (mish_backward: CPU and CUDA kernels) decomposes above
 //    autograd on AutogradPrivateUse3 (a backend fallback is not a kernel of
 //    the backend), while a plain CPU tensor's AutogradCPU takes the Autograd
 //    kernel and then the CPU kernel: the two differ in the last bits. With a
@@ -21,8 +21,11 @@
 //    That holds for every device only if the op has a kernel on every dense
 //    backend this torch was built with: an op with a CPU kernel and no CUDA
 //    one decomposes in eager on CUDA, and one entry per op cannot follow the
-//    wrapper's device. Such ops stay unregistered and keep decomposing (bit
-//    exact to eager on devices without the kernel, not on the others).
+//    wrapper's device (native_channel_shuffle: registered on the CPU wheel,
+//    not on a CUDA build). Such ops stay unregistered and keep decomposing
+//    (bit exact to eager on devices without the kernel, not on the others).
+//    An op with both a CompositeImplicitAutograd and an explicit kernel
+//    (silu_backward) already has its direct registration by the first rule.
 // Ops that are only CompositeImplicitAutograd are left alone: they must keep
 // decomposing above autograd, as on every backend.
 #include "direct_registrations.h"

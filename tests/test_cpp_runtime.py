@@ -872,7 +872,6 @@ def _implicit_ops_with_backend_kernels():
     return sorted(
         n for n in torch._C._dispatch_get_all_op_names()
         if _has_kernel(n, "CompositeImplicitAutograd")
-        and not _has_kernel(n, "CompositeExplicitAutograd")
         and all(_has_kernel(n, b) for b in built))
 
 
