@@ -10,15 +10,11 @@
 // no_grad (optimizers), views of plain tensors, in-place writes into plain
 // tensors and ops without tensor results run as they are.
 //
-// Note [Direct registrations]
-// A backend fallback is outranked by kernels registered for the
-// CompositeExplicitAutograd(NonFunctional) alias keys, which cover every
-// backend key, ours included: structured ops (add, mm, neg) would run their
-// composite kernel on the wrapper and fail on its missing storage. So the
-// same boxed function is registered directly on kDTRKey for each such op.
-// Ops registered later (custom ops) are picked up by register_new_ops(),
-// called when a block opens. Ops that are only CompositeImplicitAutograd are
-// left alone: they must keep decomposing above autograd.
+// The boxed function is also registered directly on kDTRKey for the ops whose
+// alias kernels would outrank the fallback or send the wrapper down another
+// path than a plain tensor (Note [Direct registrations] in
+// direct_registrations.cpp). Ops registered later (custom ops) are picked up
+// by register_new_ops(), called when a block opens.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -28,6 +24,7 @@
 #include <unordered_set>
 
 #include "capture.h"
+#include "direct_registrations.h"
 #include "errors.h"
 #include "fallback.h"
 #include "grad_hook.h"
@@ -114,10 +111,7 @@ void register_new_ops() {
   for (const auto& name : names) {
     auto op = d.findOp(name);
     if (!op) continue;
-    if (!op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) &&
-        !op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutogradNonFunctional)) {
-      continue;
-    }
+    if (!needs_direct_registration(*op)) continue;
     if (op->hasKernelForDispatchKey(kDTRKey)) continue;
     std::string key = c10::toString(name);
     if (!registered->insert(key).second) continue;

@@ -3,9 +3,9 @@
 
 namespace dtr {
 
-// Registers the fallback directly for every op with a
-// CompositeExplicitAutograd kernel not registered yet (Note [Direct
-// registrations]); cheap when no op was added since the last call.
+// Registers the fallback directly for every op not registered yet that
+// needs_direct_registration (Note [Direct registrations]); cheap when no op
+// was added since the last call.
 void register_new_ops();
 
 }  // namespace dtr

@@ -46,12 +46,6 @@ CPP_NOT_YET = {
     # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
     "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
-    # mish_backward has a CPU kernel and a CompositeImplicitAutograd one; a C++ wrapper has no
-    # kernel of its own on PrivateUse3 (the boxed fallback does not count), so the dispatcher
-    # takes the decomposition there, whose gradient differs from the CPU kernel's in the last
-    # bits (even with no limit). Needs direct registrations for such ops in csrc/.
-    "test_opinfo.py::test_opinfo_entry[nn.functional.mish]":
-        "C++ runtime: CompositeImplicitAutograd decomposition instead of the CPU kernel (mish_backward)",
 }
 
 

@@ -868,3 +868,119 @@ def test_writes_into_an_escaped_value_stay_exact():
         assert torch.equal(dtr.unwrap(y), x * 2 + 1)
         assert torch.equal(dtr.unwrap(z), x * 2 + 1)
         assert torch.equal(plain, x * 2 + 1)  # as in eager: the escaped tensor is y's memory
+
+
+# Note [Direct registrations] (csrc/direct_registrations.cpp): an op with a
+# CompositeImplicitAutograd kernel and a kernel on every dense backend torch was built
+# with takes the backend kernel under eager's Autograd<Backend>; on a wrapper it must
+# too, not the decomposition (mish_backward's differs from the CPU kernel in the last
+# bits), so the fallback is registered directly on the dtr key for it.
+
+_has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+_DENSE_BACKENDS = ["CPU", "CUDA", "XPU", "MPS", "PrivateUse1"]
+
+
+def _implicit_ops_with_backend_kernels():
+    built = [b for b in _DENSE_BACKENDS if _has_kernel("aten::empty.memory_format", b)]
+    return sorted(
+        n for n in torch._C._dispatch_get_all_op_names()
+        if _has_kernel(n, "CompositeImplicitAutograd")
+        and all(_has_kernel(n, b) for b in built))
+
+
+def test_ops_with_an_implicit_and_a_backend_kernel_get_the_dtr_key_directly():
+    with dtr.budget(None, runtime="cpp"):
+        pass  # opening a block registers the ops
+    ops = _implicit_ops_with_backend_kernels()
+    assert {"aten::mish_backward", "aten::silu_backward"} <= set(ops)
+    assert [n for n in ops if not _has_kernel(n, "PrivateUse3")] == []
+
+
+def _computed_kernel(table, key):
+    """The kernel the dispatch table `table` holds for `key`, any backend fallback as one."""
+    for line in table.splitlines():
+        if line.startswith(key + ":"):
+            where = line[len(key) + 1:].strip()
+            return "backend fallback" if where.endswith("[backend fallback]") else where
+    return None
+
+
+def test_autograd_above_a_wrapper_takes_the_kernel_autograd_takes_above_a_plain_tensor():
+    # Every op, not a sample: where the autograd keys of the dense backends torch was built
+    # with agree, the dtr key's must agree with them (Autograd kernel, decomposition or
+    # autograd fallback), so forward, backward and double backward are eager's.
+    with dtr.budget(None, runtime="cpp"):
+        pass  # opening a block registers the ops
+    built = [b for b in _DENSE_BACKENDS if _has_kernel("aten::empty.memory_format", b)]
+    differ = []
+    for name in torch._C._dispatch_get_all_op_names():
+        table = torch._C._dispatch_dump_table(name)
+        eager = {_computed_kernel(table, "Autograd" + b) for b in built}
+        ours = _computed_kernel(table, "AutogradPrivateUse3")
+        if len(eager) == 1 and ours != next(iter(eager)):
+            differ.append((name, ours, eager))
+    assert differ == []
+
+
+def _grads_or_error(fn, inputs, double):
+    """fn's output and its gradients (and second gradients when `double`), or the error."""
+    try:
+        out = fn(*inputs)
+        wrt = [t for t in inputs if t.requires_grad]
+        # The first backward runs without grad mode: mish's and silu's derivatives
+        # call mish_backward and silu_backward only then.
+        result = [out, *torch.autograd.grad(out.sum(), wrt)]
+        if double:
+            grads = torch.autograd.grad(fn(*inputs).sum(), wrt, create_graph=True)
+            result += [*grads, *torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wrt)]
+        return [dtr.unwrap(t).detach().clone() if dtr.is_dtr_tensor(t) else t.detach().clone()
+                for t in result]
+    except RuntimeError as e:
+        return (type(e), str(e).split("\n")[0])
+
+
+def _leaf(*shape):
+    # Wide values: mish_backward's decomposition differs from the CPU kernel at many.
+    return torch.empty(*shape, dtype=torch.float64).uniform_(-9, 9).requires_grad_()
+
+
+# A sample of the ops above, through their public callers and called directly (these
+# have no derivative of their own in eager: the error must be eager's too).
+IMPLICIT_WITH_BACKEND_SAMPLES = {
+    "mish": (torch.nn.functional.mish, lambda: [_leaf(7, 33)], True),
+    "mish_float32": (torch.nn.functional.mish, lambda: [_leaf(7, 33).float()], True),
+    "silu": (torch.nn.functional.silu, lambda: [_leaf(7, 33)], True),
+    "mish_backward": (torch.ops.aten.mish_backward, lambda: [_leaf(5, 9), _leaf(5, 9)], False),
+    "silu_backward": (torch.ops.aten.silu_backward, lambda: [_leaf(5, 9), _leaf(5, 9)], False),
+    "native_channel_shuffle": (lambda x: torch.native_channel_shuffle(x, 2),
+                               lambda: [_leaf(2, 6, 3, 3)], False),
+}
+# Ops registered only where this torch has a kernel for them on every dense backend (a
+# CUDA build has no CUDA native_channel_shuffle): elsewhere the wrapper decomposes, so
+# only the forward (a copy) is eager's; its backward works where eager's raises.
+_REGISTERED_ONLY_WITH_EVERY_BACKEND = {"native_channel_shuffle": "aten::native_channel_shuffle"}
+
+
+@pytest.mark.parametrize("evict", [False, True], ids=["unlimited", "evict_everything"])
+@pytest.mark.parametrize("name", sorted(IMPLICIT_WITH_BACKEND_SAMPLES))
+def test_ops_with_an_implicit_and_a_backend_kernel_match_eager_bit_for_bit(name, evict):
+    fn, make_inputs, double = IMPLICIT_WITH_BACKEND_SAMPLES[name]
+    torch.manual_seed(0)
+    inputs = [t.detach().requires_grad_(t.requires_grad) for t in make_inputs()]
+    expected = _grads_or_error(fn, inputs, double)
+    ctx = (lambda: dtr.testing.evict_everything(runtime="cpp")) if evict else (
+        lambda: dtr.budget(None, runtime="cpp"))
+    with ctx():
+        got = _grads_or_error(fn, inputs, double)
+    op = _REGISTERED_ONLY_WITH_EVERY_BACKEND.get(name)
+    if op is not None and op not in _implicit_ops_with_backend_kernels():
+        with ctx():
+            got = [dtr.unwrap(fn(*inputs)).detach()]
+        expected = [fn(*inputs).detach()]
+    if isinstance(expected, tuple):
+        assert got == expected
+    else:
+        assert not isinstance(got, tuple), got
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and torch.equal(a, b)
