@@ -79,7 +79,13 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::St
     Runtime* owner = runtime_of_args(*stack, first);
     Runtime* active = active_runtime();
     if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(op_traits(op)))) {
-      if (active != nullptr && c10::GradMode::is_enabled()) hook_plain_leaves(*stack, first);
+      if (active != nullptr && c10::GradMode::is_enabled()) {
+        hook_plain_leaves(*stack, first);
+        // Note [Writes into what recipes read in C++] (hidden_writes.h). Under
+        // no_grad (an optimizer's step) a write is the user's, as in Python.
+        const OpTraits& traits = op_traits(op);
+        if (!traits.written.empty()) active->before_plain_writes(traits, *stack, first);
+      }
       BelowDTRGuard below;
       op.callBoxed(stack);
       return;

@@ -11,10 +11,11 @@
 // needs the `repeat` again. So before the runtime runs an op that writes a
 // plain tensor, every live recipe input reading that tensor's storage gets an
 // exact copy of what it saw (counted as plain memory while a recipe holds it).
-// Only writes that reach the runtime are seen: an op whose arguments are all
-// plain runs below dtr untouched by it (Note [What the fallback handles] in
-// csrc/fallback.cpp), so such a write still makes a later recompute raise
-// StaleInputError.
+// An op whose arguments are all plain runs below dtr (Note [What the fallback
+// handles] in csrc/fallback.cpp), but with grad enabled the fallback first
+// calls Runtime::before_plain_writes, as the Python runtime's mode sends such
+// ops to its runtime. Under no_grad (an optimizer's step) the write is the
+// user's own: a later recompute raises StaleInputError, in both runtimes.
 //
 // BatchNorm's running statistics in training are written without a write
 // annotation (Note [Hidden running-stat updates] in dtr/ops.py). When one is a

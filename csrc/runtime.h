@@ -60,6 +60,10 @@ class Runtime : public c10::intrusive_ptr_target {
 
   // Counts a plain tensor against the budget from now on (dtr.budget's count=).
   void count_plain_tensor(const at::Tensor& t);
+  // An op whose arguments are all plain is about to write some of them in
+  // place while this runtime's block is open (run below dtr by the fallback):
+  // recipes reading what it writes keep what they saw (hidden_writes.cpp).
+  void before_plain_writes(const OpTraits& traits, const torch::jit::Stack& stack, size_t first);
   // Note [The C++ runtime's count of the device]
   // With the counting CPU allocator installed (csrc/alloc_meter.h), the budget is
   // checked against all CPU tensor memory, as dtr/runtime.py does: the meter's

@@ -27,21 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
 _BUDGET = "C++ runtime step 4: the budget's findings noted at each entry"
-_CONFORMANCE = ("C++ runtime: a foreign subclass's error is not a dtr error yet (its "
-                "__torch_dispatch__ runs above the C++ wrapper's kernel, which never sees the op)")
-# Note [Writes into what recipes read in C++] (csrc/hidden_writes.h): a write into a plain
-# tensor by an op whose arguments are all plain runs below dtr (csrc/fallback.cpp), unseen.
-_PLAIN_WRITES = ("C++ runtime: a write into a plain tensor by an op with only plain arguments "
-                 "does not reach the runtime, so recipes reading it keep no copy")
 CPP_NOT_YET = {
-    "test_conformance.py::test_subclass_without_data_that_defers_is_named_in_the_error": _CONFORMANCE,
-    **{f"test_conformance.py::test_plain_tensor_read_then_written_in_the_block[{how}]": _PLAIN_WRITES
-       for how in ("inplace", "view", "out")},
-    # Both runtimes find the half-room budget infeasible for this tiny model (2240 bytes of
-    # room); the C++ error's smallest_feasible_bytes is ~48 bytes higher than the Python one's,
-    # and the raised budget then evicts nothing (the test asserts evictions).
-    "test_conformance.py::test_module_trains_bit_identically[gru_batched]":
-        "C++ runtime: the budget the test raises to leaves nothing to evict (calibration)",
     # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
     # not yet diagnosed (an op whose planned bytes miss what it allocates?).
     "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,

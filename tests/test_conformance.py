@@ -177,7 +177,9 @@ def test_module_trains_bit_identically(name, one_thread):
     # A tight budget: each step's block gets half of the room above what is in use as it
     # opens that the step used with no limit (the budget bounds all of the device's tensor
     # memory: parameters, Adam's state and these tests' own results count), raised by what
-    # the error says is missing until feasible (an op's working set is the floor).
+    # the error says is missing until feasible (an op's working set is the floor), in
+    # steps of a 64th of the room: on the smallest modules (GRU, 2 KiB of room) a coarser
+    # step jumps past the budgets that are feasible and still evict.
     free = _train(make, shape, lambda: dtr.budget(None))
     room = max(s.stats.peak_bytes - b for s, b in zip(free[4], free[5]))
     extra, limits = room // 2, []
@@ -188,14 +190,14 @@ def test_module_trains_bit_identically(name, one_thread):
 
     # (The unlimited run's peak does not reserve kernel scratch, so the floor can lie above
     # the room it measured: convolution_backward's scratch here.)
-    for _ in range(8):
+    for _ in range(16):
         try:
             tight = _train(make, shape, tight_block)
             break
         except dtr.BudgetExceededError as e:
-            extra += max(e.smallest_feasible_bytes - limits[-1], 0) + room // 16
+            extra += max(e.smallest_feasible_bytes - limits[-1], 0) + room // 64
     else:
-        pytest.fail(f"no feasible budget within 8 tries ({extra} bytes above use, room {room})")
+        pytest.fail(f"no feasible budget within 16 tries ({extra} bytes above use, room {room})")
     _assert_same(eager, tight)
     assert sum(s.stats.evictions for s in tight[4]) > 0, (extra, room)
 
@@ -472,13 +474,24 @@ def test_subclass_deferring_to_dtr_runs_as_plain():
         assert torch.equal(dtr.unwrap(z), ref)
 
 
-def test_subclass_without_data_that_defers_is_named_in_the_error():
+def test_subclass_without_data_that_defers_is_named_in_the_error(runtime):
     x = torch.randn(3, 4)
     e = EmptyWrapper(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="EmptyWrapper") as eager:
+        x * 2 + e
     with evict_everything():
         y = x * 2
-        with pytest.raises(dtr.UnsupportedOpError, match="EmptyWrapper"):
-            y + e
+        if runtime == "python":
+            # dtr's mode sees the op first and names the subclass that cannot join it.
+            with pytest.raises(dtr.UnsupportedOpError, match="EmptyWrapper"):
+                y + e
+        else:
+            # The subclass's __torch_dispatch__ (the Python key) runs above the C++
+            # wrapper's kernel, which never sees the op: the user gets eager's own error,
+            # which names the subclass too.
+            with pytest.raises(TypeError, match="EmptyWrapper") as under_dtr:
+                y + e
+            assert str(under_dtr.value) == str(eager.value)
 
 
 def test_parameter_subclass_and_uninitialized_parameter():
