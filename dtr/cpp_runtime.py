@@ -29,7 +29,10 @@ def _check(pool: str) -> None:
             "dtr: runtime='cpp' needs the C++ extension dtr._C, which is not built here; build "
             "it with `pip install --no-build-isolation -e .` or use runtime='python'")
     if pool not in ("auto", "cpp"):
-        raise ValueError(f"dtr: runtime='cpp' always uses the C++ pool; got pool={pool!r}")
+        raise ValueError(
+            f"dtr: runtime='cpp' (the default where dtr._C is built) always uses the C++ pool; "
+            f"got pool={pool!r}. Pass runtime='python' as well to use that pool with the Python "
+            f"runtime.")
 
 
 class CppRuntime:

@@ -36,17 +36,25 @@ __all__ = ["budget", "Session", "parse_budget", "RUNTIMES"]
 # Note [Two runtimes]
 # "python" is dtr/runtime.py under a TorchDispatchMode: the readable reference.
 # "cpp" is the same design in csrc/, with no Python per op (dtr/cpp_runtime.py);
-# it does not yet implement everything the reference does (docs/design.md).
-# The default is "python" until it does; DTR_RUNTIME sets it for a process.
+# it passes the same test suite (tests/conftest.py's `runtime` fixture runs every
+# runtime test on both). The default is "cpp" where the extension is built and
+# "python" where it is not; DTR_RUNTIME sets it for a process.
 RUNTIMES = ("python", "cpp")
 
 
 def _runtime_kind(runtime: Optional[str]) -> str:
-    kind = runtime if runtime is not None else os.environ.get("DTR_RUNTIME", "python")
+    kind = runtime if runtime is not None else os.environ.get("DTR_RUNTIME") or _default_runtime()
     if kind not in RUNTIMES:
         source = "runtime=" if runtime is not None else "the environment variable DTR_RUNTIME="
         raise ValueError(f"dtr: unknown runtime {source}{kind!r}; expected one of {list(RUNTIMES)}")
     return kind
+
+
+def _default_runtime() -> str:
+    from . import _ext
+
+    return "cpp" if _ext.available() else "python"
+
 
 _UNITS = {
     "": 1, "b": 1,
@@ -289,7 +297,7 @@ def budget(limit: Union[int, str, float, None], policy="dtr_eq", *, device=None,
     (default: CPU without CUDA, else the device of the first tensor an op reads).
     ``count``: accepted for old code and ignored (See Note [count= is a no-op]).
     ``runtime``: "python" or "cpp" (see Note [Two runtimes]); default: $DTR_RUNTIME,
-    else "python".
+    else "cpp" where the extension dtr._C is built and "python" where it is not.
     """
     return Session(limit, policy, device=device, search=search, pool=pool, count=count,
                    runtime=runtime)

@@ -984,3 +984,14 @@ def test_ops_with_an_implicit_and_a_backend_kernel_match_eager_bit_for_bit(name,
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_default_runtime_is_cpp_where_the_extension_is_built(monkeypatch):
+    # Note [Two runtimes]: C++ by default, the Python reference where dtr._C is not built.
+    monkeypatch.delenv("DTR_RUNTIME", raising=False)
+    assert dtr.budget(None).runtime_kind == "cpp"
+    monkeypatch.setenv("DTR_RUNTIME", "python")
+    assert dtr.budget(None).runtime_kind == "python"
+    monkeypatch.delenv("DTR_RUNTIME")
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    assert dtr.budget(None).runtime_kind == "python"
