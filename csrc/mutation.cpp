@@ -45,10 +45,12 @@
 
 #include "capture.h"
 #include "errors.h"
+#include "op_memory.h"
 #include "op_traits.h"
 #include "recipe_stack.h"
 #include "rng.h"
 #include "runtime.h"
+#include "scratch.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -204,11 +206,6 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     with_recipe = false;  // no recipe input stands for a Tensor[][] element
     add_target(-1, cell);
   }
-  if (targets.empty()) {  // only plain tensors are written: nothing to record
-    const double cost = run_timed(op, stack);
-    clock_ += cost;
-    return;
-  }
   if (!with_recipe) {
     for (Target& tg : targets) {
       if (tg.old->pinned || !tg.base->recipe) {
@@ -217,6 +214,51 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
         tg.base_copy = tg.base->value.clone();
       }
     }
+  }
+
+  // Note [Room for an in-place op]
+  // An in-place op makes no new storage, but its kernel may allocate scratch
+  // while it runs and a seeded one's recipe keeps the RNG state it captures
+  // (5 KiB on CPU): room is made for both first, as dispatch does for a
+  // functional op and dtr/runtime.py for every op (dropout's bernoulli_ passed
+  // a tight budget by its RNG state before). The scratch is measured on the
+  // first run of an (op, input metadata), as a functional op's is, and kept
+  // in the recipe for its recomputes.
+  OpMemory* memory = nullptr;
+  planned_output_bytes(op, traits, *stack, first, &memory);  // 0: only the table's entry
+  const c10::Device device = call.vals.empty() ? c10::Device(c10::kCPU) : call.vals[0].device();
+  const int64_t measured_scratch =
+      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
+  const int64_t scratch =
+      measured_scratch >= 0 ? measured_scratch : estimated_scratch(traits.workspace, 0, call.vals);
+  const bool keeps_rng = traits.seeded && with_recipe && !targets.empty();
+  const int64_t rng_bytes = keeps_rng ? rng_state_bytes(device) : 0;
+  if (scratch + rng_bytes > 0) {
+    int64_t locked_bytes = 0;
+    for (const auto& c : call.cells) {
+      if (c) locked_bytes += c->storage->nbytes;
+    }
+    make_room(scratch + rng_bytes, traits.name, scratch + rng_bytes + locked_bytes);
+    note_peak(scratch + rng_bytes);
+  }
+  const bool measure = memory && measured_scratch < 0 && device.is_cpu() &&
+                       scratch_measuring_enabled();
+  int64_t scratch_seen = -1;
+  auto run_measured = [&]() -> double {
+    ScratchWindow window(measure);
+    const double cost = run_timed(op, stack);
+    scratch_seen = window.close();
+    if (scratch_seen >= 0) {
+      const int64_t before = memory->scratch.load(std::memory_order_relaxed);
+      memory->scratch.store(std::max(before, scratch_seen), std::memory_order_relaxed);
+    }
+    return cost;
+  };
+
+  if (targets.empty()) {  // only plain tensors are written: nothing to record
+    const double cost = run_measured();
+    clock_ += cost;
+    return;
   }
 
   // The recipe's argument template, taken before the kernel consumes the stack.
@@ -230,11 +272,13 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     recipe->grad_enabled = c10::GradMode::is_enabled();
     if (traits.seeded) {
       const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
-      recipe->rng = capture_rng(gen, call.vals[0].device());
+      recipe->rng = capture_rng(gen, device);
+      if (rng_bytes) count_plain(recipe->rng->state);
     }
   }
 
-  const double cost = run_timed(op, stack);
+  const double cost = run_measured();
+  if (recipe) recipe->scratch_bytes = scratch_seen >= 0 ? scratch_seen : scratch;
   clock_ += cost;
   for (const auto& c : call.cells) {
     if (c) pool_.touch(c->storage->sid, clock_);

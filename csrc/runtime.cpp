@@ -701,7 +701,13 @@ int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTra
     *memory = find_op_memory(key);
     if (*memory) return (*memory)->out_bytes.load(std::memory_order_relaxed);
   }
-  const int64_t total = meta_output_bytes(op, traits, stack, first);
+  // As dtr/runtime.py's _output_bytes: an op that returns no tensor (equal, item),
+  // a view and an in-place op make no new storage (an in-place op's copies of
+  // unevictable targets are made room for where they are taken). Their meta
+  // kernels would count the input storage a view shares, or fail (equal has none).
+  const bool allocates = traits.returns_tensor && traits.written.empty() && !traits.is_view &&
+                         !traits.alias_ok;
+  const int64_t total = allocates ? meta_output_bytes(op, traits, stack, first) : 0;
   if (hashable) *memory = add_op_memory(key, total);
   return total;
 }
@@ -944,8 +950,15 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       if (c) locked_bytes += c->storage->nbytes;
     }
     make_room(need, traits.name, need + locked_bytes);
+    // Note [Peaks at ops that allocate nothing]
+    // As dtr/runtime.py: the peak is noted where the runtime made room and where
+    // it recorded new values, not at an op that allocates nothing. Such an op
+    // after the block (torch.equal on a loss, .item()) would otherwise note the
+    // whole process's memory, which the budget does not bound once the block
+    // has ended (Note [Over the budget without dtr] in dtr/runtime.py), as the
+    // session's peak.
+    note_peak(need);
   }
-  note_peak(need);
 
   // The recipe's argument template, taken before the kernel consumes the stack.
   auto recipe = c10::make_intrusive<Recipe>(op);

@@ -14,9 +14,8 @@
 // csrc/mutation.cpp; see Note [In-place ops in the C++ runtime] there. In-place
 // metadata ops (transpose_, resize_, set_, ...) live in csrc/metadata_ops.cpp.
 //
-// What this runtime does not do yet (the Python runtime does): in-place ops
-// reserve no kernel scratch, and kernel scratch is not measured on CUDA (the
-// estimates stand in).
+// Kernel scratch is measured on CPU only; on CUDA the estimates stand in
+// (Note [Room for an in-place op] in mutation.cpp for in-place ops).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>

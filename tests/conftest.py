@@ -26,13 +26,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # a strict xfail, so that each entry must be removed the moment it starts passing.
 RUNTIMES = ["python", "cpp"] if dtr._ext.available() else ["python"]
 
-_BUDGET = "C++ runtime step 4: the budget's findings noted at each entry"
-CPP_NOT_YET = {
-    # dtr's own peak passes the budget by 2% (9425116 of 9206159) with scratch reserved:
-    # not yet diagnosed (an op whose planned bytes miss what it allocates?).
-    "test_models.py::test_tight_budgets_are_exact_and_hold[transformer]": _BUDGET,
-    "test_models.py::test_tight_budgets_are_exact_and_hold[treelstm]": _BUDGET,
-}
+CPP_NOT_YET: dict = {}  # empty: the C++ runtime passes every runtime test
 
 
 def pytest_configure(config):
