@@ -1,5 +1,6 @@
 // Note [Writes into what recipes read in C++] (hidden_writes.h).
 #include "hidden_writes.h"
+#include "tensor_walk.h"
 
 #include <ATen/ATen.h>
 
@@ -91,20 +92,10 @@ void PlainReaders::before_write(const at::Tensor& t,
 void Runtime::before_plain_writes(const OpTraits& traits, const torch::jit::Stack& stack,
                                   size_t first) {
   Lock g(mu_);
-  auto protect = [&](const at::Tensor& t) {
-    if (t.defined()) readers_.before_write(t, [&](const at::Tensor& copy) { count_plain(copy); });
-  };
   for (int w : traits.written) {
-    const c10::IValue& v = stack[first + w];
-    if (v.isTensor()) {
-      protect(v.toTensor());
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList()) protect(t);
-    } else if (v.isOptionalTensorList()) {
-      for (std::optional<at::Tensor> t : v.toOptionalTensorList()) {
-        if (t) protect(*t);
-      }
-    }
+    for_each_tensor(stack[first + w], [&](const at::Tensor& t) {
+      if (t.defined()) readers_.before_write(t, [&](const at::Tensor& copy) { count_plain(copy); });
+    });
   }
 }
 

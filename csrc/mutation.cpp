@@ -51,27 +51,11 @@
 #include "rng.h"
 #include "runtime.h"
 #include "scratch.h"
+#include "tensor_walk.h"
 #include "wrapper.h"
 
 namespace dtr {
 namespace {
-
-template <typename F>
-void for_each_tensor(const c10::IValue& v, F&& f) {
-  if (v.isTensor()) {
-    f(v.toTensor());
-  } else if (v.isTensorList()) {
-    for (const at::Tensor& t : v.toTensorList()) f(t);
-  } else if (v.isOptionalTensorList()) {
-    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
-  }
-}
-
-int64_t storage_bytes(const at::Tensor& t) {
-  int64_t n = static_cast<int64_t>(t.storage().nbytes());
-  if (t.is_cuda() && n) n = (n + 511) & ~int64_t(511);
-  return n;
-}
 
 // The cell of `cell`'s storage it is a view of (itself if none); `chain` gets
 // the view cells from there (exclusive) to `cell` (inclusive).

@@ -14,6 +14,7 @@
 #include "op_memory.h"
 #include "op_traits.h"
 #include "scratch.h"
+#include "tensor_walk.h"
 #include "recipe_stack.h"
 #include "sparse.h"
 #include "wrapper.h"
@@ -27,13 +28,6 @@ constexpr int64_t kMinEvictableBytes = 32;
 double now_seconds() {
   using clock = std::chrono::steady_clock;
   return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
-}
-
-// Bytes the device's allocator takes for a storage (see allocated_bytes in dtr/runtime.py).
-int64_t storage_bytes(const at::Tensor& t) {
-  int64_t n = static_cast<int64_t>(t.storage().nbytes());
-  if (t.is_cuda() && n) n = (n + 511) & ~int64_t(511);
-  return n;
 }
 
 inline uint64_t mix(uint64_t h, uint64_t v) {
@@ -128,22 +122,6 @@ c10::IValue meta_ivalue(const c10::IValue& v) {
   }
   if (v.isGenerator()) return c10::IValue();
   return v;
-}
-
-// Calls f(tensor) for every tensor of a return or argument value.
-template <typename F>
-void for_each_tensor(const c10::IValue& v, F&& f) {
-  if (v.isTensor()) {
-    f(v.toTensor());
-  } else if (v.isTensorList()) {
-    for (const at::Tensor& t : v.toTensorList()) f(t);
-  } else if (v.isOptionalTensorList()) {
-    for (std::optional<at::Tensor> t : v.toOptionalTensorList()) f(t ? *t : at::Tensor());
-  } else if (v.isList()) {  // Tensor[][] (c10d's allgather_, reduce_scatter_)
-    for (const c10::IValue& e : v.toListRef()) {
-      if (e.isTensorList()) for_each_tensor(e, f);
-    }
-  }
 }
 
 std::vector<at::Tensor> flat_tensors(const torch::jit::Stack& stack, size_t first) {
