@@ -30,9 +30,13 @@ if __package__ in (None, ""):  # ``python bench/run.py``
 import torch
 
 import dtr
+from dtr.policies import DEFAULT_POLICY
 from bench import models as M
 
 FRACTIONS = [0.8, 0.6, 0.5, 0.4, 0.3, 0.2]
+# The full run's policies: the default first (its rows get the memory timeline),
+# then the paper's h_DTR approximation and LRU as references.
+POLICIES = list(dict.fromkeys([DEFAULT_POLICY, "msps_sqrt", "dtr_eq", "lru"]))
 COMPILE_BUDGETS = [1.0, 0.5, 0.1]
 SLACK = 0.05  # measured peak may exceed the budget by this much (op workspace)
 MiB = 1 << 20
@@ -529,7 +533,9 @@ def plot_frontier(name, rows, eager, path):
     et, ep = eager["step_s"], eager["measured_peak"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([1.0], [1.0], marker="*", s=200, c="k", label="eager", zorder=5)
-    for pol, color in (("dtr_eq", "tab:blue"), ("msps_sqrt", "tab:cyan"), ("lru", "tab:orange")):
+    colors = ["tab:blue", "tab:cyan", "tab:olive", "tab:orange", "tab:brown", "tab:pink"]
+    policies = list(dict.fromkeys(r["policy"] for r in rows if r["kind"] == "dtr" and r.get("policy")))
+    for pol, color in zip(policies, colors):
         pts = [(r["measured_peak"] / ep, r["step_s"] / et) for r in
                sorted(rows, key=lambda r: -(r.get("budget_bytes") or 0))
                if r["kind"] == "dtr" and r.get("policy") == pol and r["status"] == "ok"
@@ -624,7 +630,7 @@ def bench_model(name, args, bar) -> List[dict]:
                 continue
             r = add(run_isolated(name, size, Config("dtr", f"dtr {pol} @{fr}", budget=b, policy=pol,
                                                   fraction=fr), steps, limit,
-                               timeline=(pol == "dtr_eq" and fr == args.timeline_fraction)))
+                               timeline=(pol == args.policies[0] and fr == args.timeline_fraction)))
             if r["status"] == "ok":
                 ok_min = b if ok_min is None else min(ok_min, b)
             elif r["status"].startswith(("BudgetExceeded", "timeout")):
@@ -633,7 +639,7 @@ def bench_model(name, args, bar) -> List[dict]:
             sb = smallest_budget(name, size, pol, fail_max, ok_min, ep, limit)
             if sb is not None:
                 # The memory timeline shows dtr at the smallest budget where 0.5 did not work.
-                need_tl = pol == "dtr_eq" and not any(r.get("timeline") for r in rows if r["kind"] == "dtr")
+                need_tl = pol == args.policies[0] and not any(r.get("timeline") for r in rows if r["kind"] == "dtr")
                 add(run_smallest(name, size, pol, sb, ep, steps, limit, need_tl))
             else:
                 add(dict(model=name, method=f"dtr {pol} smallest", kind="dtr", policy=pol,
@@ -752,6 +758,12 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="results folder (default bench/results/, or bench/results/quick/ with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
+    p.add_argument("--policies", nargs="+", default=None,
+                   help="eviction policies to run (default: POLICIES; --quick: the default policy)")
+    p.add_argument("--fractions", nargs="+", type=float, default=None,
+                   help="budgets as fractions of eager's measured peak")
+    p.add_argument("--no-smallest", dest="smallest", action="store_false", default=None,
+                   help="skip the search for each policy's smallest feasible budget")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-timeout", type=int, default=1200, help="wall seconds per compile subprocess")
     p.add_argument("--compile-cpu-limit", type=int, default=240, help="CPU seconds per compile subprocess")
@@ -778,19 +790,19 @@ def main(argv=None):
         args.models = args.models or ["gpt"]
         args.size = args.size or "quick"
         args.steps = args.steps or 2
-        args.fractions = [0.6, 0.5, 0.4]
-        args.policies = ["dtr_eq"]
+        args.fractions = args.fractions or [0.6, 0.5, 0.4]
+        args.policies = args.policies or [DEFAULT_POLICY]
         args.compile_budgets = [0.5]
-        args.smallest = False
+        args.smallest = False if args.smallest is None else args.smallest
         args.timeline_fraction = 0.4
     else:
         args.models = args.models or M.MODELS
         args.size = args.size or "full"
         args.steps = args.steps or 3
-        args.fractions = FRACTIONS
-        args.policies = ["dtr_eq", "msps_sqrt", "lru"]
+        args.fractions = args.fractions or FRACTIONS
+        args.policies = args.policies or POLICIES
         args.compile_budgets = COMPILE_BUDGETS
-        args.smallest = True
+        args.smallest = True if args.smallest is None else args.smallest
         args.timeline_fraction = 0.5
     out = args.out or default_out(args.quick)
     os.makedirs(out, exist_ok=True)

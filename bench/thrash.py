@@ -1,14 +1,15 @@
 """Thrashing check (issue 15): recomputations per op and step time near the edge of feasibility.
 
-    python -m bench.thrash                       # all three models, both runtimes
+    python -m bench.thrash                       # all three models, both runtimes, the default policy
     python -m bench.thrash --models gru --runtimes cpp
+    python -m bench.thrash --runtimes cpp --policies msps_sqrt dtr_eq dtr_regions  # docs/performance.md
 
 Models: issue 15's GRU-cell RNN (hidden 96, batch 16, up to 40 steps with a
 data-dependent stop, loss summed over steps), and bench's LSTM and TreeLSTM
 (bench/models.py, full size). Each runs eagerly once, then under dtr at
 fractions of eager's measured peak on each runtime, every configuration in
 a fresh forked process (bench/run.py's run_config: a warm-up step, a profiled
-step, timed steps; CPU time, as bench.run). Per row: recomputations per op
+step, timed steps; CPU time, as bench.run), for each policy given. Per row: recomputations per op
 (rematerializations / ops, median over the timed steps), the most any one op
 name was recomputed, step time over eager's, thrash guard trips, and whether
 every loss equals eager's bit for bit. Results go to bench/results/thrash.md
@@ -17,6 +18,7 @@ every loss equals eager's bit for bit. Results go to bench/results/thrash.md
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dtr.policies import DEFAULT_POLICY
 from bench import models as M
 from bench import run as R
 
@@ -88,23 +91,23 @@ def _row(name: str, cfg, runtime: str, steps: int, limit: float) -> dict:
     return R.run_config(name, "full", cfg, steps, limit)
 
 
-def measure(name: str, runtimes, limit: float) -> list:
+def measure(name: str, runtimes, limit: float, policies=(DEFAULT_POLICY,)) -> list:
     rows = []
     eager = R.isolated(_row, name, R.Config("eager", "eager"), "", TIMED_STEPS[name], None)
     eager["runtime"] = "-"
     rows.append(eager)
     peak = eager["measured_peak"]
-    for runtime in runtimes:
+    for runtime, policy in itertools.product(runtimes, policies):
         for f in FRACTIONS[name]:
-            cfg = R.Config("dtr", f"dtr @{f}", budget=int(f * peak), policy="dtr_eq", fraction=f)
+            cfg = R.Config("dtr", f"dtr @{f}", budget=int(f * peak), policy=policy, fraction=f)
             t0 = time.time()
             try:
                 r = R.isolated(_row, name, cfg, runtime, TIMED_STEPS[name], limit)
             except RuntimeError as e:
                 r = dict(status=str(e).splitlines()[0][:200], losses=[])
-            r.update(runtime=runtime, fraction=f, wall_total_s=time.time() - t0)
+            r.update(runtime=runtime, policy=policy, fraction=f, wall_total_s=time.time() - t0)
             rows.append(r)
-            print(f"{name} {runtime} {f}: {r['status']} {summary(r, eager)}", flush=True)
+            print(f"{name} {runtime} {policy} {f}: {r['status']} {summary(r, eager)}", flush=True)
             if r["status"] != "ok":
                 break  # tighter budgets fail too (or take longer still)
     return rows
@@ -130,14 +133,14 @@ def table(name: str, rows: list) -> list:
     eager = rows[0]
     out = [f"## {name}", "",
            f"eager: step {eager['step_s']:.3f} CPU s, measured peak {eager['measured_peak'] / R.MiB:.2f} MiB", "",
-           "| runtime | budget (x eager peak) | status | ops/step | recomputations/step | per op | "
+           "| runtime | policy | budget (x eager peak) | status | ops/step | recomputations/step | per op | "
            "most recomputed op (count) | step (x eager) | guard trips | losses |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         ok = r.get("status") == "ok" and "ops" in r
         worst = max(r.get("remat_by_op", {}).items(), key=lambda kv: kv[1][0], default=None)
         out.append("| " + " | ".join([
-            r["runtime"], f"{r['fraction']:.2f}", r["status"][:80],
+            r["runtime"], r.get("policy", "-"), f"{r['fraction']:.2f}", r["status"][:80],
             f"{r['ops']:.0f}" if ok else "-",
             f"{r['rematerializations']:.0f}" if ok else "-",
             f"{r['rematerializations'] / max(1, r['ops']):.2f}" if ok else "-",
@@ -153,15 +156,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gru", "treelstm", "lstm"], choices=list(FRACTIONS))
     ap.add_argument("--runtimes", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
+    ap.add_argument("--policies", nargs="+", default=[DEFAULT_POLICY],
+                    help="eviction policies to run (dtr.policies.available())")
     ap.add_argument("--limit", type=float, default=60.0, help="CPU seconds per step before a row times out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "thrash.md"))
     args = ap.parse_args(argv)
     lines = ["# Thrashing check (python -m bench.thrash)", "",
-             f"{R.machine_info()}; policy dtr_eq; step limit {args.limit:.0f} CPU s; "
+             f"{R.machine_info()}; policies {', '.join(args.policies)}; step limit {args.limit:.0f} CPU s; "
              "recomputations are the median over the timed steps.", ""]
     all_rows = {}
     for name in args.models:
-        rows = measure(name, args.runtimes, args.limit)
+        rows = measure(name, args.runtimes, args.limit, args.policies)
         all_rows[name] = rows
         lines += table(name, rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

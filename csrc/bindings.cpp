@@ -35,6 +35,7 @@ dtr::SearchOptions dtr::search_from_python(const py::handle& search) {
   unsigned long long s = PyLong_AsUnsignedLongLongMask(seed.ptr());
   if (PyErr_Occurred()) throw py::error_already_set();
   out.seed = static_cast<uint64_t>(s);
+  out.thrash_guard = search.attr("thrash_guard").cast<bool>();
   return out;
 }
 
@@ -55,7 +56,10 @@ struct PolicyArg {
   py::object name;
 };
 
-PolicyArg policy_arg(const py::object& policy, const py::object& search) {
+PolicyArg policy_arg(const py::object& given, const py::object& search) {
+  // None: dtr.policies.DEFAULT_POLICY, as PythonPool takes it.
+  const py::object policy =
+      given.is_none() ? py::module_::import("dtr.policies").attr("DEFAULT_POLICY") : given;
   if (py::isinstance<py::str>(policy)) {
     return {dtr::policy_from_name(policy.cast<std::string>()), nullptr, policy};
   }
@@ -297,7 +301,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyPool>(m, "CppPool",
                      "The C++ eviction pool; the same interface and decisions as "
                      "dtr.policies.PythonPool.")
-      .def(py::init<const py::object&, py::object>(), py::arg("policy") = "dtr_eq",
+      .def(py::init<const py::object&, py::object>(), py::arg("policy") = py::none(),
            py::arg("search") = py::none())
       .def(
           "add",
@@ -334,6 +338,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("policy", &PyPool::policy_obj)
       .def_readonly("search", &PyPool::search_obj)
       .def_property_readonly("candidate_bytes", &dtr::Pool::candidate_bytes)
+      .def_property_readonly("thrash_guard_trips", &dtr::Pool::thrash_guard_trips)
       // Introspection for tests (PythonPool has the same private methods).
       .def("_candidates",
            [](const PyPool& p) {

@@ -237,6 +237,7 @@ void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evicta
   if (!(cost >= 0.0)) odd_cost_ = true;
   e.last_access = now;
   e.evictable = evictable;
+  computed_cost_ += cost;
   for (int64_t p : parents) {
     if (p == sid) continue;
     Entry* pe = lookup(p);
@@ -273,6 +274,7 @@ void Pool::touch(int64_t sid, double now) {
 void Pool::add_cost(int64_t sid, double cost) {
   Entry& e = get(sid, "add_cost");
   e.cost += cost;
+  computed_cost_ += cost;
   if (!(e.cost >= 0.0) || !(cost >= 0.0)) odd_cost_ = true;
 }
 
@@ -338,6 +340,23 @@ void Pool::rematerialized(int64_t sid, double now) {
   count_as_evicted_neighbour(e, -1);
   leave_class(e);
   maybe_candidate(e);
+  count_recomputed(e.cost);
+}
+
+// Note [Thrash guard]
+// As dtr.policies' Note [Thrash guard]: the pool sums the cost of what it was
+// given to hold (add, add_cost) and of what was rematerialized; once the
+// second passes kThrashGuardRatio times the first, after at least
+// kThrashGuardMinRemats rematerializations, it trips, once per pool (one
+// block). The session then warns; the victims stay the policy's.
+
+void Pool::count_recomputed(double cost) {
+  recomputed_cost_ += cost;
+  ++remats_;
+  if (thrash_guard_trips_ == 0 && search_.thrash_guard && remats_ >= kThrashGuardMinRemats &&
+      recomputed_cost_ > kThrashGuardRatio * computed_cost_) {
+    thrash_guard_trips_ = 1;
+  }
 }
 
 void Pool::set_next_use(int64_t sid, double when) { get(sid, "set_next_use").next_use = when; }

@@ -67,7 +67,15 @@ struct SearchOptions {
   // mean candidate size (unless that skips them all).
   double min_evictable_fraction = 0.0;
   uint64_t seed = 0;
+  // See Note [Thrash guard] in pool.cpp.
+  bool thrash_guard = true;
 };
+
+// Note [Thrash guard] in pool.cpp: the guard trips once the cost recomputed
+// passes this many times the cost computed, after at least this many
+// rematerializations (dtr.policies.THRASH_GUARD_RATIO and _MIN_REMATS).
+constexpr double kThrashGuardRatio = 3.0;
+constexpr int64_t kThrashGuardMinRemats = 64;
 
 // SplitMix64; dtr.policies._SplitMix64 is the same generator in Python.
 class SplitMix64 {
@@ -179,6 +187,8 @@ class Pool {
   size_t num_candidates() const { return cands_.size(); }
   int64_t candidate_bytes() const { return candidate_bytes_; }
   Policy policy() const { return policy_; }
+  // 0, or 1 once the thrash guard has tripped (Note [Thrash guard] in pool.cpp).
+  int64_t thrash_guard_trips() const { return thrash_guard_trips_; }
   const SearchOptions& search() const { return search_; }
   const Entry* find(int64_t sid) const;
   std::vector<int64_t> ids() const;
@@ -224,6 +234,7 @@ class Pool {
   // See Note [Bounded scan] in pool.cpp.
   bool can_bound() const;
   bool needs_walk(const Entry& e) const;
+  void count_recomputed(double cost);
   double base_score(const Entry& e, double now) const;
   const Entry* scan_bounded(const std::vector<Entry*>& entries, double now);
   const Entry* scan_external(const std::vector<Entry*>& entries, double now);
@@ -241,6 +252,11 @@ class Pool {
   // bounds, so the bounded scan is off (Note [Bounded scan]).
   bool odd_cost_ = false;
   double plan_clock_ = 0.0;
+  // Note [Thrash guard]: costs of the storages added and rematerialized so far.
+  double computed_cost_ = 0.0;
+  double recomputed_cost_ = 0.0;
+  int64_t remats_ = 0;
+  int64_t thrash_guard_trips_ = 0;
   std::vector<std::pair<double, Entry*>> deferred_;
   std::shared_ptr<ExternalScorer> scorer_;  // Policy::Python only
   // Scratch buffers reused by the search and the graph walks.

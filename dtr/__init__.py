@@ -13,7 +13,7 @@ from . import device_memory
 from . import measure, policies, scratch, testing
 from . import policies_extra  # noqa: F401  (registers dtr_regions, dtr_eq_sqrt)
 from .errors import (BudgetExceededError, DTRError, RecomputeError, StaleInputError,
-                     UnsupportedOpError)
+                     ThrashWarning, UnsupportedOpError)
 from .policies import SearchOptions
 from .runtime import Stats
 from .session import Session, budget, parse_budget
@@ -46,4 +46,5 @@ __all__ = [
     "StaleInputError",
     "UnsupportedOpError",
     "RecomputeError",
+    "ThrashWarning",
 ]

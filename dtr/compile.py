@@ -1,7 +1,7 @@
 """The Dynamo backend: ``torch.compile(model, backend="dtr")``.
 
     model = torch.compile(model, backend="dtr")              # budget of the enclosing dtr.budget
-    model = torch.compile(model, backend=dtr.compile_backend("2GB", policy="dtr_eq"))
+    model = torch.compile(model, backend=dtr.compile_backend("2GB"))
 
 Note [Compiled graphs under the runtime]
 Dynamo captures the model's frames; aot_autograd turns each into a forward and
@@ -391,7 +391,7 @@ class DTRBackend:
     outside any ``dtr.budget`` block); its ``stats`` accumulate over steps.
     """
 
-    def __init__(self, budget=None, policy="dtr_eq", *, pool: str = "auto", search=None):
+    def __init__(self, budget=None, policy=_policies.DEFAULT_POLICY, *, pool: str = "auto", search=None):
         from .session import parse_budget
 
         self.budget_bytes = parse_budget(budget)
@@ -543,7 +543,7 @@ class DTRBackend:
 _KEEP = object()
 
 
-def compile_backend(budget=None, policy="dtr_eq", *, pool: str = "auto",
+def compile_backend(budget=None, policy=_policies.DEFAULT_POLICY, *, pool: str = "auto",
                     search=None) -> DTRBackend:
     """A Dynamo backend for ``torch.compile(model, backend=...)`` running under dtr.
 

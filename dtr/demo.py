@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import dtr
 from dtr.measure import peak_memory
+from dtr.policies import DEFAULT_POLICY
 
 
 class _Net(nn.Module):
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
                    help="room left for the step, as a fraction of eager's peak above the memory "
                         "in use at the step's start (default 0.5)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--policy", default="dtr_eq")
+    p.add_argument("--policy", default=DEFAULT_POLICY)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

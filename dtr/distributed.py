@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .errors import UnsupportedOpError
+from .policies import DEFAULT_POLICY
 from .runtime import Stats
 from .session import Session, budget as _budget
 
@@ -48,7 +49,7 @@ def rank_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def budget(limit: Union[int, str, None], policy="dtr_eq", *, group=None, **kwargs) -> Session:
+def budget(limit: Union[int, str, None], policy=DEFAULT_POLICY, *, group=None, **kwargs) -> Session:
     """``dtr.budget(limit, policy, device=<this rank's device>)``.
 
     Each rank runs its own runtime: ``limit`` is this rank's limit, not a total.

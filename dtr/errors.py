@@ -6,6 +6,7 @@ __all__ = [
     "StaleInputError",
     "UnsupportedOpError",
     "RecomputeError",
+    "ThrashWarning",
 ]
 
 
@@ -32,6 +33,11 @@ class StaleInputError(DTRError):
 
 class UnsupportedOpError(DTRError):
     """An operator whose semantics dtr cannot preserve was called on a dtr tensor."""
+
+
+class ThrashWarning(UserWarning):
+    """A block recomputed more than THRASH_GUARD_RATIO times its own compute
+    (Note [Thrash guard] in dtr/policies.py): its budget is at the edge."""
 
 
 class RecomputeError(DTRError):

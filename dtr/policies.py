@@ -28,6 +28,7 @@ __all__ = [
     "available",
     "make_pool",
     "SearchOptions",
+    "DEFAULT_POLICY",
 ]
 
 # Staleness of an entry touched at this very instant. It must be positive so
@@ -340,6 +341,57 @@ for _name, _fn in [
 ]:
     register(_name, _fn)
 
+# Note [The default policy]
+# msps_sqrt (Note [msps_sqrt]) is the default; dtr_eq, the paper's h_DTR^eq,
+# was until issue 15, and stays available by name with the paper's other
+# heuristics. The evidence (bench/results/thrash.md, docs/performance.md,
+# 'Choosing the default policy'):
+#  * dtr_eq thrashed on issue 15's GRU RNN, 88 recomputations per op at 0.5
+#    of eager's peak (msps_sqrt: 0.54), and on bench's TreeLSTM at 0.9 (51
+#    per op; msps_sqrt 1.4). The cause is its cost term. Its union-find
+#    classes join evicted storages that touch, in either direction, and eager
+#    eviction (Note [Eager eviction] in dtr/runtime.py) evicts every dead
+#    intermediate of the step, so the step's evicted storages form one class:
+#    every candidate next to it is charged the cost of everything evicted so
+#    far (median 0.021 s per victim on the GRU, where the evicted ancestors its
+#    own recompute needs cost 2e-5 s). With the same large cost added to every
+#    score, the score is in effect 1 / (bytes * staleness): it evicted the
+#    gradient accumulators, whose recompute needs every later step's backward.
+#    "dtr" (the exact connected component) has the same flaw: 53 per op.
+#  * msps_sqrt charges the evicted ancestors, which is what a recompute needs,
+#    and fits tighter budgets: bench's LSTM runs at 0.32 of eager's peak,
+#    where dtr_eq and dtr_regions raise BudgetExceededError.
+#  * In the simulator, under the paper's semantics, on the paper's 8 traces, its
+#    mean excess overhead is 0.169 against dtr_eq's 0.252 and the paper's 0.214
+#    (docs/simulator.md); on bench's full run it was the faster of the two on
+#    GPT at 0.5 (1.41x eager against 1.45x) and ResNet at checkpoint's peak.
+# Where it still loses: the GRU at 0.4 of eager's peak and below, where the
+# C++ runtime thrashed in one run of two (costs are measured times, and at
+# the edge of feasibility the outcome flips with them).
+DEFAULT_POLICY = "msps_sqrt"
+
+# Note [Thrash guard]
+# Near the edge of feasibility a policy can recompute the same values over
+# and over, 100x slower than eager, where a somewhat larger budget would run
+# at about 1.1x. Each pool (one per block) sums the cost of the storages it
+# was given (add, add_cost: the block's own compute) and the cost of every
+# rematerialization. Once the recomputed cost passes THRASH_GUARD_RATIO times
+# the computed cost, after at least THRASH_GUARD_MIN_REMATS
+# rematerializations, the guard trips, once per pool
+# (Stats.thrash_guard_trips), and the session warns when the block ends
+# (dtr.ThrashWarning, with the remedy) instead of only being slow. A healthy
+# tight run recomputes 0.2-0.6 of its own cost (bench's rows at 0.5 of
+# eager's peak); 3 is well above that and well below thrashing (10-100x).
+# The guard does not change the victims. Switching to another policy when it
+# trips was measured and not kept (issue 15's GRU at 0.5 of eager's peak,
+# dtr_eq, C++ runtime, one step): no switch 232k recomputations, 1.8 s of
+# recomputation and search; switching to msps 60k and 3.7 s; to msps_sqrt
+# 141k and 12.6 s. Every switch recomputed less and took longer: once the
+# values that made recomputing cheap are gone, every search walks a long
+# evicted graph (docs/performance.md, 'Thrashing').
+THRASH_GUARD_RATIO = 3.0
+THRASH_GUARD_MIN_REMATS = 64
+
 
 # --------------------------------------------------------------------------
 # The pool.
@@ -359,11 +411,14 @@ class SearchOptions:
     ``seed``: seeds the pool's SplitMix64 generator (sampling and the
     ``random`` policy). The Python and the C++ pool sample identically, so
     with the same seed they make the same choices even when sampling.
+    ``thrash_guard``: count (Stats.thrash_guard_trips) and warn (dtr.ThrashWarning)
+    when recomputation runs away (Note [Thrash guard]); on by default.
     """
 
     sample_above: Optional[int] = None
     min_evictable_fraction: float = 0.0
     seed: int = 0
+    thrash_guard: bool = True
 
     def __post_init__(self):
         if self.sample_above is not None and (
@@ -376,6 +431,9 @@ class SearchOptions:
                              f"got {self.min_evictable_fraction!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"dtr: SearchOptions.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.thrash_guard, bool):
+            raise ValueError(f"dtr: SearchOptions.thrash_guard must be True or False, "
+                             f"got {self.thrash_guard!r}")
 
 
 _M64 = (1 << 64) - 1
@@ -409,9 +467,15 @@ class PythonPool:
     policy pick the same storages in both (see csrc/pool.h).
     """
 
-    def __init__(self, policy="dtr_eq", search: SearchOptions = SearchOptions()):
+    def __init__(self, policy=None, search: SearchOptions = SearchOptions()):
+        policy = DEFAULT_POLICY if policy is None else policy
         self.score = get(policy)
         self.search = search
+        # Note [Thrash guard]: costs of the storages added and rematerialized so far.
+        self._computed_cost = 0.0
+        self._recomputed_cost = 0.0
+        self._remats = 0
+        self.thrash_guard_trips = 0
         self.rng = _SplitMix64(search.seed)
         self.entries: Dict[int, Entry] = {}
         self._cand: List[Entry] = []
@@ -440,6 +504,7 @@ class PythonPool:
         if nbytes < 0:
             raise DTRError(f"dtr: storage {sid} added with negative size {nbytes}")
         e = Entry(sid, nbytes, cost, now, evictable)
+        self._computed_cost += cost
         entries = self.entries
         for p in parents:
             pe = entries.get(p)
@@ -505,6 +570,7 @@ class PythonPool:
 
     def add_cost(self, sid: int, cost: float) -> None:
         self._get(sid, "add_cost").cost += cost
+        self._computed_cost += cost
 
     def lock(self, sid: int) -> None:
         e = self.entries.get(sid)
@@ -566,6 +632,13 @@ class PythonPool:
             e.uf_node.find().cost -= e.cost
             e.uf_node = None
         self._maybe_candidate(e)
+        # Note [Thrash guard]
+        self._recomputed_cost += e.cost
+        self._remats += 1
+        if (not self.thrash_guard_trips and self.search.thrash_guard
+                and self._remats >= THRASH_GUARD_MIN_REMATS
+                and self._recomputed_cost > THRASH_GUARD_RATIO * self._computed_cost):
+            self.thrash_guard_trips = 1
 
     # -- the search ------------------------------------------------------
     def choose_victim(self, now: float) -> Optional[int]:
@@ -651,8 +724,10 @@ class PythonPool:
                 assert self.entries[c].parents.count(sid) == 1
 
 
-def make_pool(policy="dtr_eq", search: SearchOptions = SearchOptions(), impl: str = "auto"):
-    """A pool for ``policy``: the C++ one when built and the policy is native."""
+def make_pool(policy=None, search: SearchOptions = SearchOptions(), impl: str = "auto"):
+    """A pool for ``policy`` (default: DEFAULT_POLICY): the C++ one when built and the
+    policy is native."""
+    policy = DEFAULT_POLICY if policy is None else policy
     if impl not in ("auto", "python", "cpp"):
         raise ValueError(f"dtr: unknown pool implementation {impl!r}; use 'auto', 'python' or 'cpp'")
     if impl != "python":

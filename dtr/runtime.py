@@ -18,6 +18,7 @@ import torch
 from . import device_memory as _devmem
 from . import rng as _rng
 from .cost import estimate_op, perf_counter
+from .policies import DEFAULT_POLICY
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
 from . import hidden_writes as _hidden_writes
 from . import metadata_ops as _metadata_ops
@@ -47,7 +48,7 @@ class Stats:
     """Counters of one session; readable while it runs and after it ends."""
 
     budget_bytes: Optional[int] = None
-    policy: str = "dtr_eq"
+    policy: str = DEFAULT_POLICY
     ops: int = 0
     evictions: int = 0
     eager_evictions: int = 0
@@ -63,6 +64,9 @@ class Stats:
     # Ops that ran out of the allocator's memory and were retried after evicting;
     # see Note [Out of memory].
     oom_retries: int = 0
+    # 1 once the thrash guard switched the block's policy; see Note [Thrash guard]
+    # in dtr/policies.py.
+    thrash_guard_trips: int = 0
     # op name -> [recomputations, seconds running that op (not its inputs' recomputes)]
     remat_by_op: Dict[str, List[float]] = field(default_factory=dict)
 
@@ -96,7 +100,7 @@ def _storage_nbytes(t: torch.Tensor) -> int:
 class Runtime:
     """One pool of evictable values under one memory limit."""
 
-    def __init__(self, budget_bytes=None, policy="dtr_eq",
+    def __init__(self, budget_bytes=None, policy=DEFAULT_POLICY,
                  search: SearchOptions = SearchOptions(), evict_all: bool = False,
                  pool_impl: str = "auto"):
         # ``budget_bytes``: bytes, None, or an AutoBudget resolved once the device is known.
@@ -567,6 +571,7 @@ class Runtime:
                 if c.storage.nwrappers == 0:
                     self._kept.append(weakref.ref(c.storage))
             self.stats.rematerializations += 1
+            self.stats.thrash_guard_trips = pool.thrash_guard_trips
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)

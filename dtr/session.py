@@ -21,6 +21,7 @@ import gc
 import os
 import re
 import threading
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from . import policies as _policies
 from .device_memory import AutoBudget
 from .mode import DTRMode
+from .errors import ThrashWarning
 from .policies import SearchOptions
 from .runtime import Runtime, Stats
 
@@ -165,7 +167,7 @@ def _stack():
 class Session:
     """One dtr runtime and its statistics. Returned by ``dtr.budget``."""
 
-    def __init__(self, limit, policy="dtr_eq", *, device=None, search: Optional[SearchOptions] = None,
+    def __init__(self, limit, policy=_policies.DEFAULT_POLICY, *, device=None, search: Optional[SearchOptions] = None,
                  pool: str = "auto", count=(), runtime: Optional[str] = None,
                  _evict_all: bool = False):
         self._spec = parse_budget(limit)
@@ -250,10 +252,29 @@ class Session:
             self.runtime.close()
         finally:
             _FrozenHeap.exit()
+        if exc_type is None:
+            _warn_if_thrashed(self)
         return False
 
     def __repr__(self) -> str:
         return f"Session(budget_bytes={self.budget_bytes}, policy={self.runtime.stats.policy!r})"
+
+
+def _warn_if_thrashed(session: "Session") -> None:
+    # Note [Thrash guard] in dtr/policies.py: a block that recomputed far more
+    # than it computed says so, with the remedy, instead of only being slow.
+    # dtr.testing.evict_everything recomputes everything on purpose.
+    if session.runtime.evict_all:
+        return
+    st = session.runtime.stats
+    if not st.thrash_guard_trips:
+        return
+    warnings.warn(ThrashWarning(
+        f"dtr: this block recomputed more than {_policies.THRASH_GUARD_RATIO:g}x its own compute "
+        f"({st.rematerializations} recomputations for {st.ops} ops, policy {st.policy}): the "
+        f"budget ({st.budget_bytes} bytes) is at the edge of what this policy fits. A somewhat "
+        "larger budget usually runs many times faster; so may another policy "
+        "(dtr.budget(..., policy=...)). See docs/performance.md, 'Thrashing'."), stacklevel=3)
 
 
 def _tensors_to_count(count):
@@ -281,7 +302,7 @@ def _tensors_to_count(count):
     return out
 
 
-def budget(limit: Union[int, str, float, None], policy="dtr_eq", *, device=None,
+def budget(limit: Union[int, str, float, None], policy=_policies.DEFAULT_POLICY, *, device=None,
            search: Optional[SearchOptions] = None, pool: str = "auto", count=(),
            runtime: Optional[str] = None) -> Session:
     """Run the block under a memory limit, evicting and recomputing values as needed.

@@ -4,13 +4,14 @@ from __future__ import annotations
 import gc
 
 from . import _ext
+from .policies import DEFAULT_POLICY
 from .records import Cell, Recipe, StorageRecord
 from .session import Session
 
 __all__ = ["evict_everything", "live_runtime_objects"]
 
 
-def evict_everything(policy="dtr_eq", *, runtime=None) -> Session:
+def evict_everything(policy=DEFAULT_POLICY, *, runtime=None) -> Session:
     """Like ``dtr.budget`` with no limit, but evicts every evictable value after every op.
 
     Every value an op needs is then recomputed from its recipe, so running any

@@ -15,6 +15,7 @@ pytest.importorskip("tqdm")
 
 sys.path.insert(0, ROOT)
 from bench import run  # noqa: E402
+from dtr.policies import DEFAULT_POLICY  # noqa: E402
 
 
 def _env():
@@ -45,7 +46,8 @@ def test_every_configuration_ran_and_losses_agree(quick):
     rows = data["rows"]["gpt"]
     by = {r["method"]: r for r in rows}
     for method in ("eager", "checkpoint per block", "checkpoint_sequential 2", "checkpoint_sequential 4",
-                   "dtr no limit", "dtr dtr_eq @0.6", "dtr dtr_eq @0.5", "dtr dtr_eq @0.4", "compile amb=0.5"):
+                   "dtr no limit", f"dtr {DEFAULT_POLICY} @0.6", f"dtr {DEFAULT_POLICY} @0.5",
+                   f"dtr {DEFAULT_POLICY} @0.4", "compile amb=0.5"):
         assert method in by, method
     for r in rows:
         if r["kind"] in ("eager", "ckpt", "dtr"):
@@ -68,9 +70,9 @@ def test_every_configuration_ran_and_losses_agree(quick):
 
 def test_summary_lines(quick):
     md = (quick / "results.md").read_text()
-    for line in ("- gpt: dtr dtr_eq at checkpoint-per-block's peak (", "x eager vs checkpoint ",
+    for line in (f"- gpt: dtr {DEFAULT_POLICY} at checkpoint-per-block's peak (", "x eager vs checkpoint ",
                  "- gpt: lowest measured peak at <= 1.5x eager step time: dtr ", " vs best static tool ",
-                 "- gpt: at 0.5 of eager's peak: dtr dtr_eq @0.5: ",
+                 f"- gpt: at 0.5 of eager's peak: dtr {DEFAULT_POLICY} @0.5: ",
                  "- gpt: at 0.5 of eager's peak: compile backend=dtr @0.5: ",
                  "bookkeeping overhead (no-limit step - eager step) / no-limit step = ", "M parameters"):
         assert line in md, line

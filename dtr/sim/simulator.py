@@ -45,7 +45,7 @@ import time as _time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from ..policies import SearchOptions, make_pool, name_of
+from ..policies import DEFAULT_POLICY, SearchOptions, make_pool, name_of
 from .plan import Plan
 from .trace import Annotate, Call, Constant, Copy, CopyFrom, Mutate, Release, Trace, load
 
@@ -176,7 +176,7 @@ class _Value:
 class Simulator:
     """One replay of one trace under one budget and policy."""
 
-    def __init__(self, budget: Optional[int], policy="dtr_eq",
+    def __init__(self, budget: Optional[int], policy=DEFAULT_POLICY,
                  search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
                  op_time: Optional[float] = None, pool_impl: str = "auto",
                  plan: Optional[Plan] = None, record_plan: bool = False,
@@ -707,7 +707,7 @@ def make_plan(trace: Trace, options: SimOptions = SimOptions(), score_cost=None)
     return got
 
 
-def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, policy="dtr_eq",
+def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, policy=DEFAULT_POLICY,
              search: SearchOptions = SearchOptions(), options: SimOptions = SimOptions(),
              ratio: Optional[float] = None, pool_impl: str = "auto",
              plan: Union[None, bool, Plan] = None,
