@@ -358,16 +358,18 @@ for _name, _fn in [
 #    score, the score is in effect 1 / (bytes * staleness): it evicted the
 #    gradient accumulators, whose recompute needs every later step's backward.
 #    "dtr" (the exact connected component) has the same flaw: 53 per op.
-#  * msps_sqrt charges the evicted ancestors, which is what a recompute needs,
-#    and fits tighter budgets: bench's LSTM runs at 0.32 of eager's peak,
-#    where dtr_eq and dtr_regions raise BudgetExceededError.
+#  * msps_sqrt charges the evicted ancestors, which is what a recompute needs.
+#    It thrashes too at the very edge (the GRU at 0.4 of eager's peak, the
+#    TreeLSTM at 0.87), but where dtr_eq already thrashes (GRU at 0.5: 0.51
+#    per op against 94; TreeLSTM at 0.9: 0.95 against 52).
 #  * In the simulator, under the paper's semantics, on the paper's 8 traces, its
 #    mean excess overhead is 0.169 against dtr_eq's 0.252 and the paper's 0.214
 #    (docs/simulator.md); on bench's full run it was the faster of the two on
 #    GPT at 0.5 (1.41x eager against 1.45x) and ResNet at checkpoint's peak.
 # Where it still loses: the GRU at 0.4 of eager's peak and below, where the
-# C++ runtime thrashed in one run of two (costs are measured times, and at
-# the edge of feasibility the outcome flips with them).
+# C++ runtime thrashed in two runs of three (costs are measured times, and at
+# the edge of feasibility the outcome flips with them); dtr_eq reached a
+# lower budget on GPT (0.45 of its peak against 0.48).
 DEFAULT_POLICY = "msps_sqrt"
 
 # Note [Thrash guard]
