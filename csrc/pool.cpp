@@ -348,7 +348,8 @@ void Pool::rematerialized(int64_t sid, double now) {
 // given to hold (add, add_cost) and of what was rematerialized; once the
 // second passes kThrashGuardRatio times the first, after at least
 // kThrashGuardMinRemats rematerializations, it trips, once per pool (one
-// block). The session then warns; the victims stay the policy's.
+// block): from then on it samples (Note [Sampling]) above
+// kThrashGuardSampleAbove candidates, and the session warns.
 
 void Pool::count_recomputed(double cost) {
   recomputed_cost_ += cost;
@@ -356,6 +357,9 @@ void Pool::count_recomputed(double cost) {
   if (thrash_guard_trips_ == 0 && search_.thrash_guard && remats_ >= kThrashGuardMinRemats &&
       recomputed_cost_ > kThrashGuardRatio * computed_cost_) {
     thrash_guard_trips_ = 1;
+    if (search_.sample_above < 0 || search_.sample_above > kThrashGuardSampleAbove) {
+      search_.sample_above = kThrashGuardSampleAbove;
+    }
   }
 }
 

@@ -76,6 +76,8 @@ struct SearchOptions {
 // rematerializations (dtr.policies.THRASH_GUARD_RATIO and _MIN_REMATS).
 constexpr double kThrashGuardRatio = 3.0;
 constexpr int64_t kThrashGuardMinRemats = 64;
+// Once tripped, the pool samples above this many candidates (dtr.policies.THRASH_GUARD_SAMPLE_ABOVE).
+constexpr int64_t kThrashGuardSampleAbove = 64;
 
 // SplitMix64; dtr.policies._SplitMix64 is the same generator in Python.
 class SplitMix64 {

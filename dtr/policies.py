@@ -14,6 +14,7 @@ agree on the scores agree on the victim.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
@@ -384,15 +385,21 @@ DEFAULT_POLICY = "msps_sqrt"
 # (dtr.ThrashWarning, with the remedy) instead of only being slow. A healthy
 # tight run recomputes 0.2-0.6 of its own cost (bench's rows at 0.5 of
 # eager's peak); 3 is well above that and well below thrashing (10-100x).
-# The guard does not change the victims. Switching to another policy when it
-# trips was measured and not kept (issue 15's GRU at 0.5 of eager's peak,
-# dtr_eq, C++ runtime, one step): no switch 232k recomputations, 1.8 s of
-# recomputation and search; switching to msps 60k and 3.7 s; to msps_sqrt
-# 141k and 12.6 s. Every switch recomputed less and took longer: once the
-# values that made recomputing cheap are gone, every search walks a long
-# evicted graph (docs/performance.md, 'Thrashing').
+# Once tripped, the pool samples (Note [Sampling] in csrc/pool.cpp: isqrt(n)
+# candidates) whenever it has more than THRASH_GUARD_SAMPLE_ABOVE. In a
+# thrash the time goes to the search as much as to recomputing: every
+# candidate's score walks a long evicted graph. Issue 15's GRU at 0.4 of
+# eager's peak, msps_sqrt, C++ runtime, one step, in the runs that thrashed:
+# 202k recomputations and 26.7 s of recomputation and search without the
+# guard, 177k and 2.5 s with it; dtr_eq at 0.5: 1.9 s and 1.1 s. It does not
+# get the step out of the thrash (the recomputations barely move). Switching
+# policy instead was measured and not kept (dtr_eq at 0.5: 232k and 1.8 s
+# without a switch, 60k and 3.7 s switching to msps, 141k and 12.6 s to
+# msps_sqrt): every switch recomputed less and took longer (docs/performance.md,
+# 'Thrashing').
 THRASH_GUARD_RATIO = 3.0
 THRASH_GUARD_MIN_REMATS = 64
+THRASH_GUARD_SAMPLE_ABOVE = 64
 
 
 # --------------------------------------------------------------------------
@@ -641,6 +648,9 @@ class PythonPool:
                 and self._remats >= THRASH_GUARD_MIN_REMATS
                 and self._recomputed_cost > THRASH_GUARD_RATIO * self._computed_cost):
             self.thrash_guard_trips = 1
+            s = self.search
+            if s.sample_above is None or s.sample_above > THRASH_GUARD_SAMPLE_ABOVE:
+                self.search = dataclasses.replace(s, sample_above=THRASH_GUARD_SAMPLE_ABOVE)
 
     # -- the search ------------------------------------------------------
     def choose_victim(self, now: float) -> Optional[int]:

@@ -195,3 +195,30 @@ def test_evict_everything_recomputes_on_purpose_and_does_not_warn(runtime):
         warnings.simplefilter("error", dtr.ThrashWarning)
         st = _reverse_chain(lambda: dtr.testing.evict_everything(), n=60)
     assert st.rematerializations > 2 * st.ops
+
+
+def test_once_tripped_both_pools_sample_the_same_victims():
+    pytest.importorskip("dtr._C")
+    n = 400  # candidates, above THRASH_GUARD_SAMPLE_ABOVE
+    victims = {}
+    for impl in ("python", "cpp"):
+        pool = make_pool("msps_sqrt", dtr.SearchOptions(seed=3), impl=impl)
+        for sid in range(n):  # costs that make the full scan's victim differ from a sample's
+            pool.add(sid, 1024 + sid, 1.0 + (sid * 7919) % 97, float(sid), True, [])
+        full = pool.choose_victim(float(n))
+        pool.add(n, 1024, 1.0, float(n), True, [])
+        for k in range(max(THRASH_GUARD_MIN_REMATS, int(THRASH_GUARD_RATIO * 50 * n) + 1)):
+            pool.evicted(n)
+            pool.rematerialized(n, float(n + k))
+            if pool.thrash_guard_trips:
+                break
+        assert pool.thrash_guard_trips == 1
+        picks = []
+        for _ in range(20):
+            sid = pool.choose_victim(float(10 * n))
+            picks.append(sid)
+            pool.evicted(sid)
+        victims[impl] = (full, picks)
+    assert victims["python"] == victims["cpp"]
+    full, picks = victims["python"]
+    assert picks[0] != full  # sampled: the best of a sample, not of all
