@@ -420,8 +420,9 @@ class SearchOptions:
     ``seed``: seeds the pool's SplitMix64 generator (sampling and the
     ``random`` policy). The Python and the C++ pool sample identically, so
     with the same seed they make the same choices even when sampling.
-    ``thrash_guard``: count (Stats.thrash_guard_trips) and warn (dtr.ThrashWarning)
-    when recomputation runs away (Note [Thrash guard]); on by default.
+    ``thrash_guard``: when recomputation runs away, sample from then on, count
+    (Stats.thrash_guard_trips) and warn (dtr.ThrashWarning); see Note [Thrash
+    guard]. On by default.
     """
 
     sample_above: Optional[int] = None
