@@ -7,5 +7,9 @@ namespace dtr {
 // needs_direct_registration (Note [Direct registrations]); cheap when no op
 // was added since the last call.
 void register_new_ops();
+// What a block's entry calls: register_new_ops and sparse.h's
+// register_new_sparse_ops, only when an operator was defined since the last
+// call (Note [Scanning for new ops only when there are some] in fallback.cpp).
+void register_kernels_for_new_ops();
 
 }  // namespace dtr

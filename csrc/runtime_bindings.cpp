@@ -111,8 +111,7 @@ void bind_runtime(py::module_& m) {
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });
 
   m.def("enter_block", [](c10::intrusive_ptr<Runtime> rt) {
-    register_new_ops();
-    register_new_sparse_ops();  // Note [Sparse tensors in the C++ runtime]
+    register_kernels_for_new_ops();
     PyBlockToken t;
     t.token = enter_block(rt.get());
     t.runtime = std::move(rt);
