@@ -50,8 +50,9 @@ def _smallest_feasible(name, peak):
 def test_tight_budgets_are_exact_and_hold(name, eager_runs):
     peak = step_room(train(name, lambda: dtr.budget(None)))
     # Op costs are measured times, so eviction choices right at the edge of
-    # feasibility differ between runs: test one bisection step above it.
-    smallest = _smallest_feasible(name, peak) + max(peak // 30, 64)
+    # feasibility differ between runs: test two bisection steps above it (one
+    # step failed once on the transformer under msps_sqrt on a loaded machine).
+    smallest = _smallest_feasible(name, peak) + 2 * max(peak // 30, 64)
     assert smallest < peak
     for room in sorted({int(peak * 0.9), smallest}, reverse=True):
         if room < smallest:
