@@ -14,7 +14,8 @@
 // alias kernels would outrank the fallback or send the wrapper down another
 // path than a plain tensor (Note [Direct registrations] in
 // direct_registrations.cpp). Ops registered later (custom ops) are picked up
-// by register_new_ops(), called when a block opens.
+// by register_new_ops(), which a block's entry calls through
+// register_kernels_for_new_ops().
 //
 // Note [Scanning for new ops only when there are some]
 // Finding the ops registered since the last block means listing every

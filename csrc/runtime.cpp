@@ -161,6 +161,7 @@ void Runtime::set_limit(std::optional<int64_t> limit) {
 Stats Runtime::stats() {
   Lock g(mu_);
   stats_.tracked_bytes = tracked();
+  stats_.thrash_guard_trips = pool_.thrash_guard_trips();
   return stats_;
 }
 

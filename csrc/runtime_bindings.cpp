@@ -48,6 +48,7 @@ py::dict stats_dict(const Stats& s) {
   d["tracked_bytes"] = s.tracked_bytes;
   d["unplanned_ops"] = s.unplanned_ops;
   d["oom_retries"] = s.oom_retries;
+  d["thrash_guard_trips"] = s.thrash_guard_trips;
   py::dict by_op;
   for (const auto& [name, v] : s.remat_by_op) {
     py::list entry;
@@ -88,14 +89,7 @@ void bind_runtime(py::module_& m) {
       })
       .def_property("evict_all", &Runtime::evict_all, &Runtime::set_evict_all)
       .def_property_readonly("closed", &Runtime::closed)
-      .def("stats",
-           [](Runtime& rt) {
-             py::dict d = stats_dict(no_gil([&] { return rt.stats(); }));
-             // The pool's count (Note [Thrash guard] in pool.cpp); read with the stats
-             // under the GIL, as the stats are, so it is at most one op stale.
-             d["thrash_guard_trips"] = rt.pool().thrash_guard_trips();
-             return d;
-           })
+      .def("stats", [](Runtime& rt) { return stats_dict(no_gil([&] { return rt.stats(); })); })
       .def("close", [](Runtime& rt) { no_gil([&] { rt.close(); }); })
       .def("evict_everything", [](Runtime& rt) { no_gil([&] { rt.evict_everything(); }); })
       .def("has_live_values", [](Runtime& rt) { return no_gil([&] { return rt.has_live_values(); }); })

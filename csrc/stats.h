@@ -20,6 +20,7 @@ struct Stats {
   int64_t tracked_bytes = 0;
   int64_t unplanned_ops = 0;
   int64_t oom_retries = 0;  // Note [Out of memory in C++]
+  int64_t thrash_guard_trips = 0;  // the pool's (Note [Thrash guard] in pool.cpp)
   // op name -> (recomputations, seconds running that op, not its inputs' recomputes)
   std::unordered_map<std::string, std::pair<int64_t, double>> remat_by_op;
 };

@@ -64,8 +64,8 @@ class Stats:
     # Ops that ran out of the allocator's memory and were retried after evicting;
     # see Note [Out of memory].
     oom_retries: int = 0
-    # 1 once the thrash guard switched the block's policy; see Note [Thrash guard]
-    # in dtr/policies.py.
+    # 1 once the pool's thrash guard tripped; see Note [Thrash guard] in
+    # dtr/policies.py.
     thrash_guard_trips: int = 0
     # op name -> [recomputations, seconds running that op (not its inputs' recomputes)]
     remat_by_op: Dict[str, List[float]] = field(default_factory=dict)
