@@ -35,7 +35,7 @@ import torch
 
 import dtr
 import dtr.compile as dcompile
-from bench import models as M
+from bench import models as M, write_report
 
 MiB = 1 << 20
 
@@ -187,10 +187,7 @@ def main(argv=None):
         print(lines[-1], flush=True)
     lines.append("")
     text = "\n".join(lines)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

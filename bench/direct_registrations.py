@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+from bench import write_report
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r"""
@@ -87,10 +89,7 @@ def main():
         b = statistics.median(r["ms"] for r in runs["--compare"])
         lines += ["", f"Median first scan, this tree / --compare: {a / b:.2f}."]
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 import torch
 
 import dtr
+from bench import write_report
 from dtr import tensor as T
 
 SMALL = torch.randn(4)
@@ -94,10 +95,7 @@ def main(argv=None):
               "then torch's method on the value):", "", "| call | ns |", "|---|---|"]
     lines += [f"| `{call}` | {v * 1e9:.0f} |" for call, v in wrapper.items()]
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":
