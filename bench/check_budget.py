@@ -24,6 +24,7 @@ import torch
 import dtr
 from bench import models as M
 from bench.run import resident_base
+from dtr.policies import DEFAULT_POLICY
 
 MiB = 1 << 20
 
@@ -58,7 +59,7 @@ def main(argv=None):
     p.add_argument("model", choices=M.MODELS)
     p.add_argument("budget", help="fraction of eager's peak (<= 1), bytes, or 'none'")
     p.add_argument("--size", default="full", choices=sorted(M.SIZES))
-    p.add_argument("--policy", default="dtr_eq")
+    p.add_argument("--policy", default=DEFAULT_POLICY)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     eager_peak, eager_loss, _ = one_step(args.model, args.size, "eager", None)

@@ -108,7 +108,7 @@ class time_limit:
 class Config:
     """How one step runs: kind in eager / ckpt / dtr / compile."""
 
-    def __init__(self, kind: str, label: str, *, ckpt=None, budget=None, policy="dtr_eq",
+    def __init__(self, kind: str, label: str, *, ckpt=None, budget=None, policy=DEFAULT_POLICY,
                  fraction=None, amb=None, backend="aot_eager"):
         self.kind, self.label, self.ckpt = kind, label, ckpt
         self.budget, self.policy, self.fraction = budget, policy, fraction

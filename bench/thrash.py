@@ -7,13 +7,13 @@
 Models: issue 15's GRU-cell RNN (hidden 96, batch 16, up to 40 steps with a
 data-dependent stop, loss summed over steps), and bench's LSTM and TreeLSTM
 (bench/models.py, full size). Each runs eagerly once, then under dtr at
-fractions of eager's measured peak on each runtime, every configuration in
-a fresh forked process (bench/run.py's run_config: a warm-up step, a profiled
-step, timed steps; CPU time, as bench.run), for each policy given. Per row: recomputations per op
-(rematerializations / ops, median over the timed steps), the most any one op
-name was recomputed, step time over eager's, thrash guard trips, and whether
-every loss equals eager's bit for bit. Results go to bench/results/thrash.md
-(and .json beside it).
+fractions of eager's measured peak on each runtime, every configuration in a
+fresh forked process (bench/run.py's run_config: a warm-up step, a profiled
+step, timed steps; CPU time, as bench.run), for each policy given. Per row:
+recomputations per op (rematerializations / ops, median over the timed steps),
+the most any one op name was recomputed, step time over eager's, thrash guard
+trips, and whether every loss equals eager's bit for bit. Results go to
+bench/results/thrash.md (and .json beside it).
 """
 from __future__ import annotations
 
