@@ -31,7 +31,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
-#include <c10/util/SmallVector.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <optional>
@@ -63,10 +62,8 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord> {
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction).
   std::vector<c10::weak_intrusive_ptr<Cell>> cells;
-  // Wrappers whose cell lives here (rebound by in-place ops). Inline: most
-  // storages have one wrapper, and a heap block per op showed in the per-op
-  // profile. (Cell is incomplete here, so `cells` cannot be inline as well.)
-  c10::SmallVector<c10::weak_intrusive_ptr<c10::TensorImpl>, 1> wrappers;
+  // Wrappers whose cell lives here (rebound by in-place ops).
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
 };
 
 // Where an input goes in the argument stack: a Tensor argument, or element

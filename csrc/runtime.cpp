@@ -266,7 +266,6 @@ void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
   if (!g.owns_lock()) {
     std::lock_guard<std::mutex> pg(pending_mu_);
     pending_.push_back(std::move(cell));
-    has_pending_.store(true, std::memory_order_release);
     return;
   }
   release_locked(std::move(cell));
@@ -286,11 +285,10 @@ void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {
 }
 
 void Runtime::drain_pending() {
-  if (!has_pending_.load(std::memory_order_acquire)) return;
   std::vector<c10::intrusive_ptr<Cell>> pending;
   {
     std::lock_guard<std::mutex> pg(pending_mu_);
-    has_pending_.store(false, std::memory_order_relaxed);
+    if (pending_.empty()) return;
     pending.swap(pending_);
   }
   for (auto& c : pending) release_locked(std::move(c));
@@ -678,7 +676,7 @@ int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTra
   const uint64_t key = h | 1;
   *memory = nullptr;
   if (hashable) {
-    // Note [One lock per op] in op_memory.h: the only time the table's lock may be taken.
+    // Note [One lock per op] in op_memory.h: the only time the table's lock is taken.
     *memory = find_op_memory(key);
     if (*memory) return (*memory)->out_bytes.load(std::memory_order_relaxed);
   }
@@ -827,20 +825,9 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   if (!traits.written.empty() || traits.unsupported) {
     original.assign(stack->begin() + first, stack->end());
   }
-  // A functional op's recipe is made now and its slots and list sizes are
-  // filled in place (copying them into it afterwards cost two heap blocks per op).
-  c10::intrusive_ptr<Recipe> recipe;
-  std::vector<Slot> own_slots;
-  std::vector<int32_t> own_list_sizes;
-  if (traits.written.empty()) recipe = c10::make_intrusive<Recipe>(op);
-  std::vector<Slot>& slots = recipe ? recipe->slots : own_slots;
-  // Per argument, sized only when a tensor-list argument comes (fill_stack and
-  // mutation.cpp read it only for slots in lists).
-  std::vector<int32_t>& list_sizes = recipe ? recipe->list_sizes : own_list_sizes;
   std::vector<at::Tensor> vals;
-  cells.reserve(nargs);
-  vals.reserve(nargs);
-  slots.reserve(nargs);
+  std::vector<Slot> slots;
+  std::vector<int32_t> list_sizes(nargs, 0);
   bool any_dtr = false;
   for (size_t i = 0; i < nargs; ++i) {
     c10::IValue& iv = (*stack)[first + i];
@@ -865,7 +852,6 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
         out.push_back(take(in.get(k), Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
                                            Slot::kTensorList}));
       }
-      if (list_sizes.empty()) list_sizes.assign(nargs, 0);
       list_sizes[i] = static_cast<int32_t>(in.size());
       iv = out;
     } else if (iv.isOptionalTensorList()) {
@@ -880,7 +866,6 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
           out.push_back(std::nullopt);
         }
       }
-      if (list_sizes.empty()) list_sizes.assign(nargs, 0);
       list_sizes[i] = static_cast<int32_t>(in.size());
       iv = out;
     } else if (iv.isList() && !traits.written.empty()) {
@@ -955,8 +940,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 
   // The recipe's argument template, taken before the kernel consumes the stack.
+  auto recipe = c10::make_intrusive<Recipe>(op);
   recipe->args.assign(stack->begin() + first, stack->end());
   for (const Slot& s : slots) recipe->args[s.arg] = c10::IValue();
+  recipe->slots = slots;
+  recipe->list_sizes = list_sizes;
   recipe->grad_enabled = c10::GradMode::is_enabled();
   if (traits.seeded) {
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
@@ -1013,8 +1001,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       readers_.add(recipe, i);
     }
   }
-  std::vector<int64_t>& parents = parents_scratch_;
-  parents.clear();
+  std::vector<int64_t> parents;
   for (const auto& c : cells) {
     if (c) parents.push_back(c->storage->sid);
   }

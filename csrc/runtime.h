@@ -23,7 +23,6 @@
 #include <c10/util/FunctionRef.h>
 #include <c10/util/intrusive_ptr.h>
 
-#include <atomic>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -203,12 +202,6 @@ class Runtime : public c10::intrusive_ptr_target {
   // cell is queued and released by the next op.
   std::mutex pending_mu_;
   std::vector<c10::intrusive_ptr<Cell>> pending_;
-  // Whether pending_ may be non-empty: every op drains, and almost always finds
-  // nothing, which this tells without taking pending_mu_.
-  std::atomic<bool> has_pending_{false};
-  // The parents of an op's new storages, reused from op to op (one heap block
-  // fewer per op); filled and read only while dispatch records its outputs.
-  std::vector<int64_t> parents_scratch_;
   int depth_ = 0;
 };
 

@@ -18,8 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 
-#include <typeinfo>
-
 #include "records.h"
 
 namespace dtr {
@@ -61,13 +59,10 @@ class DTRTensorImpl final : public c10::TensorImpl {
   c10::intrusive_ptr<Cell> cell_;
 };
 
-// Asked for every argument of every op: DTRTensorImpl is final, so comparing
-// the dynamic type is exact, and cheaper than a dynamic_cast (which walks the
-// class hierarchy).
 inline DTRTensorImpl* dtr_impl(const at::TensorBase& t) {
   c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (!impl->key_set().has_backend(kDTRBackend)) return nullptr;
-  return typeid(*impl) == typeid(DTRTensorImpl) ? static_cast<DTRTensorImpl*>(impl) : nullptr;
+  return dynamic_cast<DTRTensorImpl*>(impl);
 }
 
 inline bool is_dtr(const at::TensorBase& t) { return t.defined() && dtr_impl(t) != nullptr; }
