@@ -102,7 +102,7 @@ void Runtime::before_plain_writes(const OpTraits& traits, const torch::jit::Stac
 std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> Runtime::take_hidden_writes(
     const OpTraits& traits, torch::jit::Stack* stack, size_t first,
     std::vector<c10::intrusive_ptr<Cell>>& cells, std::vector<at::Tensor>& vals,
-    const std::vector<Slot>& slots) {
+    const Slots& slots) {
   std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> copies;
   if (traits.running_mean < 0) return copies;
   if (traits.training >= 0) {

@@ -44,8 +44,8 @@ class PlainReaders {
   void before_write(const at::Tensor& t, c10::function_ref<void(const at::Tensor&)> count);
 
  private:
-  using Readers = std::vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>>;
-  std::unordered_map<const c10::StorageImpl*, Readers> by_storage_;
+  using Readers = bookkeeping::Vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>>;
+  bookkeeping::Map<const c10::StorageImpl*, Readers> by_storage_;
   // Keys of storages no live recipe reads any more are dropped by a sweep once
   // the table doubles (a block reading a fresh plain tensor each step).
   size_t sweep_at_ = 1024;

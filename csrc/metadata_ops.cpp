@@ -56,7 +56,7 @@ void Runtime::dispatch_metadata_op(const c10::OperatorHandle& op, const OpTraits
                                    torch::jit::Stack* stack, size_t first,
                                    const std::vector<c10::IValue>& original,
                                    const std::vector<c10::intrusive_ptr<Cell>>& cells,
-                                   const std::vector<Slot>& slots) {
+                                   const Slots& slots) {
   const std::string base = base_name(op);
   const size_t nargs = stack->size() - first;
   // The input cell of argument `arg` (null: plain, absent or another session's).

@@ -37,6 +37,8 @@
 #include <string>
 #include <utility>
 #include <unordered_map>
+
+#include "bookkeeping_memory.h"
 #include <vector>
 
 namespace dtr {
@@ -244,7 +246,7 @@ class Pool {
   Policy policy_;
   SearchOptions search_;
   SplitMix64 rng_;
-  std::unordered_map<int64_t, Entry> entries_;
+  bookkeeping::Map<int64_t, Entry> entries_;  // Note [Bookkeeping memory]
   std::vector<Entry*> cands_;  // resident, evictable, nbytes > 0 (locked ones are skipped)
   int64_t candidate_bytes_ = 0;
   std::vector<Node> nodes_;

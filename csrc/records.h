@@ -36,6 +36,7 @@
 #include <optional>
 #include <vector>
 
+#include "bookkeeping_memory.h"
 #include "live_count.h"
 #include "rng.h"
 
@@ -45,8 +46,12 @@ class Runtime;
 struct Cell;
 class DTRTensorImpl;
 
+// Containers of the records, in bookkeeping memory (Note [Bookkeeping memory]).
+template <class T>
+using BookVector = bookkeeping::Vector<T>;
+
 // The unit of eviction: one storage and every cell (view) living in it.
-struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord> {
+struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, bookkeeping::Object {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
   ~StorageRecord() override;
   // Tells the runtime this storage is gone (Note [Weak references keep members alive]).
@@ -61,9 +66,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord> {
   bool banish_pending = false;
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction).
-  std::vector<c10::weak_intrusive_ptr<Cell>> cells;
+  BookVector<c10::weak_intrusive_ptr<Cell>> cells;
   // Wrappers whose cell lives here (rebound by in-place ops).
-  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
+  BookVector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
 };
 
 // Where an input goes in the argument stack: a Tensor argument, or element
@@ -74,6 +79,8 @@ struct Slot {
   int32_t elem;
   Kind kind;
 };
+using Slots = BookVector<Slot>;
+using ListSizes = BookVector<int32_t>;
 
 struct RecipeInput {
   c10::intrusive_ptr<Cell> cell;  // a dtr value, or (when null)
@@ -95,20 +102,20 @@ struct MutationTarget {
 };
 
 // How to recompute one op call.
-struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
+struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Object {
   c10::OperatorHandle op;
-  std::vector<c10::IValue> args;     // the argument stack, tensors replaced by None
-  std::vector<Slot> slots;           // one per input, in order
-  std::vector<int32_t> list_sizes;   // per argument: length of a tensor-list argument
-  std::vector<RecipeInput> inputs;
-  std::vector<c10::weak_intrusive_ptr<Cell>> outputs;  // per flat tensor output
+  BookVector<c10::IValue> args;      // the argument stack, tensors replaced by None
+  Slots slots;                       // one per input, in order
+  ListSizes list_sizes;             // per argument: length of a tensor-list argument
+  BookVector<RecipeInput> inputs;
+  BookVector<c10::weak_intrusive_ptr<Cell>> outputs;  // per flat tensor output
   std::optional<RNGState> rng;
   double cost = 0.0;
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
   int64_t scratch_bytes = 0;         // its kernel's scratch, reserved before a recompute
   bool grad_enabled = true;
   // Non-empty for an in-place op: its outputs are the written bases, in order.
-  std::vector<MutationTarget> mutation;
+  BookVector<MutationTarget> mutation;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
   ~Recipe() override { release_resources(); }
@@ -118,7 +125,7 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe> {
 };
 
 // One tensor value.
-struct Cell : c10::intrusive_ptr_target, LiveCount<Cell> {
+struct Cell : c10::intrusive_ptr_target, LiveCount<Cell>, bookkeeping::Object {
   Cell(c10::intrusive_ptr<Recipe> recipe, int32_t out_index, int32_t view_src,
        c10::intrusive_ptr<StorageRecord> storage)
       : recipe(std::move(recipe)), out_index(out_index), view_src(view_src),

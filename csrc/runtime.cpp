@@ -510,7 +510,7 @@ at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
 
 // The argument stack of a recipe with these input values.
 void fill_stack(const Recipe& r, const std::vector<at::Tensor>& vals, torch::jit::Stack& stack) {
-  std::vector<c10::IValue> args = r.args;
+  std::vector<c10::IValue> args(r.args.begin(), r.args.end());
   std::vector<c10::List<at::Tensor>> lists(args.size());
   std::vector<c10::List<std::optional<at::Tensor>>> olists(args.size());
   for (size_t i = 0; i < r.slots.size(); ++i) {
@@ -826,8 +826,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
     original.assign(stack->begin() + first, stack->end());
   }
   std::vector<at::Tensor> vals;
-  std::vector<Slot> slots;
-  std::vector<int32_t> list_sizes(nargs, 0);
+  Slots slots;
+  ListSizes list_sizes(nargs, 0);
   bool any_dtr = false;
   for (size_t i = 0; i < nargs; ++i) {
     c10::IValue& iv = (*stack)[first + i];

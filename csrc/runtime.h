@@ -137,8 +137,8 @@ class Runtime : public c10::intrusive_ptr_target {
     const std::vector<c10::IValue>& original_args;  // the wrappers, as called
     const std::vector<c10::intrusive_ptr<Cell>>& cells;  // per input; null for plain ones
     const std::vector<at::Tensor>& vals;
-    const std::vector<Slot>& slots;
-    const std::vector<int32_t>& list_sizes;
+    const Slots& slots;
+    const ListSizes& list_sizes;
     // Tensors in Tensor[][] arguments (c10d's allgather_ outputs), by argument:
     // written ones are targets too, never with a recipe.
     const std::vector<std::pair<int32_t, c10::intrusive_ptr<Cell>>>& nested;
@@ -155,7 +155,7 @@ class Runtime : public c10::intrusive_ptr_target {
                             torch::jit::Stack* stack, size_t first,
                             const std::vector<c10::IValue>& original,
                             const std::vector<c10::intrusive_ptr<Cell>>& cells,
-                            const std::vector<Slot>& slots);
+                            const Slots& slots);
 
   // csrc/hidden_writes.cpp: an op that writes running statistics without saying
   // so. Plain ones: their readers keep copies; dtr ones: the kernel gets a copy
@@ -163,7 +163,7 @@ class Runtime : public c10::intrusive_ptr_target {
   std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> take_hidden_writes(
       const OpTraits& traits, torch::jit::Stack* stack, size_t first,
       std::vector<c10::intrusive_ptr<Cell>>& cells, std::vector<at::Tensor>& vals,
-      const std::vector<Slot>& slots);
+      const Slots& slots);
   void write_back(const std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>>& copies);
 
   void evict(StorageRecord& rec, bool counted);
@@ -186,9 +186,9 @@ class Runtime : public c10::intrusive_ptr_target {
   std::optional<int64_t> meter_offset_;  // set: the CPU meter counts (see use_cpu_meter)
   std::optional<DeviceMeter> device_meter_;  // set: the device's allocator counts
   Stats stats_;
-  std::unordered_map<int64_t, StorageRecord*> records_;
+  bookkeeping::Map<int64_t, StorageRecord*> records_;
   // Plain storages counted, by address; weak so that their death shows.
-  std::unordered_map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
+  bookkeeping::Map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
       plain_;
   size_t plain_sweep_at_ = 1024;
   // Recomputed storages no wrapper refers to (see Note [Eager eviction] in dtr/runtime.py).

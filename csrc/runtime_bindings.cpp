@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "bookkeeping_memory.h"
 #include "capture.h"
 #include "errors.h"
 #include "escapes.h"
@@ -144,6 +145,8 @@ void bind_runtime(py::module_& m) {
     d["storages"] = LiveCount<StorageRecord>::live();
     return d;
   }, "Cells, recipes and storage records alive in every C++ runtime of the process.");
+  m.def("bookkeeping_slabs", &bookkeeping::mapped_slabs,
+        "Slabs of bookkeeping memory mapped now (Note [Bookkeeping memory]).");
 }
 
 }  // namespace dtr

@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 
+#include "bookkeeping_memory.h"
 #include "records.h"
 
 namespace dtr {
@@ -32,6 +33,10 @@ class DTRTensorImpl final : public c10::TensorImpl {
   DTRTensorImpl(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
   DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10::Device device,
                 c10::intrusive_ptr<Cell> cell);
+
+  // Note [Bookkeeping memory]
+  static void* operator new(size_t bytes) { return bookkeeping::allocate(bytes); }
+  static void operator delete(void* p, size_t bytes) noexcept { bookkeeping::deallocate(p, bytes); }
 
   const c10::intrusive_ptr<Cell>& cell() const { return cell_; }
   // Points this wrapper at another cell (in-place ops rebind every alias).

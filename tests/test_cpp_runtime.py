@@ -1040,3 +1040,25 @@ def test_a_seeded_in_place_op_makes_room_for_its_rng_state():
     assert peak <= s.budget_bytes, (peak, s.budget_bytes)
     assert evictions > 0
     assert all(torch.equal(a, dtr.unwrap(b)) for a, b in zip(eager, ys))
+
+
+def test_bookkeeping_memory_is_returned_once_its_objects_die():
+    # Note [Bookkeeping memory]: the records live in slabs of their own; a block's
+    # thousands of values map new slabs, and once they die every empty slab but one per
+    # size class goes back to the system.
+    gc.collect()
+    before = _ext._C.bookkeeping_slabs()
+    x = torch.randn(4, requires_grad=True)
+    with dtr.budget(None, runtime="cpp"):
+        ys = [x]
+        for _ in range(20000):
+            ys.append(ys[-1] * 1.0)
+        during = _ext._C.bookkeeping_slabs()
+        total = ys[-1].sum()
+    total.backward()
+    assert torch.equal(x.grad, torch.ones(4))
+    del ys, total
+    gc.collect()
+    after = _ext._C.bookkeeping_slabs()
+    assert during > before + 10, (before, during)  # 20,000 recipes, cells, records, wrappers
+    assert after <= before + 64, (before, during, after)  # at most one kept per size class
