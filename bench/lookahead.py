@@ -6,17 +6,19 @@
 Each lookahead block records its step and the next block follows it (Note
 [Recording steps for lookahead] in csrc/step_plan.h). The machine this runs on
 is shared and its timings swing by several times between runs, so the two
-policies are measured in the same process, interleaved: per model and budget,
-one forked process runs each training step twice, once under each policy (the
-order alternates; parameters, optimizer and RNG state are the same for both,
-and both losses must equal eager's bit for bit), then takes the optimizer step
-once. A warm-up step (both policies, then the state restored, as bench.run's
+policies are measured in the same process, interleaved with eager: per model
+and budget, one forked process runs each training step's forward and backward
+three times, eagerly and under each policy (the order rotates; parameters,
+optimizer and RNG state are the same for all three, and each policy's losses
+must equal the eager run's bit for bit), then takes the optimizer step once.
+A warm-up step (both policies, then the state restored, as bench.run's
 warm-up) teaches the runtime its op sizes and costs and records the first plan,
 so every measured step (batches 1..N) is a step 2+ whose lookahead block
 follows the previous lookahead block's plan (a msps_sqrt block in between
 neither reads nor replaces it). Reported per policy: medians over the measured
 steps of recomputations, recompute seconds (wall) and step CPU time (one torch
-thread), and the recomputations summed over the steps. Budgets: fractions of
+thread; "x eager" against the eager runs of the same process), and the
+recomputations summed over the steps. Budgets: fractions of
 eager's measured peak (bench.run's eager row); "no limit" shows what recording
 costs. The GRU RNN (bench.thrash's, issue 15's, with its data-dependent stop) is
 the dynamic model: its steps diverge from their plans. Results go to
@@ -25,6 +27,7 @@ bench/results/lookahead.md (and .json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -62,14 +65,14 @@ def _build(name):
 
 
 def _block_step(model, batch, budget, policy):
-    """Forward and backward in one block: (loss, stats, CPU seconds)."""
+    """Forward and backward, in one block unless eager: (loss, stats or None, CPU seconds)."""
     c0 = time.process_time()
-    with dtr.budget(budget, policy=policy) as s:
+    with (contextlib.nullcontext() if policy == "eager" else dtr.budget(budget, policy=policy)) as s:
         loss = model(*batch)
         loss.backward()
         val = loss.item()
     del loss
-    return val, s.stats.as_dict(), time.process_time() - c0
+    return val, (s.stats.as_dict() if s is not None else None), time.process_time() - c0
 
 
 def compare(name: str, budget, steps: int) -> dict:
@@ -79,7 +82,8 @@ def compare(name: str, budget, steps: int) -> dict:
     model, batch_fn = _build(name)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)  # as bench.run's stepper
-    out = {p: dict(losses=[], stats=[], cpu=[]) for p in POLICIES}
+    runs = ["eager"] + POLICIES
+    out = {p: dict(losses=[], stats=[], cpu=[]) for p in runs}
     try:
         init = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         for policy in POLICIES:  # warm-up: sizes and costs learnt; the first plan recorded
@@ -92,7 +96,7 @@ def compare(name: str, budget, steps: int) -> dict:
         for i in range(steps):
             batch = batch_fn(1 + i)
             rng = torch.get_rng_state()
-            order = POLICIES if i % 2 == 0 else POLICIES[::-1]
+            order = runs[i % 3:] + runs[:i % 3]  # each run goes first, second and last in turn
             for policy in order:
                 torch.set_rng_state(rng)
                 opt.zero_grad(set_to_none=True)
@@ -139,7 +143,7 @@ def line(r: dict, policy: str, eager: dict) -> str:
 
 
 def exact(r: dict, policy: str, eager: dict) -> str:
-    ref = eager.get("losses", [])
+    ref = r["eager"]["losses"]
     got = r[policy]["losses"]
     n = min(len(ref), len(got))
     return "exact" if n and ref[:n] == got[:n] else ("DIFFERS" if n else "-")
@@ -148,10 +152,10 @@ def exact(r: dict, policy: str, eager: dict) -> str:
 def table(name: str, rows: list) -> list:
     eager = rows[0]["eager"]
     out = [f"## {name}", "",
-           f"eager: step {eager['step_s']:.3f} CPU s, measured peak {eager['measured_peak'] / R.MiB:.1f} MiB "
-           "(bench.run's eager row, in its own process)", "",
+           f"eager's measured peak (bench.run's eager row, in its own process, which sets the budgets): "
+           f"{eager['measured_peak'] / R.MiB:.1f} MiB", "",
            "| budget (x eager peak) | policy | ops/step | recomputations/step | per op | "
-           "recomputations, all steps | recompute s/step | step CPU s | ops following the plan | losses |",
+           "recomputations, all steps | recompute s/step | step CPU s (x eager) | ops following the plan | losses |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         f = r["fraction"]
@@ -159,6 +163,8 @@ def table(name: str, rows: list) -> list:
         if r.get("status") != "ok":
             out.append(f"| {budget} | both | {r['status'][:100]} | | | | | | | |")
             continue
+        eager_cpu = statistics.median(r["eager"]["cpu"])
+        out.append(f"| {budget} | eager | | | | | | {eager_cpu:.3f} | - | - |")
         for p in POLICIES:
             st = r[p]["stats"]
             ops = _med(r, p, "ops")
@@ -167,7 +173,7 @@ def table(name: str, rows: list) -> list:
                 budget, p, f"{ops:.0f}", f"{remats:.0f}", f"{remats / max(1, ops):.3f}",
                 f"{sum(s['rematerializations'] for s in st)}",
                 f"{_med(r, p, 'remat_seconds'):.3f}",
-                f"{statistics.median(r[p]['cpu']):.3f}",
+                f"{statistics.median(r[p]['cpu']):.3f} ({statistics.median(r[p]['cpu']) / eager_cpu:.2f}x)",
                 " ".join(str(s["plan_ops"]) if s["plan_diverged_at"] < 0 else f"{s['plan_ops']} (diverged)"
                          for s in st) if p == "lookahead" else "-",
                 exact(r, p, eager)]) + " |")
