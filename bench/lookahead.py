@@ -190,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "lookahead.md"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # as every measuring child does (the header reports it)
     t_start = time.time()
     lines = ["# Lookahead on the C++ runtime (python -m bench.lookahead)", "",
              f"{R.machine_info()}", "",

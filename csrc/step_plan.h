@@ -128,7 +128,7 @@ class StepOpScope {
  public:
   StepOpScope(StepRecorder* rec, Pool& pool, const c10::OperatorHandle& op, int64_t tensors,
               const Cells& cells, double op_clock)
-      : rec_(rec), pool_(pool), cells_(cells), exceptions_(std::uncaught_exceptions()) {
+      : rec_(rec), pool_(pool), cells_(cells), exceptions_(rec ? std::uncaught_exceptions() : 0) {
     if (rec_) k_ = rec_->begin_op(pool_, op, tensors, op_clock);
   }
   ~StepOpScope() {
