@@ -1040,3 +1040,21 @@ def test_a_seeded_in_place_op_makes_room_for_its_rng_state():
     assert peak <= s.budget_bytes, (peak, s.budget_bytes)
     assert evictions > 0
     assert all(torch.equal(a, dtr.unwrap(b)) for a, b in zip(eager, ys))
+
+
+def test_step_recording_is_refused_where_it_does_not_apply():
+    # Note [Recording steps for lookahead]: only a lookahead runtime records, one step
+    # at a time; dtr/cpp_runtime.py calls these when a block opens and closes.
+    from dtr.policies import SearchOptions
+
+    rt = _ext._C.Runtime(None, "msps_sqrt", SearchOptions(), False)
+    with pytest.raises(RuntimeError, match="only a runtime with policy=\"lookahead\" records steps"):
+        rt.begin_step(None)
+    assert rt.end_step() is None  # nothing was being recorded
+    la = _ext._C.Runtime(None, "lookahead", SearchOptions(), False)
+    la.begin_step(None)
+    with pytest.raises(RuntimeError, match="already being recorded"):
+        la.begin_step(None)
+    plan = la.end_step()
+    assert plan.num_ops == 0 and plan.num_storages == 0 and "0 ops" in repr(plan)
+    assert la.end_step() is None

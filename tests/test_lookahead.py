@@ -12,7 +12,12 @@ import dtr
 from dtr import step_plan
 from harness import assert_same, budget_above, live_bytes, step_room, train
 
-pytestmark = pytest.mark.usefixtures("runtime")  # Note [One suite, two runtimes]
+pytestmark = [
+    pytest.mark.usefixtures("runtime"),  # Note [One suite, two runtimes]
+    # At half its room the RNN's first step (no plan yet: msps_sqrt's choices) recomputes
+    # more than 3x its compute and warns, as it should; the tests compare the steps after.
+    pytest.mark.filterwarnings("ignore::dtr.ThrashWarning"),
+]
 
 WIDTH, BATCH = 64, 32
 
@@ -133,10 +138,11 @@ def test_a_step_that_takes_another_branch_diverges_at_that_op():
     assert [s.stats.plan_diverged_at for s in again[3]] == [-1, -1]
 
 
-def test_a_followed_plan_recomputes_no_more_than_msps_sqrt():
+def test_a_followed_plan_recomputes_less_than_msps_sqrt():
     # The MLP chain's backward needs its activations in reverse order: with the plan
     # the pool knows which ones are needed last. Step 1 has no plan (msps_sqrt's
-    # choices), so the comparison is on steps 2 and 3.
+    # choices), so the comparison is on steps 2 and 3. Measured (both runtimes, four
+    # runs each): msps_sqrt 215-228 recomputations per step, lookahead 178.
     full = train("mlp", lambda: dtr.budget(None))
     room = step_room(full)
     eager = train("mlp")
@@ -153,7 +159,7 @@ def test_a_followed_plan_recomputes_no_more_than_msps_sqrt():
     assert la_st[0].plan_ops == 0
     for s in la_st[1:]:
         assert s.plan_diverged_at == -1 and s.plan_ops == s.ops, s
-    assert sum(s.rematerializations for s in la_st[1:]) <= sum(s.rematerializations for s in base_st[1:])
+    assert sum(s.rematerializations for s in la_st[1:]) < sum(s.rematerializations for s in base_st[1:])
 
 
 def _smallest_feasible(name, peak, policy):
