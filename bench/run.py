@@ -235,7 +235,8 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
             timed = stats_list[1:] or stats_list
             row["dtr_peak_bytes"] = max(s["peak_bytes"] for s in stats_list)
             for k in ("evictions", "rematerializations", "remat_seconds", "search_seconds", "ops",
-                      "op_seconds", "eager_evictions", "unplanned_ops", "thrash_guard_trips"):
+                      "op_seconds", "eager_evictions", "unplanned_ops", "thrash_guard_trips",
+                      "plan_ops", "plan_diverged_at"):
                 row[k] = statistics.median(s.get(k, 0) for s in timed)
             row["remat_by_op"] = timed[-1].get("remat_by_op", {})
         if timeline:

@@ -162,6 +162,7 @@ Stats Runtime::stats() {
   Lock g(mu_);
   stats_.tracked_bytes = tracked();
   stats_.thrash_guard_trips = pool_.thrash_guard_trips();
+  note_step_stats();
   return stats_;
 }
 
@@ -220,6 +221,7 @@ c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double co
   records_[sid] = rec.get();
   bool evictable = !pinned && (nbytes >= kMinEvictableBytes || evict_all_);
   pool_.add(sid, nbytes, cost, clock_, evictable, parents);
+  if (step_) step_->storage_created(pool_, sid);
   pool_bytes_ += nbytes;
   return rec;
 }
@@ -889,6 +891,10 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       iv = out;
     }
   }
+
+  // Note [Recording steps for lookahead] (step_plan.h): lookahead blocks only.
+  StepOpScope step_op(step_.get(), pool_, op, static_cast<int64_t>(vals.size() + nested_cells.size()),
+                      cells, stats_.op_seconds);
 
   if (traits.unsupported && any_dtr) {
     dispatch_metadata_op(op, traits, stack, first, original, cells, slots);

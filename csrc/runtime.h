@@ -33,6 +33,7 @@
 #include "pool.h"
 #include "records.h"
 #include "stats.h"
+#include "step_plan.h"
 
 namespace dtr {
 
@@ -96,6 +97,14 @@ class Runtime : public c10::intrusive_ptr_target {
   void set_evict_all(bool v) { evict_all_ = v; }
   Stats stats();
   const Pool& pool() const { return pool_; }
+
+  // Note [Recording steps for lookahead] (csrc/step_plan.cpp): the block of a
+  // lookahead runtime opened, following `plan` (the previous step's, or null),
+  // and closed, giving the step it recorded.
+  void begin_step(c10::intrusive_ptr<StepPlan> plan);
+  c10::intrusive_ptr<StepPlan> end_step();
+  // Pool storages whose next use is known now (for tests).
+  int64_t known_next_uses();
 
  private:
   using Lock = std::unique_lock<std::recursive_mutex>;
@@ -172,6 +181,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void drain_pending();
   void release_locked(c10::intrusive_ptr<Cell> cell);
   void note_peak(int64_t reserved = 0);
+  void note_step_stats();
   int64_t tracked() const;
 
   std::recursive_mutex mu_;
@@ -203,6 +213,8 @@ class Runtime : public c10::intrusive_ptr_target {
   std::mutex pending_mu_;
   std::vector<c10::intrusive_ptr<Cell>> pending_;
   int depth_ = 0;
+  // Set while a lookahead block is open (step_plan.h).
+  std::unique_ptr<StepRecorder> step_;
 };
 
 }  // namespace dtr

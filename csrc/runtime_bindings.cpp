@@ -50,6 +50,8 @@ py::dict stats_dict(const Stats& s) {
   d["unplanned_ops"] = s.unplanned_ops;
   d["oom_retries"] = s.oom_retries;
   d["thrash_guard_trips"] = s.thrash_guard_trips;
+  d["plan_ops"] = s.plan_ops;
+  d["plan_diverged_at"] = s.plan_diverged_at;
   py::dict by_op;
   for (const auto& [name, v] : s.remat_by_op) {
     py::list entry;
@@ -71,6 +73,15 @@ struct PyBlockToken {
 void bind_runtime(py::module_& m) {
   bind_python_policy(m);
   py::class_<PyBlockToken>(m, "BlockToken");
+  // Note [Recording steps for lookahead] (step_plan.h); dtr/step_plan.py keeps them.
+  py::class_<StepPlan, c10::intrusive_ptr<StepPlan>>(m, "StepPlan",
+                                                     "One recorded step of a lookahead block.")
+      .def_property_readonly("num_ops", [](const StepPlan& p) { return p.ops.size(); })
+      .def_property_readonly("num_storages", &StepPlan::num_storages)
+      .def("__repr__", [](const StepPlan& p) {
+        return "dtr._C.StepPlan(" + std::to_string(p.ops.size()) + " ops, " +
+               std::to_string(p.num_storages()) + " storages)";
+      });
   py::class_<Runtime, c10::intrusive_ptr<Runtime>>(m, "Runtime",
                                                    "The C++ runtime of one dtr session (dtr/cpp_runtime.py).")
       // policy: a native policy's name, or a dtr.python_policy.PolicyCall.
@@ -103,7 +114,16 @@ void bind_runtime(py::module_& m) {
       .def("bytes_in_use", [](Runtime& rt) { return no_gil([&] { return rt.bytes_in_use(); }); })
       .def_property_readonly("plain_bytes", [](Runtime& rt) { return no_gil([&] { return rt.plain_bytes(); }); })
       .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
-      .def("pool_size", [](Runtime& rt) { return rt.pool().size(); });
+      .def("pool_size", [](Runtime& rt) { return rt.pool().size(); })
+      .def("begin_step", [](Runtime& rt, std::optional<c10::intrusive_ptr<StepPlan>> plan) {
+        no_gil([&] { rt.begin_step(plan ? *plan : c10::intrusive_ptr<StepPlan>()); });
+      }, py::arg("plan"))
+      .def("end_step", [](Runtime& rt) -> std::optional<c10::intrusive_ptr<StepPlan>> {
+        auto p = no_gil([&] { return rt.end_step(); });
+        if (!p) return std::nullopt;
+        return p;
+      })
+      .def("known_next_uses", [](Runtime& rt) { return no_gil([&] { return rt.known_next_uses(); }); });
 
   m.def("enter_block", [](c10::intrusive_ptr<Runtime> rt) {
     register_kernels_for_new_ops();

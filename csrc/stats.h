@@ -21,6 +21,10 @@ struct Stats {
   int64_t unplanned_ops = 0;
   int64_t oom_retries = 0;  // Note [Out of memory in C++]
   int64_t thrash_guard_trips = 0;  // the pool's (Note [Thrash guard] in pool.cpp)
+  // Note [Recording steps for lookahead]: ops of this block that followed the
+  // previous step's plan, and the op where it diverged (-1: it did not, or no plan).
+  int64_t plan_ops = 0;
+  int64_t plan_diverged_at = -1;
   // op name -> (recomputations, seconds running that op, not its inputs' recomputes)
   std::unordered_map<std::string, std::pair<int64_t, double>> remat_by_op;
 };

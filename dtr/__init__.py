@@ -10,7 +10,7 @@ import torch  # noqa: F401  (before the C++ extension)
 
 from . import _ext  # noqa: F401  (warns once when dtr._C is missing)
 from . import device_memory
-from . import measure, policies, scratch, testing
+from . import measure, policies, scratch, step_plan, testing
 from . import policies_extra  # noqa: F401  (registers dtr_regions, dtr_eq_sqrt)
 from .errors import (BudgetExceededError, DTRError, RecomputeError, StaleInputError,
                      ThrashWarning, UnsupportedOpError)

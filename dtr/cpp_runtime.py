@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from . import _ext
+from . import step_plan as _step_plan
 from . import tensor as _tensor
 from .python_policy import PolicyCall
 from . import device_memory as _devmem
@@ -54,6 +55,8 @@ class CppRuntime:
                                    evict_all)
         self.policy = policy
         self._token = None
+        # The device key of the step being recorded (Note [Where step plans live]).
+        self._step_key = None
         # Whether the runtime keeps its own count of the device's memory (no allocator's
         # count to check against), as dtr/runtime.py's models_memory.
         self.models_memory = True
@@ -175,11 +178,31 @@ class CppRuntime:
         """Opens the block on this thread (the C++ "mode": see Note [Capturing plain-only ops])."""
         if self.device is None and any(not (s is None or isinstance(s, int)) for s in self._limits):
             self._resolve(self._limits[0])  # raises: the device must be known
-        self._token = _ext._C.enter_block(self._rt)
+        if isinstance(self.policy, str) and self.policy == "lookahead":
+            # Note [Where step plans live]: follow the previous step's plan, record this one.
+            self._step_key = (self.device,)
+            self._rt.begin_step(_step_plan.take(self.kind, self.device))
+        try:
+            self._token = _ext._C.enter_block(self._rt)
+        except BaseException:
+            self._end_step()
+            raise
+
+    def _end_step(self) -> None:
+        if self._step_key is not None:
+            (device,), self._step_key = self._step_key, None
+            _step_plan.keep(self.kind, device, self._rt.end_step())
 
     def exit(self) -> None:
         token, self._token = self._token, None
         _ext._C.exit_block(token)
 
     def close(self) -> None:
-        self._rt.close()
+        try:
+            self._end_step()
+        finally:
+            self._rt.close()
+
+    def known_next_uses(self) -> int:
+        """Storages whose next use the pool knows now (lookahead; for tests)."""
+        return self._rt.known_next_uses()

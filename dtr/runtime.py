@@ -7,6 +7,7 @@ the objects; the notes below explain the less obvious decisions.
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import threading
 import weakref
@@ -23,6 +24,7 @@ from .errors import BudgetExceededError, RecomputeError, StaleInputError, Unsupp
 from . import hidden_writes as _hidden_writes
 from . import metadata_ops as _metadata_ops
 from . import scratch as _scratch
+from . import step_plan as _step_plan
 from .ops import arg_at, op_info
 from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
@@ -67,6 +69,11 @@ class Stats:
     # 1 once the pool's thrash guard tripped; see Note [Thrash guard] in
     # dtr/policies.py.
     thrash_guard_trips: int = 0
+    # The lookahead policy (Note [Where step plans live] in dtr/step_plan.py): ops
+    # of this block that followed the previous step's plan, and the op where the
+    # step left it (-1: it did not, or there was no plan).
+    plan_ops: int = 0
+    plan_diverged_at: int = -1
     # op name -> [recomputations, seconds running that op (not its inputs' recomputes)]
     remat_by_op: Dict[str, List[float]] = field(default_factory=dict)
 
@@ -133,6 +140,9 @@ class Runtime:
         # Recipe inputs reading plain tensors; see Note [Writes into what recipes read].
         self.readers = _hidden_writes.PlainReaders()
         self.closed = False
+        # Set while a lookahead block is open: Note [Where step plans live] in step_plan.py.
+        self._step: Optional[_step_plan.StepRecorder] = None
+        self._step_key = None
 
     # ------------------------------------------------------------------
     # Accounting
@@ -295,6 +305,8 @@ class Runtime:
         # evict_everything (a testing aid) still evicts them.
         evictable = not pinned and (nbytes >= MIN_EVICTABLE_BYTES or self.evict_all)
         self.pool.add(sid, nbytes, cost, self.clock, evictable, parents)
+        if self._step is not None:
+            self._step.storage_created(self.pool, sid)
         self.pool_bytes += nbytes
         return rec
 
@@ -352,8 +364,47 @@ class Runtime:
 
     def close(self) -> None:
         """The block ended: from now on, keep nothing no wrapper refers to."""
+        self.end_step()
         self.closed = True
         self.release_kept()
+
+    # ------------------------------------------------------------------
+    # Steps of the lookahead policy (Note [Where step plans live] in step_plan.py)
+    # ------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """The block opened: with policy "lookahead", follow the plan this thread's last
+        lookahead block left for this device and record this step."""
+        if not (isinstance(self.policy, str) and self.policy == "lookahead"):
+            return
+        with self.lock:
+            self._step_key = self.device
+            self._step = _step_plan.StepRecorder(_step_plan.take("python", self.device), self._next_sid,
+                                                 self.stats.op_seconds, self._records)
+            self.stats.plan_ops, self.stats.plan_diverged_at = 0, -1
+            self.pool.plan_clock = 0.0
+
+    def end_step(self) -> None:
+        """The block closed: its step becomes the plan of the next lookahead block."""
+        with self.lock:
+            step, self._step = self._step, None
+            if step is None:
+                return
+            self._note_step(step)
+            live = [sid for sid, ref in self._records.items()
+                    if (rec := ref()) is not None and rec.nwrappers > 0]
+            _step_plan.keep("python", self._step_key, step.finish(live, self.stats.op_seconds))
+            # After the block nothing follows a plan: the online score (msps_sqrt's).
+            for sid in list(self._records):
+                self.pool.set_next_use(sid, math.nan)
+
+    def _note_step(self, step) -> None:
+        self.stats.plan_ops = step.followed_ops()
+        self.stats.plan_diverged_at = step.diverged_at
+
+    def known_next_uses(self) -> int:
+        """Storages whose next use the pool knows now (lookahead; for tests)."""
+        with self.lock:
+            return sum(1 for sid in self._records if not math.isnan(self.pool.next_use(sid)))
 
     # ------------------------------------------------------------------
     # Eviction and recomputation
@@ -699,6 +750,25 @@ class Runtime:
             func = info.run_as
             info = op_info(func)
         targs, tkwargs, tensors = flatten_args(args, kwargs or {})
+        if self._step is not None:
+            return self._dispatch_step(func, info, args, kwargs, targs, tkwargs, tensors)
+        return self._route(func, info, args, kwargs, targs, tkwargs, tensors)
+
+    def _dispatch_step(self, func, info, args, kwargs, targs, tkwargs, tensors):
+        # Note [Recording steps for lookahead] in csrc/step_plan.h: op k, the storages it
+        # reads (taken before it runs: an in-place op rebinds its wrappers).
+        with self.lock:
+            step = self._step
+            k = step.begin_op(self.pool, info.name, len(tensors), self.stats.op_seconds)
+            reads = [t._cell.storage.sid for t in tensors
+                     if type(t) is DTRTensor and t._cell.storage.runtime is self]
+            out = self._route(func, info, args, kwargs, targs, tkwargs, tensors)
+            if self._step is step:
+                step.end_op(self.pool, k, reads)
+                self._note_step(step)
+            return out
+
+    def _route(self, func, info, args, kwargs, targs, tkwargs, tensors):
         if info.metadata_inplace:
             if not any(type(t) is DTRTensor for t in tensors):
                 # Only plain tensors: nothing dtr tracks changes shape or storage (cuDNN's

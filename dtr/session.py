@@ -228,6 +228,7 @@ class Session:
         if self.runtime_kind == "cpp":
             self.runtime.enter()
         else:
+            self.runtime.begin_step()  # lookahead only: Note [Where step plans live]
             self._mode = DTRMode(self.runtime)
             self._mode.__enter__()
         _FrozenHeap.enter()

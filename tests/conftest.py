@@ -60,4 +60,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Each test starts with no recorded step (Note [Where step plans live]).
+    dtr.step_plan.forget()
     yield

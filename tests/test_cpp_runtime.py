@@ -1062,3 +1062,21 @@ def test_bookkeeping_memory_is_returned_once_its_objects_die():
     after = _ext._C.bookkeeping_slabs()
     assert during > before + 10, (before, during)  # 20,000 recipes, cells, records, wrappers
     assert after <= before + 64, (before, during, after)  # at most one kept per size class
+
+
+def test_step_recording_is_refused_where_it_does_not_apply():
+    # Note [Recording steps for lookahead]: only a lookahead runtime records, one step
+    # at a time; dtr/cpp_runtime.py calls these when a block opens and closes.
+    from dtr.policies import SearchOptions
+
+    rt = _ext._C.Runtime(None, "msps_sqrt", SearchOptions(), False)
+    with pytest.raises(RuntimeError, match="only a runtime with policy=\"lookahead\" records steps"):
+        rt.begin_step(None)
+    assert rt.end_step() is None  # nothing was being recorded
+    la = _ext._C.Runtime(None, "lookahead", SearchOptions(), False)
+    la.begin_step(None)
+    with pytest.raises(RuntimeError, match="already being recorded"):
+        la.begin_step(None)
+    plan = la.end_step()
+    assert plan.num_ops == 0 and plan.num_storages == 0 and "0 ops" in repr(plan)
+    assert la.end_step() is None

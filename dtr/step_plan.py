@@ -1,0 +1,176 @@
+"""The lookahead policy's memory of the previous step, on the runtimes.
+
+Note [Where step plans live]
+Training repeats one step, and each step is usually its own ``with
+dtr.budget(..., policy="lookahead"):`` block, with its own session and runtime.
+So the plan a block records outlives its runtime here, in this module: one
+plan per thread and runtime kind ("python", "cpp") and per the block's
+device (its ``device=``, or the device bound when the block opened; None on a
+machine with CUDA until the first op binds one). When a lookahead block opens
+it takes the plan its thread left for that key, follows it while the step
+matches, and when it closes leaves the step it recorded for the next block
+(Note [Recording steps for lookahead] in csrc/step_plan.h says what a plan
+holds and how it is followed; ``StepRecorder`` below does the same for the
+Python runtime). Blocks with another policy neither read nor change the plans.
+Per thread, because the dispatch mode (and so what a block sees) is per
+thread. ``forget()`` drops this thread's plans (the next lookahead block then
+runs as msps_sqrt, recording anew).
+
+A plan only steers which values are evicted, never what a recompute computes,
+so a stale or wrong plan costs time, not exactness.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["forget", "plan_for", "StepRecorder", "PyStepPlan"]
+
+_local = threading.local()
+
+
+def _plans() -> Dict[tuple, object]:
+    d = getattr(_local, "plans", None)
+    if d is None:
+        d = _local.plans = {}
+    return d
+
+
+def _key(kind: str, device) -> tuple:
+    return (kind, None if device is None else str(device))
+
+
+def take(kind: str, device) -> Optional[object]:
+    """The plan this thread's last lookahead block of this kind left for ``device``."""
+    return _plans().get(_key(kind, device))
+
+
+def keep(kind: str, device, plan) -> None:
+    if plan is not None:
+        _plans()[_key(kind, device)] = plan
+
+
+def plan_for(kind: str = "cpp", device="cpu") -> Optional[object]:
+    """The plan the next lookahead block of this thread would follow (None: none yet)."""
+    return take(kind, device)
+
+
+def forget() -> None:
+    """Drop this thread's recorded plans."""
+    _plans().clear()
+
+
+class PyStepPlan:
+    """One recorded step of the Python runtime (as csrc/step_plan.h's StepPlan):
+    ``ops[k]``: (op name, tensors read); ``start[k]``: op k's start on the plan's
+    clock (the summed run time of the ops before it); ``uses[id]``: the ops that
+    read storage ``id``, ascending (``len(ops)``: referenced at the end). Ids: 2n
+    for the n-th storage the step created, 2n + 1 for the n-th storage from
+    before the step that it read."""
+
+    __slots__ = ("ops", "start", "end", "uses")
+
+    def __init__(self):
+        self.ops: List[Tuple[str, int]] = []
+        self.start: List[float] = []
+        self.end = 0.0
+        self.uses: Dict[int, List[int]] = {}
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.ops)
+
+    @property
+    def num_storages(self) -> int:
+        return len(self.uses)
+
+    def start_of(self, k: int) -> float:
+        return self.start[k] if k < len(self.start) else self.end
+
+    def next_use_after(self, pid: int, k: int) -> float:
+        lst = self.uses.get(pid)
+        if not lst:
+            return math.inf
+        i = bisect.bisect_right(lst, k)
+        return self.start_of(lst[i]) if i < len(lst) else math.inf
+
+    def __repr__(self) -> str:
+        return f"dtr.step_plan.PyStepPlan({len(self.ops)} ops, {len(self.uses)} storages)"
+
+
+class StepRecorder:
+    """Records one step of the Python runtime while following the previous one;
+    the same steps as csrc/step_plan.cpp's StepRecorder."""
+
+    def __init__(self, plan: Optional[PyStepPlan], first_sid: int, op_clock: float, live):
+        # ``live``: the runtime's storages by id (those in its pool), read, never changed.
+        self.live = live
+        self.plan = plan
+        self.rec = PyStepPlan()
+        self.first_sid = first_sid
+        self.clock0 = op_clock
+        self.next_op = 0
+        self.diverged_at = -1
+        self._prior: Dict[int, int] = {}
+
+    @property
+    def following(self) -> bool:
+        return self.plan is not None and self.diverged_at < 0
+
+    def followed_ops(self) -> int:
+        if self.diverged_at >= 0:
+            return self.diverged_at
+        return self.next_op if self.plan is not None else 0
+
+    def _id(self, sid: int) -> int:
+        if sid >= self.first_sid:
+            return 2 * (sid - self.first_sid)
+        n = self._prior.setdefault(sid, len(self._prior))
+        return 2 * n + 1
+
+    def begin_op(self, pool, name: str, tensors: int, op_clock: float) -> int:
+        k = self.next_op
+        self.next_op += 1
+        key = (name, tensors)
+        self.rec.ops.append(key)
+        self.rec.start.append(op_clock - self.clock0)
+        plan = self.plan
+        if self.following and (k >= len(plan.ops) or plan.ops[k] != key):
+            # The step left the recorded one: nothing is known about its future.
+            self.diverged_at = k
+            for sid in list(self.live):
+                pool.set_next_use(sid, math.nan)
+        return k
+
+    def storage_created(self, pool, sid: int) -> None:
+        if self.following:
+            self._set_next_use(pool, sid, self.next_op - 1)
+
+    def end_op(self, pool, k: int, read_sids) -> None:
+        uses = self.rec.uses
+        for sid in read_sids:
+            lst = uses.setdefault(self._id(sid), [])
+            if not lst or lst[-1] != k:
+                lst.append(k)
+        if not self.following:
+            return
+        pool.plan_clock = self.plan.start_of(k + 1)
+        for sid in read_sids:
+            self._set_next_use(pool, sid, k)
+
+    def _set_next_use(self, pool, sid: int, k: int) -> None:
+        if sid in self.live:
+            pool.set_next_use(sid, self.plan.next_use_after(self._id(sid), k))
+
+    def finish(self, live_sids, op_clock: float) -> PyStepPlan:
+        rec = self.rec
+        rec.end = op_clock - self.clock0
+        end = len(rec.ops)
+        for sid in live_sids:
+            lst = rec.uses.setdefault(self._id(sid), [])
+            if not lst or lst[-1] != end:
+                lst.append(end)
+        self.rec = PyStepPlan()
+        return rec
