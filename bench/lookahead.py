@@ -1,4 +1,4 @@
-"""Lookahead on the C++ runtime (issue 15): ``lookahead`` against ``msps_sqrt``, steps 2+.
+"""Lookahead on the C++ runtime (issue 15): ``lookahead`` and ``adaptive`` against ``msps_sqrt``, steps 2+.
 
     python -m bench.lookahead                    # the bench models and issue 15's GRU RNN
     python -m bench.lookahead --models gpt --fractions 0.5
@@ -55,7 +55,7 @@ FRACTIONS = {
     "lstm": [None, 0.5, 0.35],
     "gru": [None, 0.5, 0.4],
 }
-POLICIES = ["msps_sqrt", "lookahead"]
+POLICIES = ["msps_sqrt", "lookahead", "adaptive"]  # adaptive: Note [Adaptive lookahead]
 
 
 def _build(name):
@@ -175,7 +175,7 @@ def table(name: str, rows: list) -> list:
                 f"{_med(r, p, 'remat_seconds'):.3f}",
                 f"{statistics.median(r[p]['cpu']):.3f} ({statistics.median(r[p]['cpu']) / eager_cpu:.2f}x)",
                 " ".join(str(s["plan_ops"]) if s["plan_diverged_at"] < 0 else f"{s['plan_ops']} (diverged)"
-                         for s in st) if p == "lookahead" else "-",
+                         for s in st) if p in ("lookahead", "adaptive") else "-",
                 exact(r, p, eager)]) + " |")
     out.append("")
     return out

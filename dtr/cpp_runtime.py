@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from . import _ext
+from . import policies as _policies
 from . import step_plan as _step_plan
 from . import tensor as _tensor
 from .python_policy import PolicyCall
@@ -44,14 +45,15 @@ class CppRuntime:
     def __init__(self, spec, policy, search, evict_all: bool = False, pool_impl: str = "auto"):
         _check(pool_impl)
         _tensor.install_cpp_escapes()
-        native = isinstance(policy, str) and policy in _ext.native_policies()
+        scored_as = _policies.pool_policy(policy)
+        native = isinstance(scored_as, str) and scored_as in _ext.native_policies()
         # One limit per open block, outermost first, as dtr/runtime.py's Runtime keeps them;
         # "auto" and fractions are resolved when the device is bound.
         self._limits: List = [spec]
         self.device: Optional[torch.device] = None
         # A policy written in Python is called only when a victim is chosen.
         self._rt = _ext._C.Runtime(spec if isinstance(spec, int) else None,
-                                   policy if native else PolicyCall(policy, search), search,
+                                   scored_as if native else PolicyCall(policy, search), search,
                                    evict_all)
         self.policy = policy
         self._token = None
@@ -178,10 +180,12 @@ class CppRuntime:
         """Opens the block on this thread (the C++ "mode": see Note [Capturing plain-only ops])."""
         if self.device is None and any(not (s is None or isinstance(s, int)) for s in self._limits):
             self._resolve(self._limits[0])  # raises: the device must be known
-        if isinstance(self.policy, str) and self.policy == "lookahead":
-            # Note [Where step plans live]: follow the previous step's plan, record this one.
+        if _policies.records_steps(self.policy):
+            # Note [Where step plans live]: follow the previous step's plan (Note [Adaptive
+            # lookahead]: when it pays), record this one.
             self._step_key = (self.device,)
-            self._rt.begin_step(_step_plan.take(self.kind, self.device))
+            self._rt.begin_step(_step_plan.plan_for_block(self.kind, self.device,
+                                                          self.policy == _policies.ADAPTIVE))
         try:
             self._token = _ext._C.enter_block(self._rt)
         except BaseException:
@@ -192,6 +196,9 @@ class CppRuntime:
         if self._step_key is not None:
             (device,), self._step_key = self._step_key, None
             _step_plan.keep(self.kind, device, self._rt.end_step())
+            if self.policy == _policies.ADAPTIVE:
+                st = self.stats
+                _step_plan.report(self.kind, device, st.remat_seconds + st.search_seconds)
 
     def exit(self) -> None:
         token, self._token = self._token, None

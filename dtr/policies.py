@@ -303,16 +303,31 @@ def register(name: str, score: ScoreFn, *, replace: bool = False) -> None:
     _REGISTRY[name] = score
 
 
+# Note [Adaptive lookahead] in dtr/step_plan.py: scores as "lookahead"; what differs is
+# whether a block is given the previous step's plan, which the runtimes decide per step.
+ADAPTIVE = "adaptive"
+
+
+def pool_policy(policy):
+    """The policy a pool scores with: "adaptive" scores as "lookahead"."""
+    return "lookahead" if isinstance(policy, str) and policy == ADAPTIVE else policy
+
+
+def records_steps(policy) -> bool:
+    """Whether a runtime with ``policy`` records its steps (Note [Where step plans live])."""
+    return isinstance(policy, str) and policy in ("lookahead", ADAPTIVE)
+
+
 def available() -> List[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, ADAPTIVE])
 
 
 def get(policy) -> ScoreFn:
     """Resolve a policy given by name or as a callable."""
     if callable(policy):
         return policy
-    if isinstance(policy, str) and policy in _REGISTRY:
-        return _REGISTRY[policy]
+    if isinstance(policy, str) and pool_policy(policy) in _REGISTRY:
+        return _REGISTRY[pool_policy(policy)]
     raise ValueError(
         f"dtr: unknown eviction policy {policy!r}; valid names are {', '.join(available())}, "
         "or pass a callable score(entry, pool, now) -> float (lowest is evicted)"
@@ -740,7 +755,7 @@ class PythonPool:
 def make_pool(policy=None, search: SearchOptions = SearchOptions(), impl: str = "auto"):
     """A pool for ``policy`` (default: DEFAULT_POLICY): the C++ one when built and the
     policy is native."""
-    policy = DEFAULT_POLICY if policy is None else policy
+    policy = DEFAULT_POLICY if policy is None else pool_policy(policy)
     if impl not in ("auto", "python", "cpp"):
         raise ValueError(f"dtr: unknown pool implementation {impl!r}; use 'auto', 'python' or 'cpp'")
     if impl != "python":

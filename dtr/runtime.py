@@ -19,7 +19,7 @@ import torch
 from . import device_memory as _devmem
 from . import rng as _rng
 from .cost import estimate_op, perf_counter
-from .policies import DEFAULT_POLICY
+from .policies import ADAPTIVE, DEFAULT_POLICY, records_steps
 from .errors import BudgetExceededError, RecomputeError, StaleInputError, UnsupportedOpError
 from . import hidden_writes as _hidden_writes
 from . import metadata_ops as _metadata_ops
@@ -374,11 +374,12 @@ class Runtime:
     def begin_step(self) -> None:
         """The block opened: with policy "lookahead", follow the plan this thread's last
         lookahead block left for this device and record this step."""
-        if not (isinstance(self.policy, str) and self.policy == "lookahead"):
+        if not records_steps(self.policy):
             return
         with self.lock:
             self._step_key = self.device
-            self._step = _step_plan.StepRecorder(_step_plan.take("python", self.device), self._next_sid,
+            plan = _step_plan.plan_for_block("python", self.device, self.policy == ADAPTIVE)
+            self._step = _step_plan.StepRecorder(plan, self._next_sid,
                                                  self.stats.op_seconds, self._records)
             self.stats.plan_ops, self.stats.plan_diverged_at = 0, -1
             self.pool.plan_clock = 0.0
@@ -393,6 +394,9 @@ class Runtime:
             live = [sid for sid, ref in self._records.items()
                     if (rec := ref()) is not None and rec.nwrappers > 0]
             _step_plan.keep("python", self._step_key, step.finish(live, self.stats.op_seconds))
+            if self.policy == ADAPTIVE:
+                _step_plan.report("python", self._step_key,
+                                  self.stats.remat_seconds + self.stats.search_seconds)
             # After the block nothing follows a plan: the online score (msps_sqrt's).
             for sid in list(self._records):
                 self.pool.set_next_use(sid, math.nan)

@@ -26,7 +26,7 @@ import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["forget", "plan_for", "StepRecorder", "PyStepPlan"]
+__all__ = ["forget", "plan_for", "plan_for_block", "report", "following_plan", "StepRecorder", "PyStepPlan"]
 
 _local = threading.local()
 
@@ -58,8 +58,86 @@ def plan_for(kind: str = "cpp", device="cpu") -> Optional[object]:
 
 
 def forget() -> None:
-    """Drop this thread's recorded plans."""
+    """Drop this thread's recorded plans (and the adaptive policy's measurements)."""
     _plans().clear()
+    _choices().clear()
+
+
+# Note [Adaptive lookahead]
+# A plan is a guess that the next step repeats the last one, and following it can
+# cost more than it saves: bench's ResNet at 0.42-0.45 of eager's peak recomputed
+# 6.7x more values with its plan than without (bench/results/lookahead_resnet_edge.md),
+# while GPT, U-Net and the RNNs recompute less with it. Which one wins is a property
+# of the model and the budget, and training measures both: policy "adaptive" runs
+# lookahead's score, gives a block the plan or not (not: the score is msps_sqrt's),
+# and per thread, runtime kind and device keeps the last step's recompute and search
+# seconds of each choice. A block follows the choice that cost less last time; every
+# `interval` steps it tries the other once (a probe), so that a change (a new phase
+# of training, a measurement that was noise) is seen. A probe that loses doubles the
+# interval (up to _PROBE_MAX), one that wins resets it: at a budget where the plan
+# loses, one step in 256 pays for asking again. The first block has no plan; the
+# second follows one, so both are measured from the third step on.
+_PROBE_FIRST = 8
+_PROBE_MAX = 256
+
+
+class _Choice:
+    __slots__ = ("cost", "steps", "interval", "next_probe", "pending")
+
+    def __init__(self):
+        self.cost = {True: None, False: None}  # seconds of the last step with / without a plan
+        self.steps = 0
+        self.interval = _PROBE_FIRST
+        self.next_probe = _PROBE_FIRST
+        self.pending = None  # (followed, probe) of the block running now
+
+
+def _choices() -> Dict[tuple, _Choice]:
+    d = getattr(_local, "choices", None)
+    if d is None:
+        d = _local.choices = {}
+    return d
+
+
+def plan_for_block(kind: str, device, adaptive: bool = False) -> Optional[object]:
+    """The plan a lookahead block opening now follows (None: none, score as msps_sqrt)."""
+    plan = take(kind, device)
+    if not adaptive:
+        return plan
+    c = _choices().setdefault(_key(kind, device), _Choice())
+    c.steps += 1
+    if plan is None:
+        follow, probe = False, False
+    elif c.cost[True] is None or c.cost[False] is None:
+        follow, probe = c.cost[True] is None, True  # measure the choice not measured yet
+    else:
+        best = c.cost[True] <= c.cost[False]
+        probe = c.steps >= c.next_probe
+        follow = (not best) if probe else best
+    c.pending = (follow, probe)
+    return plan if follow else None
+
+
+def report(kind: str, device, seconds: float) -> None:
+    """An adaptive block's recompute and search seconds, as it closes."""
+    c = _choices().get(_key(kind, device))
+    if c is None or c.pending is None:
+        return
+    (follow, probe), c.pending = c.pending, None
+    other = c.cost[not follow]
+    c.cost[follow] = seconds
+    if probe:
+        won = other is None or seconds < other
+        c.interval = _PROBE_FIRST if won else min(2 * c.interval, _PROBE_MAX)
+        c.next_probe = c.steps + c.interval
+
+
+def following_plan(kind: str = "cpp", device="cpu") -> Optional[bool]:
+    """Whether the adaptive policy's next block would follow its plan (None: no record yet)."""
+    c = _choices().get(_key(kind, device))
+    if c is None or c.cost[True] is None:
+        return None
+    return c.cost[False] is None or c.cost[True] <= c.cost[False]
 
 
 class PyStepPlan:

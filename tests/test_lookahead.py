@@ -286,3 +286,67 @@ def test_nested_blocks_record_one_step():
         steps.append(outer.stats)
     assert steps[0].plan_ops == 0
     assert steps[1].plan_diverged_at == -1 and steps[1].plan_ops == steps[1].ops
+
+
+# ----------------------------------------------------------------------------
+# Note [Adaptive lookahead] in dtr/step_plan.py
+# ----------------------------------------------------------------------------
+def _choose(seconds_with, seconds_without, steps):
+    """Drives the adaptive choice with fixed step costs; returns whether each step followed."""
+    step_plan.forget()
+    step_plan.keep("python", "cpu", object())  # a plan exists from here on
+    followed = []
+    for _ in range(steps):
+        plan = step_plan.plan_for_block("python", "cpu", adaptive=True)
+        followed.append(plan is not None)
+        step_plan.report("python", "cpu", seconds_with if plan is not None else seconds_without)
+    step_plan.forget()
+    return followed
+
+
+def test_adaptive_keeps_following_a_plan_that_pays():
+    followed = _choose(seconds_with=1.0, seconds_without=2.0, steps=40)
+    assert followed[0]  # the first step with a plan tries it
+    assert not followed[1]  # then measures the other choice
+    # Then the plan, with a probe of the other choice after 16 steps, then 32 (it keeps
+    # losing, so the interval doubles).
+    assert [i for i, f in enumerate(followed) if not f] == [1, 17], followed
+
+
+def test_adaptive_stops_following_a_plan_that_costs_more_and_probes_less_and_less():
+    followed = _choose(seconds_with=5.0, seconds_without=1.0, steps=200)
+    probes = [i for i, f in enumerate(followed) if f]
+    assert probes[0] == 0  # tried once ...
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], probes  # ... then ever more rarely
+    assert len(probes) <= 6, probes
+
+
+def test_adaptive_without_a_plan_runs_without_one():
+    step_plan.forget()
+    assert step_plan.plan_for_block("python", "cpu", adaptive=True) is None
+    step_plan.report("python", "cpu", 1.0)
+    assert step_plan.following_plan("python", "cpu") is None  # nothing with a plan measured
+
+
+def test_adaptive_training_is_exact_and_measures_both_choices():
+    lengths = [6, 6, 6, 6, 6]
+    eager = _rnn_steps(_Eager, lengths)
+    room = _rnn_room(lengths)
+    step_plan.forget()
+    got = _rnn_steps(lambda: dtr.budget(budget_above(room // 2), policy="adaptive"), lengths)
+    _assert_same_rnn(eager, got)
+    st = [s.stats for s in got[3]]
+    assert all(s.policy == "adaptive" for s in st)
+    assert st[0].plan_ops == 0  # no plan yet
+    assert st[1].plan_ops > 0  # the first plan is tried
+    assert sum(s.rematerializations for s in st) > 0, "the budget must make it recompute"
+    kind = dtr.Session(None).runtime_kind
+    assert step_plan.following_plan(kind, "cpu") in (True, False)  # both measured
+    step_plan.forget()
+
+
+def test_adaptive_is_listed_and_validated():
+    assert "adaptive" in dtr.policies.available()
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        dtr.budget(None, policy="adaptiv")
