@@ -76,7 +76,7 @@ def _block_step(model, batch, budget, policy):
 
 
 def compare(name: str, budget, steps: int) -> dict:
-    """One model and budget, both policies interleaved (in a forked child)."""
+    """One model and budget, every policy interleaved (in a forked child)."""
     os.environ["DTR_RUNTIME"] = "cpp"
     torch.set_num_threads(1)
     model, batch_fn = _build(name)
@@ -194,7 +194,7 @@ def main(argv=None):
     t_start = time.time()
     lines = ["# Lookahead on the C++ runtime (python -m bench.lookahead)", "",
              f"{R.machine_info()}", "",
-             f"{args.steps} measured steps per model and budget, each run under both policies in one "
+             f"{args.steps} measured steps per model and budget, each run under every policy in one "
              "process (see the module's docstring); medians over the steps unless said.", ""]
     all_rows = {}
     for name in args.models:

@@ -339,6 +339,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("search", &PyPool::search_obj)
       .def_property_readonly("candidate_bytes", &dtr::Pool::candidate_bytes)
       .def_property_readonly("thrash_guard_trips", &dtr::Pool::thrash_guard_trips)
+      .def_property_readonly("recomputed_cost", &dtr::Pool::recomputed_cost)
       // Introspection for tests (PythonPool has the same private methods).
       .def("_candidates",
            [](const PyPool& p) {

@@ -193,6 +193,8 @@ class Pool {
   Policy policy() const { return policy_; }
   // 0, or 1 once the thrash guard has tripped (Note [Thrash guard] in pool.cpp).
   int64_t thrash_guard_trips() const { return thrash_guard_trips_; }
+  // Summed cost of the storages rematerialized so far (Note [Thrash guard]).
+  double recomputed_cost() const { return recomputed_cost_; }
   const SearchOptions& search() const { return search_; }
   const Entry* find(int64_t sid) const;
   std::vector<int64_t> ids() const;

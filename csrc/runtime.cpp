@@ -162,6 +162,7 @@ Stats Runtime::stats() {
   Lock g(mu_);
   stats_.tracked_bytes = tracked();
   stats_.thrash_guard_trips = pool_.thrash_guard_trips();
+  stats_.recomputed_cost = pool_.recomputed_cost();
   note_step_stats();
   return stats_;
 }

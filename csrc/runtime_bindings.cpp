@@ -50,6 +50,7 @@ py::dict stats_dict(const Stats& s) {
   d["unplanned_ops"] = s.unplanned_ops;
   d["oom_retries"] = s.oom_retries;
   d["thrash_guard_trips"] = s.thrash_guard_trips;
+  d["recomputed_cost"] = s.recomputed_cost;
   d["plan_ops"] = s.plan_ops;
   d["plan_diverged_at"] = s.plan_diverged_at;
   py::dict by_op;

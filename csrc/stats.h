@@ -20,6 +20,7 @@ struct Stats {
   int64_t tracked_bytes = 0;
   int64_t unplanned_ops = 0;
   int64_t oom_retries = 0;  // Note [Out of memory in C++]
+  double recomputed_cost = 0.0;  // the pool's: summed costs of what it rematerialized
   int64_t thrash_guard_trips = 0;  // the pool's (Note [Thrash guard] in pool.cpp)
   // Note [Recording steps for lookahead]: ops of this block that followed the
   // previous step's plan, and the op where it diverged (-1: it did not, or no plan).

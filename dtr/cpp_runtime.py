@@ -197,8 +197,7 @@ class CppRuntime:
             (device,), self._step_key = self._step_key, None
             _step_plan.keep(self.kind, device, self._rt.end_step())
             if self.policy == _policies.ADAPTIVE:
-                st = self.stats
-                _step_plan.report(self.kind, device, st.remat_seconds + st.search_seconds)
+                _step_plan.report(self.kind, device, self.stats.recomputed_cost)
 
     def exit(self) -> None:
         token, self._token = self._token, None

@@ -510,6 +510,11 @@ class PythonPool:
         self.plan_clock = 0.0
 
     @property
+    def recomputed_cost(self) -> float:
+        """Summed cost of the storages rematerialized so far (Note [Thrash guard])."""
+        return self._recomputed_cost
+
+    @property
     def candidates(self) -> Dict[int, Entry]:
         """Resident, evictable entries by id (a snapshot)."""
         return {e.sid: e for e in self._cand}

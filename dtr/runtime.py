@@ -69,6 +69,9 @@ class Stats:
     # 1 once the pool's thrash guard tripped; see Note [Thrash guard] in
     # dtr/policies.py.
     thrash_guard_trips: int = 0
+    # The pool's summed cost of what it rematerialized (its recipes' stable costs, not
+    # wall time: Note [Adaptive lookahead] compares steps by it).
+    recomputed_cost: float = 0.0
     # The lookahead policy (Note [Where step plans live] in dtr/step_plan.py): ops
     # of this block that followed the previous step's plan, and the op where the
     # step left it (-1: it did not, or there was no plan).
@@ -395,8 +398,7 @@ class Runtime:
                     if (rec := ref()) is not None and rec.nwrappers > 0]
             _step_plan.keep("python", self._step_key, step.finish(live, self.stats.op_seconds))
             if self.policy == ADAPTIVE:
-                _step_plan.report("python", self._step_key,
-                                  self.stats.remat_seconds + self.stats.search_seconds)
+                _step_plan.report("python", self._step_key, self.stats.recomputed_cost)
             # After the block nothing follows a plan: the online score (msps_sqrt's).
             for sid in list(self._records):
                 self.pool.set_next_use(sid, math.nan)
@@ -627,6 +629,7 @@ class Runtime:
                     self._kept.append(weakref.ref(c.storage))
             self.stats.rematerializations += 1
             self.stats.thrash_guard_trips = pool.thrash_guard_trips
+            self.stats.recomputed_cost = pool.recomputed_cost
         finally:
             for rec in locked:
                 pool.unlock(rec.sid)

@@ -70,8 +70,12 @@ def forget() -> None:
 # while GPT, U-Net and the RNNs recompute less with it. Which one wins is a property
 # of the model and the budget, and training measures both: policy "adaptive" runs
 # lookahead's score, gives a block the plan or not (not: the score is msps_sqrt's),
-# and per thread, runtime kind and device keeps the last step's recompute and search
-# seconds of each choice. A block follows the choice that cost less last time; every
+# and per thread, runtime kind and device keeps the last step's recomputed cost under
+# each choice (Stats.recomputed_cost: the pool's summed costs of what it
+# rematerialized, which are the ops' least measured times, Note [Stable costs]; the
+# wall time of the recomputes swings too much between steps on a shared machine: on
+# GPT at 0.5 a step with the plan measured 0.221 s against 0.198 s without it, while
+# recomputing 256 values against 330). A block follows the choice that cost less last time; every
 # `interval` steps it tries the other once (a probe), so that a change (a new phase
 # of training, a measurement that was noise) is seen. A probe that loses doubles the
 # interval (up to _PROBE_MAX), one that wins resets it: at a budget where the plan
@@ -85,7 +89,7 @@ class _Choice:
     __slots__ = ("cost", "steps", "interval", "next_probe", "pending")
 
     def __init__(self):
-        self.cost = {True: None, False: None}  # seconds of the last step with / without a plan
+        self.cost = {True: None, False: None}  # recomputed cost of the last step with / without a plan
         self.steps = 0
         self.interval = _PROBE_FIRST
         self.next_probe = _PROBE_FIRST
@@ -119,7 +123,7 @@ def plan_for_block(kind: str, device, adaptive: bool = False) -> Optional[object
 
 
 def report(kind: str, device, seconds: float) -> None:
-    """An adaptive block's recompute and search seconds, as it closes."""
+    """An adaptive block's recomputed cost (Stats.recomputed_cost), as it closes."""
     c = _choices().get(_key(kind, device))
     if c is None or c.pending is None:
         return

@@ -341,6 +341,8 @@ def test_adaptive_training_is_exact_and_measures_both_choices():
     assert st[0].plan_ops == 0  # no plan yet
     assert st[1].plan_ops > 0  # the first plan is tried
     assert sum(s.rematerializations for s in st) > 0, "the budget must make it recompute"
+    # What the choice compares: the pool's summed costs of what it recomputed.
+    assert all((s.recomputed_cost > 0) == (s.rematerializations > 0) for s in st)
     kind = dtr.Session(None).runtime_kind
     assert step_plan.following_plan(kind, "cpu") in (True, False)  # both measured
     step_plan.forget()
