@@ -4,8 +4,10 @@
 // dtr/runtime.py), so the first runtime to see an (op, shapes) fills it.
 //
 // Note [One lock per op]
-// The table's mutex is taken once per op, for the lookup. An entry is never
-// erased, so the pointer the lookup returns stays valid for the process, and
+// The table's mutex is taken at most once per op, for the lookup, and only
+// for a key the thread has not looked up before (Note [Per-thread copies of
+// the op-memory table] in op_memory.cpp). An entry is never erased, so the
+// pointer the lookup returns stays valid for the process, and
 // its fields are relaxed atomics: a later update (the cost after the kernel
 // ran, a corrected output size) needs no second lock. Two threads racing on
 // one entry may each keep their own reading; each field stays a value one of

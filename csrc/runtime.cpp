@@ -269,6 +269,7 @@ void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
   if (!g.owns_lock()) {
     std::lock_guard<std::mutex> pg(pending_mu_);
     pending_.push_back(std::move(cell));
+    has_pending_.store(true, std::memory_order_release);
     return;
   }
   release_locked(std::move(cell));
@@ -288,10 +289,11 @@ void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {
 }
 
 void Runtime::drain_pending() {
+  if (!has_pending_.load(std::memory_order_acquire)) return;
   std::vector<c10::intrusive_ptr<Cell>> pending;
   {
     std::lock_guard<std::mutex> pg(pending_mu_);
-    if (pending_.empty()) return;
+    has_pending_.store(false, std::memory_order_relaxed);
     pending.swap(pending_);
   }
   for (auto& c : pending) release_locked(std::move(c));

@@ -23,6 +23,7 @@
 #include <c10/util/FunctionRef.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -212,6 +213,9 @@ class Runtime : public c10::intrusive_ptr_target {
   // cell is queued and released by the next op.
   std::mutex pending_mu_;
   std::vector<c10::intrusive_ptr<Cell>> pending_;
+  // Whether pending_ may be non-empty: every op drains, and almost always finds
+  // nothing, which this tells without taking pending_mu_.
+  std::atomic<bool> has_pending_{false};
   int depth_ = 0;
   // Set while a lookahead block is open (step_plan.h).
   std::unique_ptr<StepRecorder> step_;

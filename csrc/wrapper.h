@@ -18,6 +18,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 
+#include <typeinfo>
+
 #include "bookkeeping_memory.h"
 #include "records.h"
 
@@ -64,10 +66,13 @@ class DTRTensorImpl final : public c10::TensorImpl {
   c10::intrusive_ptr<Cell> cell_;
 };
 
+// Asked for every argument of every op: DTRTensorImpl is final, so comparing
+// the dynamic type is exact, and cheaper than a dynamic_cast (which walks the
+// class hierarchy).
 inline DTRTensorImpl* dtr_impl(const at::TensorBase& t) {
   c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (!impl->key_set().has_backend(kDTRBackend)) return nullptr;
-  return dynamic_cast<DTRTensorImpl*>(impl);
+  return typeid(*impl) == typeid(DTRTensorImpl) ? static_cast<DTRTensorImpl*>(impl) : nullptr;
 }
 
 inline bool is_dtr(const at::TensorBase& t) { return t.defined() && dtr_impl(t) != nullptr; }
