@@ -830,9 +830,16 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   if (!traits.written.empty() || traits.unsupported) {
     original.assign(stack->begin() + first, stack->end());
   }
+  c10::intrusive_ptr<Recipe> recipe;
+  Slots own_slots;
+  ListSizes own_list_sizes;
+  if (traits.written.empty()) recipe = c10::make_intrusive<Recipe>(op);
+  Slots& slots = recipe ? recipe->slots : own_slots;
+  ListSizes& list_sizes = recipe ? recipe->list_sizes : own_list_sizes;
   std::vector<at::Tensor> vals;
-  Slots slots;
-  ListSizes list_sizes(nargs, 0);
+  cells.reserve(nargs);
+  vals.reserve(nargs);
+  slots.reserve(nargs);
   bool any_dtr = false;
   for (size_t i = 0; i < nargs; ++i) {
     c10::IValue& iv = (*stack)[first + i];
@@ -857,6 +864,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
         out.push_back(take(in.get(k), Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
                                            Slot::kTensorList}));
       }
+      if (list_sizes.empty()) list_sizes.assign(nargs, 0);
       list_sizes[i] = static_cast<int32_t>(in.size());
       iv = out;
     } else if (iv.isOptionalTensorList()) {
@@ -871,6 +879,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
           out.push_back(std::nullopt);
         }
       }
+      if (list_sizes.empty()) list_sizes.assign(nargs, 0);
       list_sizes[i] = static_cast<int32_t>(in.size());
       iv = out;
     } else if (iv.isList() && !traits.written.empty()) {
@@ -949,11 +958,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 
   // The recipe's argument template, taken before the kernel consumes the stack.
-  auto recipe = c10::make_intrusive<Recipe>(op);
   recipe->args.assign(stack->begin() + first, stack->end());
   for (const Slot& s : slots) recipe->args[s.arg] = c10::IValue();
-  recipe->slots = slots;
-  recipe->list_sizes = list_sizes;
   recipe->grad_enabled = c10::GradMode::is_enabled();
   if (traits.seeded) {
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
@@ -1010,7 +1016,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
       readers_.add(recipe, i);
     }
   }
-  std::vector<int64_t> parents;
+  std::vector<int64_t>& parents = parents_scratch_;
+  parents.clear();
   for (const auto& c : cells) {
     if (c) parents.push_back(c->storage->sid);
   }

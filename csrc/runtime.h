@@ -216,6 +216,9 @@ class Runtime : public c10::intrusive_ptr_target {
   // Whether pending_ may be non-empty: every op drains, and almost always finds
   // nothing, which this tells without taking pending_mu_.
   std::atomic<bool> has_pending_{false};
+  // The parents of an op's new storages, reused from op to op (one heap block
+  // fewer per op); filled and read only while dispatch records its outputs.
+  std::vector<int64_t> parents_scratch_;
   int depth_ = 0;
   // Set while a lookahead block is open (step_plan.h).
   std::unique_ptr<StepRecorder> step_;
