@@ -37,9 +37,9 @@
 #include <string>
 #include <utility>
 #include <unordered_map>
+#include <vector>
 
 #include "bookkeeping_memory.h"
-#include <vector>
 
 namespace dtr {
 

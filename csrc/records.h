@@ -46,10 +46,6 @@ class Runtime;
 struct Cell;
 class DTRTensorImpl;
 
-// Containers of the records, in bookkeeping memory (Note [Bookkeeping memory]).
-template <class T>
-using BookVector = bookkeeping::Vector<T>;
-
 // The unit of eviction: one storage and every cell (view) living in it.
 struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, bookkeeping::Object {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
@@ -66,9 +62,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, book
   bool banish_pending = false;
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction).
-  BookVector<c10::weak_intrusive_ptr<Cell>> cells;
+  bookkeeping::Vector<c10::weak_intrusive_ptr<Cell>> cells;
   // Wrappers whose cell lives here (rebound by in-place ops).
-  BookVector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
+  bookkeeping::Vector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
 };
 
 // Where an input goes in the argument stack: a Tensor argument, or element
@@ -79,8 +75,8 @@ struct Slot {
   int32_t elem;
   Kind kind;
 };
-using Slots = BookVector<Slot>;
-using ListSizes = BookVector<int32_t>;
+using Slots = bookkeeping::Vector<Slot>;
+using ListSizes = bookkeeping::Vector<int32_t>;
 
 struct RecipeInput {
   c10::intrusive_ptr<Cell> cell;  // a dtr value, or (when null)
@@ -104,18 +100,18 @@ struct MutationTarget {
 // How to recompute one op call.
 struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Object {
   c10::OperatorHandle op;
-  BookVector<c10::IValue> args;      // the argument stack, tensors replaced by None
+  bookkeeping::Vector<c10::IValue> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order
   ListSizes list_sizes;             // per argument: length of a tensor-list argument
-  BookVector<RecipeInput> inputs;
-  BookVector<c10::weak_intrusive_ptr<Cell>> outputs;  // per flat tensor output
+  bookkeeping::Vector<RecipeInput> inputs;
+  bookkeeping::Vector<c10::weak_intrusive_ptr<Cell>> outputs;  // per flat tensor output
   std::optional<RNGState> rng;
   double cost = 0.0;
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
   int64_t scratch_bytes = 0;         // its kernel's scratch, reserved before a recompute
   bool grad_enabled = true;
   // Non-empty for an in-place op: its outputs are the written bases, in order.
-  BookVector<MutationTarget> mutation;
+  bookkeeping::Vector<MutationTarget> mutation;
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
   ~Recipe() override { release_resources(); }

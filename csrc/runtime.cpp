@@ -830,11 +830,15 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   if (!traits.written.empty() || traits.unsupported) {
     original.assign(stack->begin() + first, stack->end());
   }
+  // A functional op's recipe is made now and its slots and list sizes are
+  // filled in place (copying them in after the kernel cost two heap blocks per op).
   c10::intrusive_ptr<Recipe> recipe;
   Slots own_slots;
   ListSizes own_list_sizes;
   if (traits.written.empty()) recipe = c10::make_intrusive<Recipe>(op);
   Slots& slots = recipe ? recipe->slots : own_slots;
+  // Per argument, sized only when a tensor-list argument comes: fill_stack and
+  // mutation.cpp read it only for slots in lists.
   ListSizes& list_sizes = recipe ? recipe->list_sizes : own_list_sizes;
   std::vector<at::Tensor> vals;
   cells.reserve(nargs);

@@ -30,15 +30,12 @@ namespace dtr {
 constexpr c10::DispatchKey kDTRKey = c10::DispatchKey::PrivateUse3;
 constexpr c10::BackendComponent kDTRBackend = c10::BackendComponent::PrivateUse3Bit;
 
-class DTRTensorImpl final : public c10::TensorImpl {
+// Allocated from bookkeeping memory (Note [Bookkeeping memory]).
+class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
  public:
   DTRTensorImpl(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
   DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10::Device device,
                 c10::intrusive_ptr<Cell> cell);
-
-  // Note [Bookkeeping memory]
-  static void* operator new(size_t bytes) { return bookkeeping::allocate(bytes); }
-  static void operator delete(void* p, size_t bytes) noexcept { bookkeeping::deallocate(p, bytes); }
 
   const c10::intrusive_ptr<Cell>& cell() const { return cell_; }
   // Points this wrapper at another cell (in-place ops rebind every alias).
