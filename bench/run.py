@@ -109,10 +109,11 @@ class Config:
     """How one step runs: kind in eager / ckpt / dtr / compile."""
 
     def __init__(self, kind: str, label: str, *, ckpt=None, budget=None, policy=DEFAULT_POLICY,
-                 fraction=None, amb=None, backend="aot_eager"):
+                 fraction=None, amb=None, backend="aot_eager", runtime=None):
         self.kind, self.label, self.ckpt = kind, label, ckpt
         self.budget, self.policy, self.fraction = budget, policy, fraction
         self.amb, self.backend = amb, backend
+        self.runtime = runtime  # dtr.budget's runtime= (None: the default, C++ when built)
 
 
 def dtr_compile_backend():
@@ -154,7 +155,8 @@ def make_stepper(model, cfg: Config):
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        block = dtr.budget(cfg.budget, policy=cfg.policy) if under_dtr else contextlib.nullcontext()
+        block = (dtr.budget(cfg.budget, policy=cfg.policy, runtime=getattr(cfg, "runtime", None))
+                 if under_dtr else contextlib.nullcontext())
         with block as s:
             loss = fwd(*batch)
             loss.backward()
@@ -165,8 +167,17 @@ def make_stepper(model, cfg: Config):
     return step, opt
 
 
-def warm_up(model, step, opt, batch) -> float:
-    """One unprofiled step, then the initial parameters, buffers and optimizer state back.
+def warm_up_steps(cfg) -> int:
+    """Unprofiled steps before the measured ones: one, or three for a policy that learns
+    from earlier steps ("lookahead", "adaptive": Note [Adaptive lookahead] measures the
+    step with and without the previous step's plan first), so that every measured step
+    is one of training's steady state."""
+    return 3 if uses_dtr(cfg) and dtr.policies.records_steps(cfg.policy) else 1
+
+
+def warm_up(model, step, opt, batch, steps: int = 1) -> float:
+    """``steps`` unprofiled steps of ``batch``, each from the initial parameters, buffers
+    and optimizer state, which are then put back.
 
     The step compiles under torch.compile, and teaches dtr's runtime what it learns
     about each (op, shapes) on first sight (output sizes, scratch bytes, costs): a step's first
@@ -175,13 +186,14 @@ def warm_up(model, step, opt, batch) -> float:
     Gradients are left ``None``, as at the start of a first step. Returns the step's wall seconds.
     """
     init = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    t0 = time.perf_counter()
-    step(batch)
-    wall = time.perf_counter() - t0
-    with torch.no_grad():
-        model.load_state_dict(init[0])
-    opt.load_state_dict(init[1])
-    opt.zero_grad(set_to_none=True)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(batch)
+        wall = time.perf_counter() - t0
+        with torch.no_grad():
+            model.load_state_dict(init[0])
+        opt.load_state_dict(init[1])
+        opt.zero_grad(set_to_none=True)
     return wall
 
 
@@ -189,7 +201,8 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
                timeline: bool = False) -> dict:
     """Warm-up step, one profiled step (peak), ``timed_steps`` timed steps. Never raises."""
     row: Dict[str, Any] = dict(model=name, method=cfg.label, kind=cfg.kind, policy=cfg.policy
-                               if cfg.kind == "dtr" else None, fraction=cfg.fraction,
+                               if cfg.kind == "dtr" else None, runtime=getattr(cfg, "runtime", None),
+                               fraction=cfg.fraction,
                                budget_bytes=cfg.budget, amb=cfg.amb, status="ok", losses=[],
                                backend=cfg.backend if cfg.kind == "compile" else None)
     model, batch_fn = M.build(name, size)
@@ -199,8 +212,8 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
         step, opt = make_stepper(model, cfg)
         stats_list = []
         phase = "the warm-up step"
-        with time_limit(step_limit * 2 if step_limit else None):
-            row["warmup_wall_s"] = warm_up(model, step, opt, batch_fn(0))
+        with time_limit(step_limit * 2 * warm_up_steps(cfg) if step_limit else None):
+            row["warmup_wall_s"] = warm_up(model, step, opt, batch_fn(0), warm_up_steps(cfg))
         torch.manual_seed(1234)  # the same dropout masks for every configuration
         # Profiled step: the measured peak (relative to the step's start) plus what was resident.
         phase = "the profiled step"
@@ -336,10 +349,11 @@ def _feasible(name, size, budget, policy, limit) -> tuple:
     The same two steps a row starts with (run_config), counting the same tensors.
     """
     model, batch_fn = M.build(name, size)
-    step, opt = make_stepper(model, Config("dtr", "probe", budget=int(budget), policy=policy))
+    cfg = Config("dtr", "probe", budget=int(budget), policy=policy)
+    step, opt = make_stepper(model, cfg)
     try:
-        with time_limit(limit * 2):
-            warm_up(model, step, opt, batch_fn(0))
+        with time_limit(limit * 2 * warm_up_steps(cfg)):
+            warm_up(model, step, opt, batch_fn(0), warm_up_steps(cfg))
         torch.manual_seed(1234)
         with time_limit(limit):
             step(batch_fn(1))
@@ -634,6 +648,11 @@ def bench_model(name, args, bar) -> List[dict]:
                                timeline=(pol == args.policies[0] and fr == args.timeline_fraction)))
             if r["status"] == "ok":
                 ok_min = b if ok_min is None else min(ok_min, b)
+                if fr == 0.5 and pol == args.policies[0] and args.python_runtime:
+                    # Issue 14: the C++ runtime at least as fast as the Python one here.
+                    add(run_isolated(name, size, Config("dtr", f"dtr {pol} python runtime @{fr}", budget=b,
+                                                        policy=pol, fraction=fr, runtime="python"),
+                                     steps, limit))
             elif r["status"].startswith(("BudgetExceeded", "timeout")):
                 fail_max = b if fail_max is None else max(fail_max, b)
         if args.smallest:
@@ -730,6 +749,12 @@ def summarize(name, rows) -> List[str]:
         out.append(f"- {name}: at 0.5 of eager's peak: {r['method']}: {res}")
     if not half:
         out.append(f"- {name}: at 0.5 of eager's peak: not run")
+    for py in (r for r in half if r.get("runtime") == "python" and r["status"] == "ok"):
+        cpp = by.get(py["method"].replace(" python runtime", ""))
+        if cpp and cpp["status"] == "ok":
+            out.append(f"- {name}: at 0.5, C++ runtime / Python runtime step time = "
+                       f"{cpp['step_s'] / py['step_s']:.2f} (measured peaks {mib(cpp['measured_peak'])} / "
+                       f"{mib(py['measured_peak'])} MiB)")
     over = [r["method"] for r in ok if r.get("budget_bytes") and uses_dtr(r)
             and r["measured_peak"] > r["budget_bytes"] * (1 + SLACK)]
     out.append(f"- {name}: dtr rows whose measured peak exceeds budget+{SLACK:.0%}: "
@@ -766,6 +791,8 @@ def main(argv=None):
     p.add_argument("--no-smallest", dest="smallest", action="store_false", default=None,
                    help="skip the search for each policy's smallest feasible budget")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-python-runtime", dest="python_runtime", action="store_false",
+                   help="skip the row of the first policy at 0.5 on the Python runtime")
     p.add_argument("--compile-timeout", type=int, default=1200, help="wall seconds per compile subprocess")
     p.add_argument("--compile-cpu-limit", type=int, default=240, help="CPU seconds per compile subprocess")
     p.add_argument("--threads", type=int, default=1,
@@ -796,6 +823,7 @@ def main(argv=None):
         args.compile_budgets = [0.5]
         args.smallest = False if args.smallest is None else args.smallest
         args.timeline_fraction = 0.4
+        args.python_runtime = False
     else:
         args.models = args.models or M.MODELS
         args.size = args.size or "full"
@@ -809,6 +837,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
 
     per = 1 + 3 + 1 + len(args.policies) * (len(args.fractions) + int(args.smallest)) + 1 \
+        + int(args.python_runtime) \
         + (0 if args.no_compile else len(args.compile_budgets) + 1)
     t_start = time.time()
     info = machine_info()

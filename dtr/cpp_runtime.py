@@ -182,10 +182,12 @@ class CppRuntime:
             self._resolve(self._limits[0])  # raises: the device must be known
         if _policies.records_steps(self.policy):
             # Note [Where step plans live]: follow the previous step's plan (Note [Adaptive
-            # lookahead]: when it pays), record this one.
-            self._step_key = (self.device,)
-            self._rt.begin_step(_step_plan.plan_for_block(self.kind, self.device,
-                                                          self.policy == _policies.ADAPTIVE))
+            # lookahead]: when it pays), record this one (Note [When adaptive records]).
+            recording = _step_plan.records_block(self.kind, self.device, self.policy, self._limits[0])
+            self._step_key = (self.device, recording)
+            if recording:
+                self._rt.begin_step(_step_plan.plan_for_block(self.kind, self.device,
+                                                              self.policy == _policies.ADAPTIVE))
         try:
             self._token = _ext._C.enter_block(self._rt)
         except BaseException:
@@ -193,11 +195,15 @@ class CppRuntime:
             raise
 
     def _end_step(self) -> None:
-        if self._step_key is not None:
-            (device,), self._step_key = self._step_key, None
+        if self._step_key is None:
+            return
+        (device, recorded), self._step_key = self._step_key, None
+        if recorded:
             _step_plan.keep(self.kind, device, self._rt.end_step())
-            if self.policy == _policies.ADAPTIVE:
-                _step_plan.report(self.kind, device, self.stats.recomputed_cost)
+        if self.policy == _policies.ADAPTIVE and self._limits[0] is not None:
+            stats = self.stats
+            _step_plan.report(self.kind, device, stats.recomputed_cost if recorded else None,
+                              stats.evictions)
 
     def exit(self) -> None:
         token, self._token = self._token, None

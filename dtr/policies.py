@@ -358,9 +358,23 @@ for _name, _fn in [
     register(_name, _fn)
 
 # Note [The default policy]
-# msps_sqrt (Note [msps_sqrt]) is the default; dtr_eq, the paper's h_DTR^eq,
-# was until issue 15, and stays available by name with the paper's other
-# heuristics. The evidence (bench/results/thrash.md, docs/performance.md,
+# "adaptive" (Note [Adaptive lookahead] in dtr/step_plan.py) is the default: msps_sqrt's
+# score (below), with the time until a value is needed next in place of its staleness
+# in the steps where following the previous step's plan recomputed less than not
+# following it. On a repeated step it can only match or beat msps_sqrt, which is what
+# it runs where the plan does not pay:
+#  * bench (bench/results/lookahead_adaptive.md, C++ runtime, recomputations per
+#    step): GPT at 0.5 of eager's peak 253 against msps_sqrt's 338, ResNet 44
+#    against 77, U-Net 68 against 100; on the ResNet at 0.43, where following the
+#    plan recomputes 673, it keeps msps_sqrt's 101.
+#  * the simulator (docs/simulator.md): the better of lookahead and msps_sqrt per
+#    cell on the paper's traces, and within 1.053x of the MILP's optimum wherever
+#    the MILP proves one (msps_sqrt and dtr_eq 1.41x on one graph).
+#  * It records a step only where a plan can matter (Note [When adaptive records]),
+#    so a block with no limit pays nothing for it.
+# msps_sqrt was the default before it, and dtr_eq, the paper's h_DTR^eq, until
+# issue 15; both stay available by name with the paper's other heuristics. Why
+# msps_sqrt's score and not dtr_eq's (bench/results/thrash.md, docs/performance.md,
 # 'Choosing the default policy'):
 #  * dtr_eq thrashed on issue 15's GRU RNN, 88 recomputations per op at 0.5
 #    of eager's peak (msps_sqrt: 0.54), and on bench's TreeLSTM at 0.9 (51
@@ -386,7 +400,7 @@ for _name, _fn in [
 # C++ runtime thrashed in two runs of three (costs are measured times, and at
 # the edge of feasibility the outcome flips with them); dtr_eq reached a
 # lower budget on GPT (0.45 of its peak against 0.48).
-DEFAULT_POLICY = "msps_sqrt"
+DEFAULT_POLICY = "adaptive"
 
 # Note [Thrash guard]
 # Near the edge of feasibility a policy can recompute the same values over
@@ -493,7 +507,7 @@ class PythonPool:
     """
 
     def __init__(self, policy=None, search: SearchOptions = SearchOptions()):
-        policy = DEFAULT_POLICY if policy is None else policy
+        policy = pool_policy(DEFAULT_POLICY if policy is None else policy)
         self.score = get(policy)
         self.search = search
         # Note [Thrash guard]: costs of the storages added and rematerialized so far.
@@ -760,7 +774,7 @@ class PythonPool:
 def make_pool(policy=None, search: SearchOptions = SearchOptions(), impl: str = "auto"):
     """A pool for ``policy`` (default: DEFAULT_POLICY): the C++ one when built and the
     policy is native."""
-    policy = DEFAULT_POLICY if policy is None else pool_policy(policy)
+    policy = pool_policy(DEFAULT_POLICY if policy is None else policy)
     if impl not in ("auto", "python", "cpp"):
         raise ValueError(f"dtr: unknown pool implementation {impl!r}; use 'auto', 'python' or 'cpp'")
     if impl != "python":

@@ -30,6 +30,9 @@ from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
 from .tensor import DTRTensor
 
+# Runtime._step_key when the block recorded no step (a device key may be None).
+_NO_STEP = object()
+
 _MIN_RECURSION = 20000
 aten = torch.ops.aten
 
@@ -145,7 +148,7 @@ class Runtime:
         self.closed = False
         # Set while a lookahead block is open: Note [Where step plans live] in step_plan.py.
         self._step: Optional[_step_plan.StepRecorder] = None
-        self._step_key = None
+        self._step_key = _NO_STEP
 
     # ------------------------------------------------------------------
     # Accounting
@@ -381,6 +384,8 @@ class Runtime:
             return
         with self.lock:
             self._step_key = self.device
+            if not _step_plan.records_block("python", self.device, self.policy, self._limits[0]):
+                return  # Note [When adaptive records]
             plan = _step_plan.plan_for_block("python", self.device, self.policy == ADAPTIVE)
             self._step = _step_plan.StepRecorder(plan, self._next_sid,
                                                  self.stats.op_seconds, self._records)
@@ -391,14 +396,18 @@ class Runtime:
         """The block closed: its step becomes the plan of the next lookahead block."""
         with self.lock:
             step, self._step = self._step, None
+            key, self._step_key = self._step_key, _NO_STEP
+            if key is _NO_STEP:
+                return
+            if self.policy == ADAPTIVE and self._limits[0] is not None:
+                _step_plan.report("python", key, None if step is None else self.stats.recomputed_cost,
+                                  self.stats.evictions)
             if step is None:
                 return
             self._note_step(step)
             live = [sid for sid, ref in self._records.items()
                     if (rec := ref()) is not None and rec.nwrappers > 0]
-            _step_plan.keep("python", self._step_key, step.finish(live, self.stats.op_seconds))
-            if self.policy == ADAPTIVE:
-                _step_plan.report("python", self._step_key, self.stats.recomputed_cost)
+            _step_plan.keep("python", key, step.finish(live, self.stats.op_seconds))
             # After the block nothing follows a plan: the online score (msps_sqrt's).
             for sid in list(self._records):
                 self.pool.set_next_use(sid, math.nan)

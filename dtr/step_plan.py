@@ -26,7 +26,8 @@ import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["forget", "plan_for", "plan_for_block", "report", "following_plan", "StepRecorder", "PyStepPlan"]
+__all__ = ["forget", "plan_for", "plan_for_block", "records_block", "report", "following_plan",
+           "StepRecorder", "PyStepPlan"]
 
 _local = threading.local()
 
@@ -81,12 +82,24 @@ def forget() -> None:
 # interval (up to _PROBE_MAX), one that wins resets it: at a budget where the plan
 # loses, one step in 256 pays for asking again. The first block has no plan; the
 # second follows one, so both are measured from the third step on.
+#
+# Note [When adaptive records]
+# Recording a step costs about a microsecond per op, which is most of what the C++
+# runtime adds on models of tiny ops, and a plan only steers evictions. So, being the
+# default policy, "adaptive" records a step only when a plan can matter: never in a
+# block with no limit, and not in a block whose previous adaptive block (same thread,
+# runtime kind and device) evicted nothing for memory. Such a block runs as msps_sqrt
+# (lookahead's score with no plan is exactly msps_sqrt's), and if it does evict, the
+# next block records again and the one after it follows a plan: a budget that starts
+# to bind costs one step without a plan. (A block with no limit says nothing about
+# whether a limited one would evict, so it leaves that as it was.) Policy
+# "lookahead" always records.
 _PROBE_FIRST = 8
 _PROBE_MAX = 256
 
 
 class _Choice:
-    __slots__ = ("cost", "steps", "interval", "next_probe", "pending")
+    __slots__ = ("cost", "steps", "interval", "next_probe", "pending", "evicted")
 
     def __init__(self):
         self.cost = {True: None, False: None}  # recomputed cost of the last step with / without a plan
@@ -94,6 +107,7 @@ class _Choice:
         self.interval = _PROBE_FIRST
         self.next_probe = _PROBE_FIRST
         self.pending = None  # (followed, probe) of the block running now
+        self.evicted = True  # whether the last block evicted for memory (Note [When adaptive records])
 
 
 def _choices() -> Dict[tuple, _Choice]:
@@ -122,10 +136,27 @@ def plan_for_block(kind: str, device, adaptive: bool = False) -> Optional[object
     return plan if follow else None
 
 
-def report(kind: str, device, seconds: float) -> None:
-    """An adaptive block's recomputed cost (Stats.recomputed_cost), as it closes."""
+def records_block(kind: str, device, policy, limit) -> bool:
+    """Whether a block opening now with ``policy`` and outer limit ``limit`` (bytes, an
+    auto budget, or None: none) records its step (Note [When adaptive records])."""
+    from .policies import ADAPTIVE, records_steps
+
+    if not records_steps(policy):
+        return False
+    if policy != ADAPTIVE:
+        return True
+    if limit is None:
+        return False
     c = _choices().get(_key(kind, device))
-    if c is None or c.pending is None:
+    return c is None or c.evicted
+
+
+def report(kind: str, device, seconds: Optional[float], evictions: int) -> None:
+    """An adaptive block closes: its recomputed cost (Stats.recomputed_cost; None when it
+    did not record its step) and how many values it evicted for memory."""
+    c = _choices().setdefault(_key(kind, device), _Choice())
+    c.evicted = evictions > 0
+    if seconds is None or c.pending is None:
         return
     (follow, probe), c.pending = c.pending, None
     other = c.cost[not follow]

@@ -299,7 +299,7 @@ def _choose(seconds_with, seconds_without, steps):
     for _ in range(steps):
         plan = step_plan.plan_for_block("python", "cpu", adaptive=True)
         followed.append(plan is not None)
-        step_plan.report("python", "cpu", seconds_with if plan is not None else seconds_without)
+        step_plan.report("python", "cpu", seconds_with if plan is not None else seconds_without, 1)
     step_plan.forget()
     return followed
 
@@ -325,7 +325,7 @@ def test_adaptive_stops_following_a_plan_that_costs_more_and_probes_less_and_les
 def test_adaptive_without_a_plan_runs_without_one():
     step_plan.forget()
     assert step_plan.plan_for_block("python", "cpu", adaptive=True) is None
-    step_plan.report("python", "cpu", 1.0)
+    step_plan.report("python", "cpu", 1.0, 1)
     assert step_plan.following_plan("python", "cpu") is None  # nothing with a plan measured
 
 
@@ -345,6 +345,50 @@ def test_adaptive_training_is_exact_and_measures_both_choices():
     assert all((s.recomputed_cost > 0) == (s.rematerializations > 0) for s in st)
     kind = dtr.Session(None).runtime_kind
     assert step_plan.following_plan(kind, "cpu") in (True, False)  # both measured
+    step_plan.forget()
+
+
+def test_adaptive_records_a_step_only_where_a_plan_can_matter():
+    # Note [When adaptive records]: not with no limit; not after a block that evicted
+    # nothing; again after one that evicted, and the step after that follows a plan.
+    lengths = [6] * 6
+    eager = _rnn_steps(_Eager, lengths)
+    room = _rnn_room(lengths)
+    kind = dtr.Session(None).runtime_kind
+    rooms = iter([None, None, 4 * room, 4 * room, room // 2, room // 2])
+    plans = []
+
+    def block():
+        r = next(rooms)
+        return dtr.budget(None if r is None else budget_above(r), policy="adaptive")
+
+    def probe(session):
+        plans.append(step_plan.plan_for(kind, "cpu"))
+
+    step_plan.forget()
+    got = _rnn_steps(block, lengths, probe=probe)
+    after = step_plan.plan_for(kind, "cpu")
+    step_plan.forget()
+    _assert_same_rnn(eager, got)
+    st = [s.stats for s in got[3]]
+    # No limit: nothing recorded, nothing followed.
+    assert plans[0] is None and plans[1] is None and plans[2] is None
+    # The first limited block records (nothing known yet); it evicts nothing, so the
+    # next one neither records nor follows, and leaves the plan as it was.
+    assert st[2].evictions == 0 and st[3].evictions == 0
+    assert plans[3] is not None and plans[4] is plans[3]
+    assert all(s.plan_ops == 0 for s in st[:5])
+    # The tight block after that quiet one does not record, but evicts ...
+    assert st[4].evictions > 0 and plans[5] is plans[3]
+    # ... so the next one records again and follows the plan it finds.
+    assert st[5].plan_ops > 0 and after is not plans[3]
+
+
+def test_lookahead_records_every_step_even_with_no_limit():
+    kind = dtr.Session(None).runtime_kind
+    step_plan.forget()
+    _rnn_steps(lambda: dtr.budget(None, policy="lookahead"), [3])
+    assert step_plan.plan_for(kind, "cpu") is not None
     step_plan.forget()
 
 

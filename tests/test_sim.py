@@ -464,6 +464,22 @@ def test_lookahead_follows_the_plan_and_beats_staleness():
         assert (py.remat_time, py.evictions) == (la.remat_time, la.evictions)
 
 
+def test_adaptive_replays_the_better_of_following_the_plan_and_not():
+    # Note [Adaptive lookahead]: on a repeated step the runtime settles on the choice
+    # that recomputed less; the replay is that settled step.
+    tr = train_trace(n=10)
+    peak = baseline_peak(tr, RUNTIME)
+    for ratio in (0.4, 0.5, 0.7):
+        with_plan = simulate(tr, ratio=ratio, policy="lookahead", options=RUNTIME)
+        without = simulate(tr, ratio=ratio, policy="lookahead", options=RUNTIME, plan=False)
+        got = simulate(tr, ratio=ratio, policy="adaptive", options=RUNTIME)
+        best = min((with_plan, without), key=lambda r: (r.status != "ok", r.remat_time))
+        assert got.policy == "adaptive" and got.budget_bytes == int(peak * ratio)
+        assert (got.status, got.remat_time, got.evictions) == (best.status, best.remat_time, best.evictions)
+    assert P.DEFAULT_POLICY == "adaptive"
+    assert simulate(tr, ratio=0.5, options=RUNTIME).policy == "adaptive"
+
+
 def test_lookahead_falls_back_when_the_step_diverges():
     from dtr.sim import make_plan
 

@@ -42,10 +42,10 @@ import gc
 import math
 import sys
 import time as _time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from ..policies import DEFAULT_POLICY, SearchOptions, make_pool, name_of
+from ..policies import ADAPTIVE, DEFAULT_POLICY, SearchOptions, make_pool, name_of
 from .plan import Plan
 from .trace import Annotate, Call, Constant, Copy, CopyFrom, Mutate, Release, Trace, load
 
@@ -727,6 +727,8 @@ def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, p
     """
     if isinstance(trace, str):
         trace = load(trace)
+    if policy == ADAPTIVE:
+        return _simulate_adaptive(trace, budget, search, options, ratio, pool_impl, plan, score_cost)
     base = baseline_peak(trace, options)
     if ratio is not None:
         budget = int(base * ratio)
@@ -746,3 +748,17 @@ def simulate(trace: Union[Trace, str], budget: Union[None, float, int] = None, p
     except OverheadExceeded:
         status = ">2x"
     return sim.result(trace.name, op_time, base, ratio, status, _time.perf_counter() - t0)
+
+
+def _simulate_adaptive(trace, budget, search, options, ratio, pool_impl, plan, score_cost) -> SimResult:
+    # Note [Adaptive lookahead]: on a step that repeats, the runtime settles on following
+    # the previous step's plan or not, whichever recomputed less (it probes the other
+    # choice now and then, one step in 8 to 256). The replay is of that settled step: it
+    # runs lookahead with the plan and without one (msps_sqrt's choices) and keeps the
+    # one that recomputed less; a run that fails (OOM, >2x) loses to one that does not.
+    runs = [simulate(trace, budget, "lookahead", search, options, ratio, pool_impl,
+                     True if plan is None else plan, score_cost),
+            simulate(trace, budget, "lookahead", search, options, ratio, pool_impl, False,
+                     score_cost)]
+    best = min(runs, key=lambda r: (r.status != "ok", r.remat_time))
+    return replace(best, policy=ADAPTIVE, wall_s=sum(r.wall_s for r in runs))
