@@ -24,6 +24,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <atomic>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -101,8 +102,10 @@ class Runtime : public c10::intrusive_ptr_target {
 
   // Note [Recording steps for lookahead] (csrc/step_plan.cpp): the block of a
   // lookahead runtime opened, following `plan` (the previous step's, or null),
-  // and closed, giving the step it recorded.
-  void begin_step(c10::intrusive_ptr<StepPlan> plan);
+  // and closed, giving the step it recorded. The plan is dropped once the
+  // step has recomputed `recompute_limit` (seconds of stable cost) or more.
+  void begin_step(c10::intrusive_ptr<StepPlan> plan,
+                  double recompute_limit = std::numeric_limits<double>::infinity());
   c10::intrusive_ptr<StepPlan> end_step();
   // Pool storages whose next use is known now (for tests).
   int64_t known_next_uses();

@@ -116,9 +116,10 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("plain_bytes", [](Runtime& rt) { return no_gil([&] { return rt.plain_bytes(); }); })
       .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); })
-      .def("begin_step", [](Runtime& rt, std::optional<c10::intrusive_ptr<StepPlan>> plan) {
-        no_gil([&] { rt.begin_step(plan ? *plan : c10::intrusive_ptr<StepPlan>()); });
-      }, py::arg("plan"))
+      .def("begin_step", [](Runtime& rt, std::optional<c10::intrusive_ptr<StepPlan>> plan,
+                            double recompute_limit) {
+        no_gil([&] { rt.begin_step(plan ? *plan : c10::intrusive_ptr<StepPlan>(), recompute_limit); });
+      }, py::arg("plan"), py::arg("recompute_limit") = std::numeric_limits<double>::infinity())
       .def("end_step", [](Runtime& rt) -> std::optional<c10::intrusive_ptr<StepPlan>> {
         auto p = no_gil([&] { return rt.end_step(); });
         if (!p) return std::nullopt;

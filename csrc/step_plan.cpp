@@ -20,8 +20,13 @@ size_t StepPlan::num_storages() const {
   return static_cast<size_t>(std::count_if(uses.begin(), uses.end(), [](const auto& l) { return !l.empty(); }));
 }
 
-StepRecorder::StepRecorder(c10::intrusive_ptr<StepPlan> plan, int64_t first_sid, double op_clock)
-    : plan_(std::move(plan)), rec_(c10::make_intrusive<StepPlan>()), first_sid_(first_sid), clock0_(op_clock) {}
+StepRecorder::StepRecorder(c10::intrusive_ptr<StepPlan> plan, int64_t first_sid, double op_clock,
+                           double recompute_until)
+    : plan_(std::move(plan)),
+      rec_(c10::make_intrusive<StepPlan>()),
+      first_sid_(first_sid),
+      clock0_(op_clock),
+      recompute_until_(recompute_until) {}
 
 int64_t StepRecorder::id_of(int64_t sid) {
   if (sid >= first_sid_) return 2 * (sid - first_sid_);
@@ -35,8 +40,10 @@ int64_t StepRecorder::begin_op(Pool& pool, const c10::OperatorHandle& op, int64_
   const StepPlan::OpKey key{&op.schema(), tensors};
   rec_->ops.push_back(key);
   rec_->start.push_back(op_clock - clock0_);
-  if (following() && (static_cast<size_t>(k) >= plan_->ops.size() || !(plan_->ops[k] == key))) {
-    // The step left the recorded one: nothing is known about its future.
+  if (following() && (static_cast<size_t>(k) >= plan_->ops.size() || !(plan_->ops[k] == key) ||
+                      pool.recomputed_cost() > recompute_until_)) {
+    // The step left the recorded one, or following it already cost more than
+    // not (Note [A plan that loses is dropped]): score without it from here.
     diverged_at_ = k;
     for (int64_t sid : pool.ids()) pool.set_next_use(sid, std::numeric_limits<double>::quiet_NaN());
   }
@@ -77,12 +84,14 @@ c10::intrusive_ptr<StepPlan> StepRecorder::finish(const std::vector<int64_t>& li
 // The runtime's side (Runtime's members that only lookahead blocks use)
 // ---------------------------------------------------------------------------
 
-void Runtime::begin_step(c10::intrusive_ptr<StepPlan> plan) {
+void Runtime::begin_step(c10::intrusive_ptr<StepPlan> plan, double recompute_limit) {
   Lock g(mu_);
   TORCH_CHECK(pool_.policy() == Policy::Lookahead,
               "dtr: only a runtime with policy=\"lookahead\" records steps");
   TORCH_CHECK(!step_, "dtr: this runtime's step is already being recorded");
-  step_ = std::make_unique<StepRecorder>(std::move(plan), next_sid_, stats_.op_seconds);
+  TORCH_CHECK(!(recompute_limit < 0), "dtr: a step's recompute limit must be >= 0, got ", recompute_limit);
+  step_ = std::make_unique<StepRecorder>(std::move(plan), next_sid_, stats_.op_seconds,
+                                         pool_.recomputed_cost() + recompute_limit);
   stats_.plan_ops = 0;
   stats_.plan_diverged_at = -1;
   pool_.set_plan_clock(0.0);

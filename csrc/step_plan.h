@@ -27,7 +27,10 @@
 //  * at the first op whose key differs (or past the plan's last op) the step
 //    has diverged: every next use in the pool is cleared (NaN: unknown), so
 //    the score is msps_sqrt's exactly for the rest of the step, and nothing
-//    is set again until the block closes.
+//    is set again until the block closes. The same happens at the first op
+//    after the step's recomputations pass `recompute_limit` (the adaptive
+//    policy's cost of the last step without a plan: Note [A plan that
+//    loses is dropped] in dtr/step_plan.py).
 // Runtime::end_step closes the recording (the new plan, diverged or not) and
 // clears every next use: ops after the block run as msps_sqrt.
 //
@@ -79,7 +82,10 @@ class StepRecorder {
   // `plan`: the previous step's, or null. `first_sid`: the first storage id
   // the step creates (the runtime's next id when its block opened).
   // `op_clock`: Stats::op_seconds then (the plan's clock is its increase).
-  StepRecorder(c10::intrusive_ptr<StepPlan> plan, int64_t first_sid, double op_clock);
+  // `recompute_until`: the pool's recomputed cost at which the plan is
+  // dropped (+inf: never).
+  StepRecorder(c10::intrusive_ptr<StepPlan> plan, int64_t first_sid, double op_clock,
+               double recompute_until = std::numeric_limits<double>::infinity());
 
   // Op k is about to run (its inputs resident): returns k. Compares it with
   // the plan; at the first difference clears every next use in `pool`.
@@ -114,6 +120,7 @@ class StepRecorder {
   c10::intrusive_ptr<StepPlan> rec_;   // being recorded
   int64_t first_sid_;
   double clock0_;
+  double recompute_until_;
   int64_t next_op_ = 0;
   int64_t diverged_at_ = -1;
   // Storages from before the step, in the order it first read them.

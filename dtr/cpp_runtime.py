@@ -186,8 +186,8 @@ class CppRuntime:
             recording = _step_plan.records_block(self.kind, self.device, self.policy, self._limits[0])
             self._step_key = (self.device, recording)
             if recording:
-                self._rt.begin_step(_step_plan.plan_for_block(self.kind, self.device,
-                                                              self.policy == _policies.ADAPTIVE))
+                plan = _step_plan.plan_for_block(self.kind, self.device, self.policy == _policies.ADAPTIVE)
+                self._rt.begin_step(plan, _step_plan.recompute_limit(self.kind, self.device))
         try:
             self._token = _ext._C.enter_block(self._rt)
         except BaseException:

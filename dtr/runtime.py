@@ -387,8 +387,9 @@ class Runtime:
             if not _step_plan.records_block("python", self.device, self.policy, self._limits[0]):
                 return  # Note [When adaptive records]
             plan = _step_plan.plan_for_block("python", self.device, self.policy == ADAPTIVE)
-            self._step = _step_plan.StepRecorder(plan, self._next_sid,
-                                                 self.stats.op_seconds, self._records)
+            self._step = _step_plan.StepRecorder(
+                plan, self._next_sid, self.stats.op_seconds, self._records,
+                self.pool.recomputed_cost + _step_plan.recompute_limit("python", self.device))
             self.stats.plan_ops, self.stats.plan_diverged_at = 0, -1
             self.pool.plan_clock = 0.0
 

@@ -26,7 +26,8 @@ import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["forget", "plan_for", "plan_for_block", "records_block", "report", "following_plan",
+__all__ = ["forget", "plan_for", "plan_for_block", "recompute_limit", "records_block", "report",
+           "following_plan",
            "StepRecorder", "PyStepPlan"]
 
 _local = threading.local()
@@ -136,6 +137,24 @@ def plan_for_block(kind: str, device, adaptive: bool = False) -> Optional[object
     return plan if follow else None
 
 
+# Note [A plan that loses is dropped]
+# Once a step has measured both choices, the recomputed cost of the last step without
+# a plan is what following one has to beat. A block that follows a plan stops
+# following it (every next use cleared, as when the step diverges: msps_sqrt's scores
+# from there) at the first op after its own recomputations pass that cost: by then
+# it has lost, and each further op steered by the plan can only lose more. So a probe
+# of a plan that thrashes (bench's ResNet at 0.43 of eager's peak: 673 recomputations
+# per step with the plan against 101 without) costs about one step's recomputation
+# more than not probing, not several times the step, and it is then reported as lost.
+def recompute_limit(kind: str, device) -> float:
+    """The recomputed cost at which an adaptive block opening now drops its plan
+    (+inf: never; Note [A plan that loses is dropped]). Call after plan_for_block."""
+    c = _choices().get(_key(kind, device))
+    if c is None or c.pending is None or not c.pending[0] or c.cost[False] is None:
+        return math.inf
+    return c.cost[False]
+
+
 def records_block(kind: str, device, policy, limit) -> bool:
     """Whether a block opening now with ``policy`` and outer limit ``limit`` (bytes, an
     auto budget, or None: none) records its step (Note [When adaptive records])."""
@@ -217,9 +236,13 @@ class StepRecorder:
     """Records one step of the Python runtime while following the previous one;
     the same steps as csrc/step_plan.cpp's StepRecorder."""
 
-    def __init__(self, plan: Optional[PyStepPlan], first_sid: int, op_clock: float, live):
+    def __init__(self, plan: Optional[PyStepPlan], first_sid: int, op_clock: float, live,
+                 recompute_until: float = math.inf):
         # ``live``: the runtime's storages by id (those in its pool), read, never changed.
+        # ``recompute_until``: the pool's recomputed cost at which the plan is dropped
+        # (Note [A plan that loses is dropped]).
         self.live = live
+        self.recompute_until = recompute_until
         self.plan = plan
         self.rec = PyStepPlan()
         self.first_sid = first_sid
@@ -250,8 +273,10 @@ class StepRecorder:
         self.rec.ops.append(key)
         self.rec.start.append(op_clock - self.clock0)
         plan = self.plan
-        if self.following and (k >= len(plan.ops) or plan.ops[k] != key):
-            # The step left the recorded one: nothing is known about its future.
+        if self.following and (k >= len(plan.ops) or plan.ops[k] != key
+                               or pool.recomputed_cost > self.recompute_until):
+            # The step left the recorded one, or following it already cost more than not
+            # (Note [A plan that loses is dropped]): score without it from here.
             self.diverged_at = k
             for sid in list(self.live):
                 pool.set_next_use(sid, math.nan)

@@ -384,6 +384,49 @@ def test_adaptive_records_a_step_only_where_a_plan_can_matter():
     assert st[5].plan_ops > 0 and after is not plans[3]
 
 
+def test_adaptive_drops_a_plan_once_it_has_cost_more_than_not_following_one():
+    # Note [A plan that loses is dropped]: the RNN repeats one step exactly, so a plan
+    # is only left for cost. Make the step without a plan look free (cost 0): the
+    # block following the plan must drop it at the first op after its first
+    # recomputation, score as msps_sqrt from there, stay exact, and report a loss.
+    lengths = [6, 6, 6]
+    eager = _rnn_steps(_Eager, lengths)
+    room = _rnn_room(lengths)
+    kind = dtr.Session(None).runtime_kind
+    step_plan.forget()
+    calls = []
+
+    def block():
+        if len(calls) == 1:  # step 1 measured the choice without a plan: pretend it cost 0
+            step_plan._choices()[(kind, "cpu")].cost[False] = 0.0
+        calls.append(step_plan.following_plan(kind, "cpu"))
+        return dtr.budget(budget_above(room // 2), policy="adaptive")
+
+    got = _rnn_steps(block, lengths)
+    _assert_same_rnn(eager, got)
+    st = [s.stats for s in got[3]]
+    assert st[0].plan_ops == 0 and st[1].rematerializations > 0
+    # Step 2 followed the plan up to its first recomputation, then dropped it.
+    assert 0 < st[1].plan_diverged_at < st[1].ops and st[1].plan_ops == st[1].plan_diverged_at
+    assert calls[2] is False  # reported as lost: the next step runs without the plan
+    assert st[2].plan_ops == 0
+    step_plan.forget()
+
+
+def test_a_plan_is_dropped_only_for_cost():
+    # The same steps with the real costs.
+    lengths = [6, 6]
+    room = _rnn_room(lengths)
+    step_plan.forget()
+    got = _rnn_steps(lambda: dtr.budget(budget_above(room // 2), policy="adaptive"), lengths)
+    st = [s.stats for s in got[3]]
+    step_plan.forget()
+    assert st[1].plan_ops > 0
+    # A plan is only dropped after the step's recomputations passed the other choice's.
+    dropped = st[1].plan_diverged_at >= 0
+    assert not dropped or st[1].recomputed_cost > st[0].recomputed_cost, (st[0], st[1])
+
+
 def test_lookahead_records_every_step_even_with_no_limit():
     kind = dtr.Session(None).runtime_kind
     step_plan.forget()
