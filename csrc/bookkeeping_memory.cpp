@@ -150,6 +150,16 @@ Slab* slab_of(const void* p) {
   return reinterpret_cast<Slab*>(reinterpret_cast<uintptr_t>(p) & ~(kSlabBytes - 1));
 }
 
+// Note [Prefetching the next free block]
+// A free list runs through blocks freed long ago (a step's records die
+// together at its end), so reading a block's link is a cache miss, and the
+// next allocation from the list waits for it: the largest item in the per-op
+// profile once slabs were reused. The block after the one handed out is
+// fetched now, while the op's other work runs.
+inline void prefetch_next(const FreeBlock* b) {
+  if (b != nullptr) __builtin_prefetch(b, 1);
+}
+
 // Both under c.mu.
 void* take_block(SizeClass& c, size_t index) {
   Slab* s = c.with_room;
@@ -161,6 +171,7 @@ void* take_block(SizeClass& c, size_t index) {
   if (s->free != nullptr) {
     p = s->free;
     s->free = s->free->next;
+    prefetch_next(s->free);
   } else {
     p = s->bump;
     s->bump += s->block_bytes;
@@ -244,6 +255,7 @@ void* allocate(size_t bytes) {
   ThreadCache& tc = t_cache;
   if (FreeBlock* b = tc.head[index]) {  // only an active cache holds blocks
     tc.head[index] = b->next;
+    prefetch_next(b->next);
     tc.count[index] -= 1;
     return b;
   }
