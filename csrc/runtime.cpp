@@ -816,7 +816,7 @@ namespace {
 
 // Note [Per-op vectors reused]
 // Every op needs its inputs' cells, values and the storages it locked: three
-// heap blocks a op, made and freed each time. A thread keeps spare sets (one
+// heap blocks an op, made and freed each time. A thread keeps spare sets (one
 // per nesting level of dispatch: a Python policy or a recompute may run an
 // op inside another) and an op borrows one, its vectors empty but with the
 // capacity they grew to. Returning it releases what the op held in the order
