@@ -15,9 +15,12 @@
 //
 // So these objects come from slabs of their own: 256 KiB regions mapped with
 // mmap (never from malloc's heap), each cut into blocks of one size class.
-// A slab whose blocks are all free goes back to the system, except one per
-// class kept for the next block. One lock per size class; allocations larger
-// than the largest class go to operator new.
+// A slab whose blocks are all free is kept for the next slab of any class, up
+// to 16 MiB of them (Note [Kept empty slabs] in bookkeeping_memory.cpp), and
+// goes back to the system beyond that, except one per class kept for the next
+// block. One lock per size class, taken only when a thread's own cache of
+// free blocks runs empty or full (Note [Per-thread block caches]);
+// allocations larger than the largest class go to operator new.
 #pragma once
 
 #include <cstddef>
@@ -34,8 +37,11 @@ constexpr size_t kLargestBlock = 1024;
 void* allocate(size_t bytes);
 void deallocate(void* p, size_t bytes) noexcept;
 
-// Slabs currently mapped, for tests and diagnostics.
+// Slabs holding blocks or kept for their class, for tests and diagnostics
+// (the calling thread's cached blocks are handed back first).
 size_t mapped_slabs();
+// Empty slabs kept mapped for reuse (Note [Kept empty slabs]).
+size_t kept_empty_slabs();
 
 // Base for objects allocated from bookkeeping memory.
 struct Object {

@@ -104,7 +104,12 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::St
     }
     // A block open on this thread takes the op, also for tensors of a finished session.
     const OpTraits& traits = op_traits(op);
-    (active != nullptr ? active : owner)->dispatch(traits.run_as ? *traits.run_as : op, stack);
+    Runtime* rt = active != nullptr ? active : owner;
+    if (traits.run_as) {
+      rt->dispatch(*traits.run_as, stack);
+    } else {
+      rt->dispatch(op, traits, stack);
+    }
   });
 }
 

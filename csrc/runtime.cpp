@@ -809,22 +809,65 @@ void Runtime::run_evicting_on_oom(c10::function_ref<void(bool)> attempt, const s
 }
 
 void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  dispatch(op, op_traits(op), stack);
+}
+
+namespace {
+
+// Note [Per-op vectors reused]
+// Every op needs its inputs' cells, values and the storages it locked: three
+// heap blocks an op, made and freed each time. A thread keeps spare sets (one
+// per nesting level of dispatch: a Python policy or a recompute may run an
+// op inside another) and an op borrows one, its vectors empty but with the
+// capacity they grew to. Returning it releases what the op held in the order
+// the locals it replaces were destroyed: values, then the locks (through the
+// runtime), then the cells, which outlive the locks on their storages.
+struct OpVectors {
+  std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
+  std::vector<at::Tensor> vals;
+  std::vector<int64_t> locked;
+};
+thread_local std::vector<std::unique_ptr<OpVectors>> t_spare_op_vectors;
+
+}  // namespace
+
+struct Runtime::BorrowedOpVectors {
+  Runtime* rt;
+  std::unique_ptr<OpVectors> v;
+  explicit BorrowedOpVectors(Runtime* rt) : rt(rt) {
+    auto& spare = t_spare_op_vectors;
+    if (spare.empty()) {
+      v = std::make_unique<OpVectors>();
+    } else {
+      v = std::move(spare.back());
+      spare.pop_back();
+    }
+  }
+  ~BorrowedOpVectors() {
+    v->vals.clear();
+    rt->unlock_all(v->locked);
+    v->cells.clear();
+    t_spare_op_vectors.push_back(std::move(v));
+  }
+};
+
+void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
+                       torch::jit::Stack* stack) {
   Lock g(mu_);
   drain_pending();
-  const OpTraits& traits = op_traits(op);
   const size_t nargs = op.schema().arguments().size();
   const size_t first = stack->size() - nargs;
   stats_.ops += 1;
 
   // 1. Inputs: dtr values materialized and locked, plain tensors counted.
-  // The input cells outlive the locks taken on their storages (declared first,
-  // destroyed last): an in-place op rebinds the wrappers, which may leave these
-  // the last references to the old storage.
-  std::vector<c10::intrusive_ptr<Cell>> cells;         // per input; null for plain ones
+  // The input cells outlive the locks taken on their storages (borrowed first,
+  // released last: Note [Per-op vectors reused]): an in-place op rebinds the
+  // wrappers, which may leave these the last references to the old storage.
   // Inputs in Tensor[][] arguments, with their argument's index.
   std::vector<std::pair<int32_t, c10::intrusive_ptr<Cell>>> nested_cells;
-  std::vector<int64_t> locked;
-  UnlockOnExit unlock{this, locked};
+  BorrowedOpVectors borrowed(this);
+  std::vector<c10::intrusive_ptr<Cell>>& cells = borrowed.v->cells;
+  std::vector<int64_t>& locked = borrowed.v->locked;
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
   if (!traits.written.empty() || traits.unsupported) {
@@ -840,7 +883,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   // Per argument, sized only when a tensor-list argument comes: fill_stack and
   // mutation.cpp read it only for slots in lists.
   ListSizes& list_sizes = recipe ? recipe->list_sizes : own_list_sizes;
-  std::vector<at::Tensor> vals;
+  std::vector<at::Tensor>& vals = borrowed.v->vals;
   cells.reserve(nargs);
   vals.reserve(nargs);
   slots.reserve(nargs);

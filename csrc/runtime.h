@@ -52,6 +52,8 @@ class Runtime : public c10::intrusive_ptr_target {
   // The per-op path for an op with a dtr tensor among its inputs, or a
   // plain-only op whose outputs are to become dtr values.
   void dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+  // The same, with the op's traits (op_traits(op)) already looked up.
+  void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack);
 
   // The value of `cell` as a plain tensor; its storage is never evicted again.
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
@@ -113,6 +115,7 @@ class Runtime : public c10::intrusive_ptr_target {
  private:
   using Lock = std::unique_lock<std::recursive_mutex>;
   struct Frame;
+  struct BorrowedOpVectors;  // Note [Per-op vectors reused] in runtime.cpp
   // Unlocks the storages an op locked, however it ends.
   struct UnlockOnExit {
     Runtime* rt;

@@ -168,7 +168,9 @@ void bind_runtime(py::module_& m) {
     return d;
   }, "Cells, recipes and storage records alive in every C++ runtime of the process.");
   m.def("bookkeeping_slabs", &bookkeeping::mapped_slabs,
-        "Slabs of bookkeeping memory mapped now (Note [Bookkeeping memory]).");
+        "Slabs of bookkeeping memory in use now (Note [Bookkeeping memory]).");
+  m.def("bookkeeping_kept_slabs", &bookkeeping::kept_empty_slabs,
+        "Empty slabs of bookkeeping memory kept mapped for reuse (Note [Kept empty slabs]).");
 }
 
 }  // namespace dtr

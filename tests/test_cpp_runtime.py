@@ -1045,7 +1045,8 @@ def test_a_seeded_in_place_op_makes_room_for_its_rng_state():
 def test_bookkeeping_memory_is_returned_once_its_objects_die():
     # Note [Bookkeeping memory]: the records live in slabs of their own; a block's
     # thousands of values map new slabs, and once they die every empty slab but one per
-    # size class goes back to the system.
+    # size class is released: kept mapped for reuse up to 64 slabs (Note [Kept empty
+    # slabs]), unmapped beyond that.
     gc.collect()
     before = _ext._C.bookkeeping_slabs()
     x = torch.randn(4, requires_grad=True)
@@ -1062,6 +1063,7 @@ def test_bookkeeping_memory_is_returned_once_its_objects_die():
     after = _ext._C.bookkeeping_slabs()
     assert during > before + 10, (before, during)  # 20,000 recipes, cells, records, wrappers
     assert after <= before + 64, (before, during, after)  # at most one kept per size class
+    assert _ext._C.bookkeeping_kept_slabs() <= 64
 
 
 def test_step_recording_is_refused_where_it_does_not_apply():
