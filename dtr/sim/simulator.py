@@ -149,15 +149,16 @@ class _Storage:
 
 
 class _Op:
-    __slots__ = ("name", "cost", "score", "args", "outputs", "out_bytes", "bases")
+    __slots__ = ("name", "cost", "score", "args", "outputs", "out_bytes", "bases", "scratch")
 
-    def __init__(self, name, cost, args, score=None):
+    def __init__(self, name, cost, args, score=None, scratch=0):
         self.name = name
         self.cost = cost  # what a recompute is charged: the recorded time
         self.score = cost if score is None else score  # what the pool and clock see
         self.args = args
         self.outputs: List[_Value] = []
         self.out_bytes = 0
+        self.scratch = scratch  # Note [Op scratch in traces]: room made before every run
         # An in-place op under runtime semantics: the old storages it writes,
         # whose memory a recompute may take over (Note [Stealing on recompute]).
         self.bases: Optional[List[_Storage]] = None
@@ -261,6 +262,14 @@ class Simulator:
                 raise OutOfBudget(f"cannot fit {need} bytes on top of {self.mem} under {budget}")
             self._evict(storages[sid])
 
+    def _make_room_to_run(self, need: int, scratch: int):
+        """Room for an op's new bytes and its scratch (Note [Op scratch in traces]), as the
+        runtime makes before every run and recompute; the scratch counts in the peak
+        while the op runs and is freed after it."""
+        self.make_room(need + scratch)
+        if scratch and self.mem + need + scratch > self.peak:
+            self.peak = self.mem + need + scratch
+
     def _release_storage(self, s: _Storage, n: int = 1):
         s.ext -= n
         if s.ext == 0:
@@ -337,7 +346,7 @@ class Simulator:
                     pool.touch(s.sid, self.clock)
             need = op.out_bytes
             stolen = self._stealable_bases(op, locked) if remat and op.bases else ()
-            self.make_room(need - sum(b.nbytes for b in stolen))
+            self._make_room_to_run(need - sum(b.nbytes for b in stolen), op.scratch)
             for b in stolen:
                 # The recompute writes into the old value, as the runtime does.
                 self._evict(b)
@@ -501,7 +510,7 @@ class Simulator:
         handles = self.handles
         args = [handles[a] for a in ins.args]
         score = self._score(ins)
-        op = _Op(ins.name, ins.time, args, score)
+        op = _Op(ins.name, ins.time, args, score, ins.scratch)
         self.ops += 1
         parents = []
         for a in args:
@@ -519,7 +528,7 @@ class Simulator:
             if self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
-            self.make_room(out_bytes)
+            self._make_room_to_run(out_bytes, op.scratch)
             self.clock += score
             now = self.clock
             self.mem += out_bytes
@@ -569,7 +578,7 @@ class Simulator:
             targets.append(s)
         out_bytes = sum(s.nbytes for s in targets) if simrd else 0
         score = self._score(ins)
-        op = _Op(ins.name, ins.time, args, score)
+        op = _Op(ins.name, ins.time, args, score, ins.scratch)
         # A recompute allocates the written storages (less what it steals).
         op.out_bytes = sum(s.nbytes for s in targets)
         if not simrd:
@@ -580,7 +589,7 @@ class Simulator:
             if self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
-            self.make_room(out_bytes)
+            self._make_room_to_run(out_bytes, op.scratch)
             self.clock += score
             now = self.clock
             self.mem += out_bytes
@@ -649,7 +658,7 @@ class Simulator:
             nargs = list(vop.args)
             if idx is not None:
                 nargs[idx] = translate(vop.args[idx])
-            nop = _Op(vop.name, vop.cost, nargs, vop.score)
+            nop = _Op(vop.name, vop.cost, nargs, vop.score, vop.scratch)
             nv = _Value(new, nop, True)
             nv.defined = False
             new.views.append(nv)
