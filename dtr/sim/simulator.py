@@ -90,6 +90,10 @@ class SimOptions:
     pin_outputs: bool = True
     lock_defined_first: bool = False
     evict_dead_inputs: bool = False
+    # Handles whose values are pinned when the CALL making them runs: what the runtime
+    # escapes (a leaf's accumulated gradient, Note [Plain gradients] in dtr/runtime.py),
+    # which a recorded trace does not mark. bench/sim_vs_runtime.py names them.
+    escaped: tuple = ()
     overhead_limit: Optional[float] = 2.0
 
     @staticmethod
@@ -215,6 +219,7 @@ class Simulator:
         self._remat_limit = (math.inf if options.overhead_limit is None or op_time is None
                              else (options.overhead_limit - 1.0) * op_time)
         self._simrd_access = options.access == "simrd"
+        self._escaped = frozenset(options.escaped)
         if options.access not in ("runtime", "simrd"):
             raise ValueError(f"dtr.sim: unknown access mode {options.access!r}")
         if options.mutation not in ("runtime", "simrd"):
@@ -549,6 +554,9 @@ class Simulator:
                 handles[name] = v
                 v.storage.ext += 1
                 pool.touch(v.storage.sid, now)
+                if name in self._escaped and not v.storage.pinned:
+                    v.storage.pinned = True
+                    pool.pin(v.storage.sid)
             if not self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, now)
