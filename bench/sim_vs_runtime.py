@@ -56,12 +56,13 @@ TOLERANCE = 0.10
 
 
 class Step:
-    """One model's training step, restartable from the same parameters and RNG state."""
+    """One training step of ``model`` on ``batch`` (the model returns the loss),
+    restartable from the same parameters and RNG state."""
 
-    def __init__(self, name: str, size: str):
-        self.model, batch_fn = M.build(name, size)
+    def __init__(self, model: torch.nn.Module, batch: tuple):
+        self.model = model
         self.model.train()
-        self.batch = batch_fn(1)
+        self.batch = batch
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.init = copy.deepcopy(self.model.state_dict())
 
@@ -98,7 +99,15 @@ def retimed(rec, instrs, times, scratch, name: str) -> Trace:
 
 
 def measure_model(name: str, size: str, fractions: List[float], policy: str) -> List[dict]:
-    st = Step(name, size)
+    model, batch_fn = M.build(name, size)
+    return compare(Step(model, batch_fn(1)), name, size, fractions, policy)
+
+
+def compare(st: Step, name: str, size: str, fractions: List[float], policy: str,
+            op_ns=None) -> List[dict]:
+    """One row per budget fraction: the runtime's and the replay's recompute (module doc).
+    ``op_ns``: each op's cost (ns) from its CALL/MUTATE record instead of the least
+    recorded time of its key (a deterministic cost for tests)."""
     # Warm the kernels (and the allocator's caches) once in plain eager.
     st.restore()
     st.body()
@@ -118,8 +127,12 @@ def measure_model(name: str, size: str, fractions: List[float], policy: str) -> 
     grads = tuple(rec._names[id(p.grad)] for p in st.model.parameters()
                   if p.grad is not None and id(p.grad) in rec._names)
     st.restore()
-    times, scratch = cost_tables(rec, rec.instrs)
-    trace = retimed(rec, rec.instrs, times, scratch, name)
+    instrs = rec.instrs
+    if op_ns is not None:
+        instrs = [replace(i, time=float(op_ns(i))) if isinstance(i, (Call, Mutate)) else i
+                  for i in instrs]
+    times, scratch = cost_tables(rec, instrs)
+    trace = retimed(rec, instrs, times, scratch, name)
     constants = sum(i.size for i in trace.instrs if isinstance(i, Constant))
     untracked = used0 - constants  # held at the start, never an input of the step
     options = sim.SimOptions(pin_outputs=False, overhead_limit=None, escaped=grads)
@@ -150,7 +163,8 @@ def measure_model(name: str, size: str, fractions: List[float], policy: str) -> 
             row.update(rt_status="ok", rt_recompute_s=fc.recomputed, rt_recomputes=fc.recomputes,
                        rt_cost_misses=fc.misses, rt_cost_hits=fc.hits,
                        rt_remat_wall_s=stats.remat_seconds, rt_peak=stats.peak_bytes,
-                       rt_evictions=stats.evictions)
+                       rt_evictions=stats.evictions,
+                       rt_remat_by_op={k: v[0] for k, v in stats.remat_by_op.items()})
         except BudgetExceededError as e:
             row.update(rt_status="infeasible", rt_error=str(e).split("\n")[0][:200])
         row["rt_wall_s"] = time.perf_counter() - t0

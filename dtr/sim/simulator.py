@@ -53,6 +53,12 @@ __all__ = ["SimOptions", "SimResult", "Simulator", "simulate", "baseline_peak", 
            "OutOfBudget", "OverheadExceeded"]
 
 
+# Ops whose result the runtime treats as the very value of its argument (OpInfo.alias_ok
+# in dtr/ops.py): a new wrapper of the same cell, no view recipe. None of the paper's
+# traces has them; recorded traces have many (autograd saves detached outputs).
+_SAME_VALUE_OPS = frozenset(("detach", "alias"))
+
+
 class OutOfBudget(Exception):
     """No evictable storage is left and the budget still cannot be met."""
 
@@ -538,7 +544,18 @@ class Simulator:
             now = self.clock
             self.mem += out_bytes
             self._note_peak()
+            same_value = ins.name in _SAME_VALUE_OPS and self.opt.mutation != "simrd"
             for name, k, size in zip(ins.results, ins.aliases, ins.sizes):
+                if k >= 0 and same_value:
+                    # The runtime's alias_ok ops (detach, alias): a new handle to the
+                    # same value; nothing to rerun when it is needed again, no cost.
+                    v = args[k]
+                    if name in handles:
+                        self._release_storage(handles[name].storage)
+                    handles[name] = v
+                    v.storage.ext += 1
+                    pool.touch(v.storage.sid, now)
+                    continue
                 if k >= 0:
                     base = args[k].storage
                     v = _Value(base, op, True)
