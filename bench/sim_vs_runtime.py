@@ -45,7 +45,7 @@ from dtr import _ext
 from dtr import device_memory as devmem
 from dtr.cost import fixed_costs
 from dtr.errors import BudgetExceededError
-from dtr.policies import DEFAULT_POLICY, records_steps
+from dtr.policies import ADAPTIVE, DEFAULT_POLICY, records_steps
 from dtr.sim.trace import Call, Constant, Mutate, Trace
 from bench import models as M
 
@@ -164,7 +164,8 @@ def compare(st: Step, name: str, size: str, fractions: List[float], policy: str,
                        rt_cost_misses=fc.misses, rt_cost_hits=fc.hits,
                        rt_remat_wall_s=stats.remat_seconds, rt_peak=stats.peak_bytes,
                        rt_evictions=stats.evictions,
-                       rt_remat_by_op={k: v[0] for k, v in stats.remat_by_op.items()})
+                       rt_remat_by_op={k: v[0] for k, v in stats.remat_by_op.items()},
+                       rt_plan_ops=stats.plan_ops)
         except BudgetExceededError as e:
             row.update(rt_status="infeasible", rt_error=str(e).split("\n")[0][:200])
         row["rt_wall_s"] = time.perf_counter() - t0
@@ -175,6 +176,13 @@ def compare(st: Step, name: str, size: str, fractions: List[float], policy: str,
             row.update({f"{tag}_status": res.status, f"{tag}_recompute_s": res.remat_time * 1e-9,
                         f"{tag}_recomputes": res.rematerializations, f"{tag}_peak": res.peak_bytes + untracked,
                         f"{tag}_evictions": res.evictions})
+        if policy == ADAPTIVE:
+            # Note [Adaptive lookahead]: the replay keeps the better of following the
+            # plan and not; which the runtime settled on shows in its plan_ops.
+            for tag, plan in (("sim_plan", True), ("sim_noplan", False)):
+                res = sim.simulate(trace, budget=budget - untracked, policy="lookahead",
+                                   options=options, plan=plan)
+                row.update({f"{tag}_status": res.status, f"{tag}_recompute_s": res.remat_time * 1e-9})
         if row.get("rt_status") == "ok" and row["sim_status"] == "ok":
             rt, sm = row["rt_recompute_s"], row["sim_recompute_s"]
             row["ratio"] = (sm / rt) if rt > 0 else (1.0 if sm == 0 else float("inf"))
@@ -191,6 +199,7 @@ def _ms(x) -> str:
 
 
 def markdown(rows: List[dict], args) -> str:
+    adaptive = args.policy == ADAPTIVE
     lines = [
         "# Simulator vs runtime, the same op times (issue 15)",
         "",
@@ -199,11 +208,15 @@ def markdown(rows: List[dict], args) -> str:
         "Python runtime; one run. Recompute time: the summed per-op costs (the least recorded "
         "time of the op on those shapes) of what was recomputed, in ms; `sim/rt` is the "
         "simulated over the runtime's. `no scratch`: the same replay with scratch 0 (the "
-        "simulator before it modelled scratch).",
+        "simulator before it modelled scratch)."
+        + (" `adaptive`: the replay keeps the better of lookahead with the previous step's plan "
+           "and without one; the runtime's ops on the plan show which it settled on (0: "
+           "without)." if adaptive else ""),
         "",
         "| model | budget (x eager peak) | runtime recompute ms (count) | simulated ms (count) | "
-        "sim/rt | no scratch ms (count) | runtime peak / budget | cost-table misses |",
-        "|---|---|---|---|---|---|---|---|",
+        "sim/rt | no scratch ms (count) | runtime peak / budget | cost-table misses |"
+        + (" runtime ops on the plan | replay with plan / without, ms |" if adaptive else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if adaptive else ""),
     ]
     for r in rows:
         if r.get("rt_status") != "ok":
@@ -217,8 +230,13 @@ def markdown(rows: List[dict], args) -> str:
         ratio = r.get("ratio")
         rs = "-" if ratio is None else f"{ratio:.3f}" + (" **" if abs(ratio - 1) > TOLERANCE else "")
         pk = f"{r['rt_peak'] / r['budget_bytes']:.3f}" if r.get("rt_peak") else "-"
-        lines.append(f"| {r['model']} | {r['fraction']} | {rt} | {sm} | {rs} | {ns} | {pk} | "
-                     f"{r.get('rt_cost_misses', '-')} |")
+        line = (f"| {r['model']} | {r['fraction']} | {rt} | {sm} | {rs} | {ns} | {pk} | "
+                f"{r.get('rt_cost_misses', '-')} |")
+        if adaptive:
+            pl = [f"{_ms(r[k + '_recompute_s'])}" if r.get(k + "_status") == "ok" else r.get(k + "_status", "-")
+                  for k in ("sim_plan", "sim_noplan")]
+            line += f" {r.get('rt_plan_ops', '-')} | {pl[0]} / {pl[1]} |"
+        lines.append(line)
     lines += ["", "`**`: off by more than 10%.", "", "Baselines (MiB): eager's measured peak; the "
               "replay's peak with nothing evicted, with and without scratch, plus the bytes held at "
               "the start that the trace never sees; the largest op scratch.", "",
