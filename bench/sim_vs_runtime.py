@@ -41,6 +41,7 @@ import torch
 
 import dtr
 import dtr.sim as sim
+import dtr.step_plan
 from dtr import _ext
 from dtr import device_memory as devmem
 from dtr.cost import fixed_costs
@@ -154,13 +155,17 @@ def compare(st: Step, name: str, size: str, fractions: List[float], policy: str,
         t0 = time.perf_counter()
         try:
             with fixed_costs(table_s) as fc:
+                # Each budget starts as training would: no plan, no adaptive history
+                # (the plans and choices of this thread outlive blocks).
+                dtr.step_plan.forget()
                 for _ in range(warm + 1):
                     st.restore()
                     fc.reset_counts()
                     with dtr.budget(budget, policy=policy, runtime="python") as s:
                         st.body()
             stats = s.stats
-            row.update(rt_status="ok", rt_recompute_s=fc.recomputed, rt_recomputes=fc.recomputes,
+            row.update(rt_status="ok", rt_recompute_s=fc.recomputed,
+                       rt_recomputed_cost_s=stats.recomputed_cost, rt_recomputes=fc.recomputes,
                        rt_cost_misses=fc.misses, rt_cost_hits=fc.hits,
                        rt_remat_wall_s=stats.remat_seconds, rt_peak=stats.peak_bytes,
                        rt_evictions=stats.evictions,
@@ -182,7 +187,8 @@ def compare(st: Step, name: str, size: str, fractions: List[float], policy: str,
             for tag, plan in (("sim_plan", True), ("sim_noplan", False)):
                 res = sim.simulate(trace, budget=budget - untracked, policy="lookahead",
                                    options=options, plan=plan)
-                row.update({f"{tag}_status": res.status, f"{tag}_recompute_s": res.remat_time * 1e-9})
+                row.update({f"{tag}_status": res.status, f"{tag}_recompute_s": res.remat_time * 1e-9,
+                            f"{tag}_recomputed_cost_s": res.recomputed_cost * 1e-9})
         if row.get("rt_status") == "ok" and row["sim_status"] == "ok":
             rt, sm = row["rt_recompute_s"], row["sim_recompute_s"]
             row["ratio"] = (sm / rt) if rt > 0 else (1.0 if sm == 0 else float("inf"))
