@@ -151,7 +151,10 @@ def op_key(func, args, kwargs) -> tuple:
 # Note [Fixed op costs]
 # A hook for checking the simulator against the runtime (bench/sim_vs_runtime.py):
 # inside ``with fixed_costs(table):`` the Python runtime scores and charges each op
-# with table[op_key(...)] (seconds) instead of its measured time, so that it and a
+# with table[op_key(...)] (seconds) instead of its measured time (and its
+# Stats.op_seconds, the clock its step plans are recorded and followed on, advances
+# by them too: with measured times there, the lookahead's next-use distances were
+# the machine's, not the table's), so that it and a
 # replay of the recorded trace are fed the same op times; ops missing from the table
 # keep their measured cost (counted in ``misses``). ``recomputed`` sums the costs of
 # the recipes the runtime reran, in those times: what the replay's ``remat_time``

@@ -485,9 +485,10 @@ class Simulator:
                 pass
             else:  # pragma: no cover
                 raise TypeError(f"dtr.sim: unknown instruction {ins!r}")
+        if self.recorded_plan is not None:
+            # What is still referenced is needed at the end (as the runtime's plans).
+            self.recorded_plan.log_end(self._plan_clock, [v.storage.sid for v in handles.values()])
         if self.opt.pin_outputs:
-            if self.recorded_plan is not None:
-                self.recorded_plan.log_end(self._plan_clock, [v.storage.sid for v in handles.values()])
             for v in list(handles.values()):
                 if not self._is_defined(v):
                     self._materialize(v)
