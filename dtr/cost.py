@@ -15,7 +15,8 @@ import torch
 perf_counter = time.perf_counter
 
 __all__ = ["Roofline", "CUDA_NOMINAL", "op_flops", "tensor_bytes", "roofline_seconds",
-           "estimate_op", "estimate_from_bytes", "perf_counter"]
+           "estimate_op", "estimate_from_bytes", "perf_counter", "op_key", "FixedCosts",
+           "fixed_costs"]
 
 
 # Note [Roofline cost]
@@ -124,3 +125,77 @@ _CUDA_BYTES_PER_SECOND = 1.0e12
 
 def estimate_from_bytes(nbytes_touched: int) -> float:
     return nbytes_touched / _CUDA_BYTES_PER_SECOND + 1e-6
+
+
+def op_key(func, args, kwargs) -> tuple:
+    """What an op's cost depends on: the op, its tensor arguments' shapes, strides and
+    dtypes, and its other arguments. ``dtr.sim.record`` (``keep_keys``) and the Python
+    runtime under ``fixed_costs`` compute it alike from the plain tensors an op runs on."""
+    from torch.utils._pytree import tree_flatten
+
+    parts = [str(func)]
+    for a in tree_flatten((args, kwargs or {}))[0]:
+        if isinstance(a, torch.Tensor):
+            parts.append((tuple(a.shape), tuple(a.stride()) if a.layout is torch.strided else None,
+                          a.dtype, a.device.type))
+        elif isinstance(a, torch.Generator):
+            parts.append("G")
+        elif isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device,
+                            torch.layout, torch.memory_format)):
+            parts.append(a)
+        else:
+            parts.append(repr(a))
+    return tuple(parts)
+
+
+# Note [Fixed op costs]
+# A hook for checking the simulator against the runtime (bench/sim_vs_runtime.py):
+# inside ``with fixed_costs(table):`` the Python runtime scores and charges each op
+# with table[op_key(...)] (seconds) instead of its measured time (and its
+# Stats.op_seconds, the clock its step plans are recorded and followed on, advances
+# by them too: with measured times there, the lookahead's next-use distances were
+# the machine's, not the table's), so that it and a
+# replay of the recorded trace are fed the same op times; ops missing from the table
+# keep their measured cost (counted in ``misses``). ``recomputed`` sums the costs of
+# the recipes the runtime reran, in those times: what the replay's ``remat_time``
+# is. Not used by anything else; the C++ runtime does not read it.
+class FixedCosts:
+    def __init__(self, table: dict):
+        self.table = table
+        self.hits = 0
+        self.misses = 0
+        self.recomputed = 0.0  # seconds
+        self.recomputes = 0
+
+    def cost_of(self, func, args, kwargs, measured: float) -> float:
+        got = self.table.get(op_key(func, args, kwargs))
+        if got is None:
+            self.misses += 1
+            return measured
+        self.hits += 1
+        return got
+
+    def reset_counts(self) -> None:
+        self.hits = self.misses = self.recomputes = 0
+        self.recomputed = 0.0
+
+
+FIXED: Optional[FixedCosts] = None
+
+
+class fixed_costs:
+    """``with fixed_costs(table) as fc:``: Note [Fixed op costs]."""
+
+    def __init__(self, table: dict):
+        self.costs = FixedCosts(table)
+
+    def __enter__(self) -> FixedCosts:
+        global FIXED
+        if FIXED is not None:
+            raise RuntimeError("dtr.cost.fixed_costs blocks do not nest")
+        FIXED = self.costs
+        return self.costs
+
+    def __exit__(self, *exc) -> None:
+        global FIXED
+        FIXED = None

@@ -26,6 +26,10 @@ The trace has the format of the DTR prototype's logs
   reads and writes 0. (``native_batch_norm``'s running statistics
   are written without either sign at this dispatch level, so that write is
   not recorded; the statistics are constants anyway.)
+* on CPU with the counting allocator (dtr/scratch.py), every CALL and MUTATE
+  carries SCRATCH: the bytes the kernel allocated beyond its outputs, the
+  peak above the op's start less what is still allocated at its end (Note
+  [Op scratch in traces] in trace.py);
 * when a recorded tensor object dies (a weakref finalizer), its handle is
   RELEASEd, so the trace shows when autograd frees saved activations.
 
@@ -43,7 +47,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..cost import op_flops, tensor_bytes
+from .. import _ext
+from .. import scratch as _scratch
+from ..cost import op_flops, op_key, tensor_bytes
 from .trace import Call, Constant, Mutate, Release, dumps_instr, Annotate
 
 __all__ = ["record", "Recorder"]
@@ -67,9 +73,16 @@ def _storage_ptr(t: torch.Tensor) -> Optional[int]:
 class Recorder(TorchDispatchMode):
     """The dispatch mode behind :func:`record`; ``instrs`` holds what it logged."""
 
-    def __init__(self, sync_cuda: bool = True):
+    def __init__(self, sync_cuda: bool = True, measure_scratch: bool = True,
+                 keep_keys: bool = False):
         super().__init__()
         self.instrs: List = [Annotate("START")]
+        # Index in instrs of a CALL/MUTATE -> dtr.cost.op_key of its op (keep_keys):
+        # what ties a record to the runtime's per-(op, shapes) costs
+        # (bench/sim_vs_runtime.py). A MUTATE's trailing CALL of time 0 has none.
+        self.op_keys: Dict[int, tuple] = {}
+        self._keep_keys = keep_keys
+        self._measure_scratch = measure_scratch and _scratch.enable()
         self._names: Dict[int, str] = {}  # id(tensor) -> handle name
         self._counter = itertools.count()
         self._open = True
@@ -130,14 +143,26 @@ class Recorder(TorchDispatchMode):
                 versions.append(t._version)
             except Exception:
                 versions.append(None)
-        cuda = self._sync and any(t.is_cuda for t in tensors)
+        on_cuda = any(t.is_cuda for t in tensors)
+        cuda = self._sync and on_cuda
+        # Note [Measured op scratch] in dtr/scratch.py, on CPU only.
+        window = _ext._C.meter_begin() if self._measure_scratch and not on_cuda else -1
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter_ns()
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except BaseException:
+            if window >= 0:
+                _ext._C.meter_end(window)
+            raise
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter_ns() - t0
+        scratch = 0
+        if window >= 0:
+            peak_above, still_allocated = _ext._C.meter_end(window)
+            scratch = max(int(peak_above - still_allocated), 0)
         for t, v in zip(tensors, versions):
             try:
                 if v is not None and t._version != v:
@@ -149,13 +174,17 @@ class Recorder(TorchDispatchMode):
         is_view = bool(getattr(func, "is_view", False))
         flops = op_flops(func, args, kwargs, out)
         read = 0 if is_view else tensor_bytes(tensors)
+        keyed = False
         if written:
             idx = tuple(k for k, t in enumerate(tensors) if id(t) in written)
             if idx:
                 wbytes = tensor_bytes(t for t in tensors if id(t) in written)
-                self.instrs.append(Mutate(opname, tuple(names), idx, float(dt), flops, read, wbytes))
+                self._note_key(func, args, kwargs)
+                self.instrs.append(Mutate(opname, tuple(names), idx, float(dt), flops, read, wbytes,
+                                          scratch))
                 dt = 0  # any new outputs below are part of the same op
-                flops = read = 0
+                flops = read = scratch = 0
+                keyed = True
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         in_ids = {id(t) for t in tensors}
         results, sizes, aliases, new = [], [], [], []
@@ -175,9 +204,15 @@ class Recorder(TorchDispatchMode):
             new.append(o)
         if results or not written:
             wbytes = tensor_bytes(o for o, a in zip(new, aliases) if a < 0)
+            if not keyed:
+                self._note_key(func, args, kwargs)
             self.instrs.append(Call(opname, tuple(names), tuple(results), float(dt), tuple(sizes),
-                                    tuple(aliases), flops, read, wbytes))
+                                    tuple(aliases), flops, read, wbytes, scratch))
         return out
+
+    def _note_key(self, func, args, kwargs) -> None:
+        if self._keep_keys:
+            self.op_keys[len(self.instrs)] = op_key(func, args, kwargs)
 
     def close(self) -> None:
         self._open = False
@@ -197,9 +232,11 @@ class record:
     instructions after the block.
     """
 
-    def __init__(self, path: Optional[str], sync_cuda: bool = True):
+    def __init__(self, path: Optional[str], sync_cuda: bool = True, measure_scratch: bool = True,
+                 keep_keys: bool = False):
         self.path = path
-        self.recorder = Recorder(sync_cuda=sync_cuda)
+        self.recorder = Recorder(sync_cuda=sync_cuda, measure_scratch=measure_scratch,
+                                 keep_keys=keep_keys)
 
     def __enter__(self) -> "record":
         self.recorder.__enter__()

@@ -53,6 +53,12 @@ __all__ = ["SimOptions", "SimResult", "Simulator", "simulate", "baseline_peak", 
            "OutOfBudget", "OverheadExceeded"]
 
 
+# Ops whose result the runtime treats as the very value of its argument (OpInfo.alias_ok
+# in dtr/ops.py): a new wrapper of the same cell, no view recipe. None of the paper's
+# traces has them; recorded traces have many (autograd saves detached outputs).
+_SAME_VALUE_OPS = frozenset(("detach", "alias"))
+
+
 class OutOfBudget(Exception):
     """No evictable storage is left and the budget still cannot be met."""
 
@@ -90,6 +96,10 @@ class SimOptions:
     pin_outputs: bool = True
     lock_defined_first: bool = False
     evict_dead_inputs: bool = False
+    # Handles whose values are pinned when the CALL making them runs: what the runtime
+    # escapes (a leaf's accumulated gradient, Note [Plain gradients] in dtr/runtime.py),
+    # which a recorded trace does not mark. bench/sim_vs_runtime.py names them.
+    escaped: tuple = ()
     overhead_limit: Optional[float] = 2.0
 
     @staticmethod
@@ -126,6 +136,10 @@ class SimResult:
     ops: int
     wall_s: float = 0.0
     options: dict = field(default_factory=dict)
+    # The pool's summed cost of the storages it rematerialized (the runtime's
+    # Stats.recomputed_cost: a storage's cost includes its views' and, for an
+    # in-place result, its old value's), on the scoring clock.
+    recomputed_cost: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -149,15 +163,16 @@ class _Storage:
 
 
 class _Op:
-    __slots__ = ("name", "cost", "score", "args", "outputs", "out_bytes", "bases")
+    __slots__ = ("name", "cost", "score", "args", "outputs", "out_bytes", "bases", "scratch")
 
-    def __init__(self, name, cost, args, score=None):
+    def __init__(self, name, cost, args, score=None, scratch=0):
         self.name = name
         self.cost = cost  # what a recompute is charged: the recorded time
         self.score = cost if score is None else score  # what the pool and clock see
         self.args = args
         self.outputs: List[_Value] = []
         self.out_bytes = 0
+        self.scratch = scratch  # Note [Op scratch in traces]: room made before every run
         # An in-place op under runtime semantics: the old storages it writes,
         # whose memory a recompute may take over (Note [Stealing on recompute]).
         self.bases: Optional[List[_Storage]] = None
@@ -214,6 +229,7 @@ class Simulator:
         self._remat_limit = (math.inf if options.overhead_limit is None or op_time is None
                              else (options.overhead_limit - 1.0) * op_time)
         self._simrd_access = options.access == "simrd"
+        self._escaped = frozenset(options.escaped)
         if options.access not in ("runtime", "simrd"):
             raise ValueError(f"dtr.sim: unknown access mode {options.access!r}")
         if options.mutation not in ("runtime", "simrd"):
@@ -260,6 +276,14 @@ class Simulator:
             if sid is None:
                 raise OutOfBudget(f"cannot fit {need} bytes on top of {self.mem} under {budget}")
             self._evict(storages[sid])
+
+    def _make_room_to_run(self, need: int, scratch: int):
+        """Room for an op's new bytes and its scratch (Note [Op scratch in traces]), as the
+        runtime makes before every run and recompute; the scratch counts in the peak
+        while the op runs and is freed after it."""
+        self.make_room(need + scratch)
+        if scratch and self.mem + need + scratch > self.peak:
+            self.peak = self.mem + need + scratch
 
     def _release_storage(self, s: _Storage, n: int = 1):
         s.ext -= n
@@ -337,7 +361,7 @@ class Simulator:
                     pool.touch(s.sid, self.clock)
             need = op.out_bytes
             stolen = self._stealable_bases(op, locked) if remat and op.bases else ()
-            self.make_room(need - sum(b.nbytes for b in stolen))
+            self._make_room_to_run(need - sum(b.nbytes for b in stolen), op.scratch)
             for b in stolen:
                 # The recompute writes into the old value, as the runtime does.
                 self._evict(b)
@@ -461,9 +485,10 @@ class Simulator:
                 pass
             else:  # pragma: no cover
                 raise TypeError(f"dtr.sim: unknown instruction {ins!r}")
+        if self.recorded_plan is not None:
+            # What is still referenced is needed at the end (as the runtime's plans).
+            self.recorded_plan.log_end(self._plan_clock, [v.storage.sid for v in handles.values()])
         if self.opt.pin_outputs:
-            if self.recorded_plan is not None:
-                self.recorded_plan.log_end(self._plan_clock, [v.storage.sid for v in handles.values()])
             for v in list(handles.values()):
                 if not self._is_defined(v):
                     self._materialize(v)
@@ -501,7 +526,7 @@ class Simulator:
         handles = self.handles
         args = [handles[a] for a in ins.args]
         score = self._score(ins)
-        op = _Op(ins.name, ins.time, args, score)
+        op = _Op(ins.name, ins.time, args, score, ins.scratch)
         self.ops += 1
         parents = []
         for a in args:
@@ -519,12 +544,23 @@ class Simulator:
             if self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
-            self.make_room(out_bytes)
+            self._make_room_to_run(out_bytes, op.scratch)
             self.clock += score
             now = self.clock
             self.mem += out_bytes
             self._note_peak()
+            same_value = ins.name in _SAME_VALUE_OPS and self.opt.mutation != "simrd"
             for name, k, size in zip(ins.results, ins.aliases, ins.sizes):
+                if k >= 0 and same_value:
+                    # The runtime's alias_ok ops (detach, alias): a new handle to the
+                    # same value; nothing to rerun when it is needed again, no cost.
+                    v = args[k]
+                    if name in handles:
+                        self._release_storage(handles[name].storage)
+                    handles[name] = v
+                    v.storage.ext += 1
+                    pool.touch(v.storage.sid, now)
+                    continue
                 if k >= 0:
                     base = args[k].storage
                     v = _Value(base, op, True)
@@ -540,6 +576,9 @@ class Simulator:
                 handles[name] = v
                 v.storage.ext += 1
                 pool.touch(v.storage.sid, now)
+                if name in self._escaped and not v.storage.pinned:
+                    v.storage.pinned = True
+                    pool.pin(v.storage.sid)
             if not self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, now)
@@ -569,7 +608,7 @@ class Simulator:
             targets.append(s)
         out_bytes = sum(s.nbytes for s in targets) if simrd else 0
         score = self._score(ins)
-        op = _Op(ins.name, ins.time, args, score)
+        op = _Op(ins.name, ins.time, args, score, ins.scratch)
         # A recompute allocates the written storages (less what it steals).
         op.out_bytes = sum(s.nbytes for s in targets)
         if not simrd:
@@ -580,7 +619,7 @@ class Simulator:
             if self._simrd_access:
                 for s in locked:
                     pool.touch(s.sid, self.clock)
-            self.make_room(out_bytes)
+            self._make_room_to_run(out_bytes, op.scratch)
             self.clock += score
             now = self.clock
             self.mem += out_bytes
@@ -649,7 +688,7 @@ class Simulator:
             nargs = list(vop.args)
             if idx is not None:
                 nargs[idx] = translate(vop.args[idx])
-            nop = _Op(vop.name, vop.cost, nargs, vop.score)
+            nop = _Op(vop.name, vop.cost, nargs, vop.score, vop.scratch)
             nv = _Value(new, nop, True)
             nv.defined = False
             new.views.append(nv)
@@ -674,7 +713,7 @@ class Simulator:
             overhead=total / op_time if op_time else 1.0, feasible=status == "ok", status=status,
             peak_bytes=self.peak, evictions=self.evictions, eager_evictions=self.eager_evictions,
             rematerializations=self.remats, remat_time=self.remat_time, ops=self.ops, wall_s=wall,
-            options=asdict(self.opt),
+            options=asdict(self.opt), recomputed_cost=float(self.pool.recomputed_cost),
         )
 
 
@@ -755,10 +794,13 @@ def _simulate_adaptive(trace, budget, search, options, ratio, pool_impl, plan, s
     # the previous step's plan or not, whichever recomputed less (it probes the other
     # choice now and then, one step in 8 to 256). The replay is of that settled step: it
     # runs lookahead with the plan and without one (msps_sqrt's choices) and keeps the
-    # one that recomputed less; a run that fails (OOM, >2x) loses to one that does not.
+    # one that recomputed less by the runtime's measure, the pool's recomputed cost
+    # (ties: the plan, as the runtime); a run that fails (OOM, >2x) loses to one that
+    # does not. (Before bench/sim_vs_runtime.py it kept the lesser remat_time, which
+    # picked the other side on the U-Net at 0.7.)
     runs = [simulate(trace, budget, "lookahead", search, options, ratio, pool_impl,
                      True if plan is None else plan, score_cost),
             simulate(trace, budget, "lookahead", search, options, ratio, pool_impl, False,
                      score_cost)]
-    best = min(runs, key=lambda r: (r.status != "ok", r.remat_time))
+    best = min(runs, key=lambda r: (r.status != "ok", r.recomputed_cost))
     return replace(best, policy=ADAPTIVE, wall_s=sum(r.wall_s for r in runs))

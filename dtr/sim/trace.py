@@ -20,7 +20,16 @@ MUTATE     NAME, ARGS, MUTATE, TIME       in-place op writing the arguments at M
 CALL and MUTATE may also carry ``FLOPS``, ``READ`` and ``WRITE`` (what
 ``dtr.sim.record`` writes: the op's FLOPs by torch's formula, the bytes of its
 tensor arguments and the bytes it wrote; see dtr/cost.py), for replays that
-score with estimated costs (``Simulator(score_cost=...)``).
+score with estimated costs (``Simulator(score_cost=...)``), and ``SCRATCH``:
+
+Note [Op scratch in traces]
+``SCRATCH`` is the bytes the kernel allocated while it ran beyond the outputs
+it returned (oneDNN convolution and RNN workspaces, reordered weights,
+temporaries), measured by ``dtr.sim.record`` as the runtime measures it
+(Note [Measured op scratch] in dtr/scratch.py). The replay makes room for the
+outputs plus the scratch before the op and before every recompute of it, as
+the runtime does. A record without it (the paper's traces) has 0: those
+replay exactly as before.
 
 ``parse`` turns the lines into a list of :class:`Instr` records, folding each
 CALL's MEMORY/ALIAS lines into the CALL (``sizes``, ``aliases``) and each
@@ -81,6 +90,9 @@ class Call:
     flops: int = -1
     read: int = -1
     write: int = -1
+    # Bytes the kernel allocated while it ran beyond its outputs (Note [Op
+    # scratch in traces]); 0 where not recorded (the paper's traces).
+    scratch: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class Mutate:
     flops: int = -1
     read: int = -1
     write: int = -1
+    scratch: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,13 +143,18 @@ def _need(obj, key, lineno):
         raise TraceError(f"trace line {lineno}: {obj.get('INSTRUCTION')} without field {key!r}") from None
 
 
-def _work(o) -> Tuple[int, int, int]:
-    return (int(o.get("FLOPS", -1)), int(o.get("READ", -1)), int(o.get("WRITE", -1)))
+def _work(o) -> Tuple[int, int, int, int]:
+    scratch = int(o.get("SCRATCH", 0))
+    if scratch < 0:
+        raise TraceError(f"{o.get('INSTRUCTION')} {o.get('NAME')}: negative SCRATCH {scratch}")
+    return (int(o.get("FLOPS", -1)), int(o.get("READ", -1)), int(o.get("WRITE", -1)), scratch)
 
 
 def _with_work(d: dict, ins) -> dict:
     if ins.flops >= 0 or ins.read >= 0 or ins.write >= 0:
         d.update(FLOPS=str(ins.flops), READ=str(ins.read), WRITE=str(ins.write))
+    if ins.scratch:
+        d["SCRATCH"] = str(ins.scratch)
     return d
 
 
