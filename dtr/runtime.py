@@ -964,7 +964,7 @@ class Runtime:
         # Also the clock of the step plans (Note [Where step plans live]).
         self.stats.op_seconds += cost
         if fixed is not None:
-            pass
+            pass  # the table's cost is the one scored and charged, as measured and kept
         elif device is not None and device.type == "cuda":
             # Note [Roofline cost] in dtr/cost.py: no sync to time the kernel.
             cost = estimate_op(func, args, kwargs, vals, out, info.is_view)

@@ -717,32 +717,27 @@ class Simulator:
         )
 
 
-_BASELINES: Dict[tuple, int] = {}
-
-
 def baseline_peak(trace: Trace, options: SimOptions = SimOptions()) -> int:
     """The peak of live bytes when nothing is ever evicted for memory."""
-    key = (id(trace), len(trace.instrs), options.mutation, options.collect_dead)
-    got = _BASELINES.get(key)
+    key = ("baseline", len(trace.instrs), options.mutation, options.collect_dead)
+    got = trace.cache.get(key)
     if got is None:
         sim = Simulator(None, "lru", options=options)
         sim.run_trace(trace)
-        got = _BASELINES[key] = sim.peak
+        got = trace.cache[key] = sim.peak
     return got
 
-
-_PLANS: Dict[tuple, Plan] = {}
 
 
 def make_plan(trace: Trace, options: SimOptions = SimOptions(), score_cost=None) -> Plan:
     """The accesses of one replay of ``trace`` with no budget: the plan a step
     identical to this one would follow (on the clock of ``score_cost``)."""
-    key = (id(trace), len(trace.instrs), asdict(options).__repr__(), score_cost)
-    got = _PLANS.get(key)
+    key = ("plan", len(trace.instrs), asdict(options).__repr__(), score_cost)
+    got = trace.cache.get(key)
     if got is None:
         sim = Simulator(None, "lru", options=options, record_plan=True, score_cost=score_cost)
         sim.run_trace(trace)
-        got = _PLANS[key] = sim.recorded_plan
+        got = trace.cache[key] = sim.recorded_plan
     return got
 
 

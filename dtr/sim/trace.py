@@ -122,6 +122,10 @@ class Trace:
     instrs: List[Instr]
     name: str = "trace"
     path: Optional[str] = None
+    # What replays computed from this trace (its baseline peak, its plan), kept on the
+    # trace itself: a cache keyed by id(trace) handed a new trace the old one's
+    # results once the old one died and its id was reused.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def op_time(self) -> float:
