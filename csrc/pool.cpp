@@ -238,6 +238,7 @@ void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evicta
   e.last_access = now;
   e.evictable = evictable;
   computed_cost_ += cost;
+  ++adds_;
   for (int64_t p : parents) {
     if (p == sid) continue;
     Entry* pe = lookup(p);
@@ -346,7 +347,8 @@ void Pool::rematerialized(int64_t sid, double now) {
 // Note [Thrash guard]
 // As dtr.policies' Note [Thrash guard]: the pool sums the cost of what it was
 // given to hold (add, add_cost) and of what was rematerialized; once the
-// second passes kThrashGuardRatio times the first, after at least
+// second passes kThrashGuardRatio times the first, or the rematerializations
+// kThrashGuardRatio times the storages added, after at least
 // kThrashGuardMinRemats rematerializations, it trips, once per pool (one
 // block): from then on it samples (Note [Sampling]) above
 // kThrashGuardSampleAbove candidates, and the session warns.
@@ -355,7 +357,8 @@ void Pool::count_recomputed(double cost) {
   recomputed_cost_ += cost;
   ++remats_;
   if (thrash_guard_trips_ == 0 && search_.thrash_guard && remats_ >= kThrashGuardMinRemats &&
-      recomputed_cost_ > kThrashGuardRatio * computed_cost_) {
+      (recomputed_cost_ > kThrashGuardRatio * computed_cost_ ||
+       static_cast<double>(remats_) > kThrashGuardRatio * static_cast<double>(adds_))) {
     thrash_guard_trips_ = 1;
     if (search_.sample_above < 0 || search_.sample_above > kThrashGuardSampleAbove) {
       search_.sample_above = kThrashGuardSampleAbove;

@@ -258,9 +258,11 @@ class Pool {
   // bounds, so the bounded scan is off (Note [Bounded scan]).
   bool odd_cost_ = false;
   double plan_clock_ = 0.0;
-  // Note [Thrash guard]: costs of the storages added and rematerialized so far.
+  // Note [Thrash guard]: costs of the storages added and rematerialized so far,
+  // and how many of each.
   double computed_cost_ = 0.0;
   double recomputed_cost_ = 0.0;
+  int64_t adds_ = 0;
   int64_t remats_ = 0;
   int64_t thrash_guard_trips_ = 0;
   std::vector<std::pair<double, Entry*>> deferred_;

@@ -408,12 +408,18 @@ DEFAULT_POLICY = "adaptive"
 # at about 1.1x. Each pool (one per block) sums the cost of the storages it
 # was given (add, add_cost: the block's own compute) and the cost of every
 # rematerialization. Once the recomputed cost passes THRASH_GUARD_RATIO times
-# the computed cost, after at least THRASH_GUARD_MIN_REMATS
+# the computed cost, or the rematerializations THRASH_GUARD_RATIO times the
+# storages added, after at least THRASH_GUARD_MIN_REMATS
 # rematerializations, the guard trips, once per pool
 # (Stats.thrash_guard_trips), and the session warns when the block ends
 # (dtr.ThrashWarning, with the remedy) instead of only being slow. A healthy
 # tight run recomputes 0.2-0.6 of its own cost (bench's rows at 0.5 of
 # eager's peak); 3 is well above that and well below thrashing (10-100x).
+# The count is there because costs are kernel times, and recomputing a tiny op
+# costs the runtime far more than its kernel: bench's TreeLSTM at 0.87 of its
+# peak recomputed 18,638 values in a step for 0.050 s of kernel cost against
+# 0.054 s computed (0.36 s of wall time), 45 per op in another run, and the
+# cost ratio alone never tripped.
 # Once tripped, the pool samples (Note [Sampling] in csrc/pool.cpp: isqrt(n)
 # candidates) whenever it has more than THRASH_GUARD_SAMPLE_ABOVE. In a
 # thrash the time goes to the search as much as to recomputing: every
@@ -513,6 +519,7 @@ class PythonPool:
         # Note [Thrash guard]: costs of the storages added and rematerialized so far.
         self._computed_cost = 0.0
         self._recomputed_cost = 0.0
+        self._adds = 0
         self._remats = 0
         self.thrash_guard_trips = 0
         self.rng = _SplitMix64(search.seed)
@@ -549,6 +556,7 @@ class PythonPool:
             raise DTRError(f"dtr: storage {sid} added with negative size {nbytes}")
         e = Entry(sid, nbytes, cost, now, evictable)
         self._computed_cost += cost
+        self._adds += 1
         entries = self.entries
         for p in parents:
             pe = entries.get(p)
@@ -681,7 +689,8 @@ class PythonPool:
         self._remats += 1
         if (not self.thrash_guard_trips and self.search.thrash_guard
                 and self._remats >= THRASH_GUARD_MIN_REMATS
-                and self._recomputed_cost > THRASH_GUARD_RATIO * self._computed_cost):
+                and (self._recomputed_cost > THRASH_GUARD_RATIO * self._computed_cost
+                     or self._remats > THRASH_GUARD_RATIO * self._adds)):
             self.thrash_guard_trips = 1
             s = self.search
             if s.sample_above is None or s.sample_above > THRASH_GUARD_SAMPLE_ABOVE:

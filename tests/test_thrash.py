@@ -160,10 +160,31 @@ def test_compute_raises_the_guards_bar(impl):
     pool.add(0, 1024, 1.0, 0.0, True, [])
     pool.add(1, 1024, 1.0, 0.0, True, [0])
     pool.add_cost(1, 1000.0)  # a view's cost counts as computed too
+    for sid in range(2, 100):  # free storages: 200 recomputations are 2 per storage added
+        pool.add(sid, 1024, 0.0, 0.0, True, [])
     for k in range(200):  # 200 recomputed < 3 * 1002 computed
         pool.evicted(0)
         pool.rematerialized(0, float(k + 1))
     assert pool.thrash_guard_trips == 0
+
+
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+def test_many_cheap_recomputations_trip_the_guard(impl):
+    # Note [Thrash guard]: costs are kernel times, and a tiny op's recompute costs the
+    # runtime far more than its kernel, so the count of recomputations per storage
+    # added trips it too, where the costs alone would not.
+    if impl == "cpp":
+        pytest.importorskip("dtr._C")
+    pool = make_pool("msps_sqrt", dtr.SearchOptions(), impl=impl)
+    pool.add(0, 1024, 1e-6, 0.0, True, [])
+    for sid in range(1, 20):
+        pool.add(sid, 1024, 100.0, 0.0, True, [])
+    need = max(THRASH_GUARD_MIN_REMATS, int(THRASH_GUARD_RATIO * 20) + 1)
+    for k in range(1, need + 1):
+        pool.evicted(0)
+        pool.rematerialized(0, float(k))
+        assert pool.thrash_guard_trips == (1 if k >= need else 0), k
+    assert pool.recomputed_cost < THRASH_GUARD_RATIO * 1900  # the costs alone never would
 
 
 def test_search_options_checks_thrash_guard():
