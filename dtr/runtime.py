@@ -31,9 +31,6 @@ from .policies import SearchOptions, make_pool
 from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
 from .tensor import DTRTensor
 
-# Runtime._step_key when the block recorded no step (a device key may be None).
-_NO_STEP = object()
-
 _MIN_RECURSION = 20000
 aten = torch.ops.aten
 
@@ -149,7 +146,7 @@ class Runtime:
         self.closed = False
         # Set while a lookahead block is open: Note [Where step plans live] in step_plan.py.
         self._step: Optional[_step_plan.StepRecorder] = None
-        self._step_key = _NO_STEP
+        self._step_key = None  # (device,) while a lookahead or adaptive block is open
 
     # ------------------------------------------------------------------
     # Accounting
@@ -379,12 +376,13 @@ class Runtime:
     # Steps of the lookahead policy (Note [Where step plans live] in step_plan.py)
     # ------------------------------------------------------------------
     def begin_step(self) -> None:
-        """The block opened: with policy "lookahead", follow the plan this thread's last
-        lookahead block left for this device and record this step."""
+        """The block opened: with policy "lookahead" (or "adaptive", where a plan can
+        matter), follow the plan this thread's last such block left for this device and
+        record this step."""
         if not records_steps(self.policy):
             return
         with self.lock:
-            self._step_key = self.device
+            self._step_key = (self.device,)
             if not _step_plan.records_block("python", self.device, self.policy, self._limits[0]):
                 return  # Note [When adaptive records]
             plan = _step_plan.plan_for_block("python", self.device, self.policy == ADAPTIVE)
@@ -398,9 +396,9 @@ class Runtime:
         """The block closed: its step becomes the plan of the next lookahead block."""
         with self.lock:
             step, self._step = self._step, None
-            key, self._step_key = self._step_key, _NO_STEP
-            if key is _NO_STEP:
+            if self._step_key is None:
                 return
+            (key,), self._step_key = self._step_key, None
             if self.policy == ADAPTIVE and self._limits[0] is not None:
                 _step_plan.report("python", key, None if step is None else self.stats.recomputed_cost,
                                   self.stats.evictions)
