@@ -155,7 +155,7 @@ def make_stepper(model, cfg: Config):
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        block = (dtr.budget(cfg.budget, policy=cfg.policy, runtime=getattr(cfg, "runtime", None))
+        block = (dtr.budget(cfg.budget, policy=cfg.policy, runtime=cfg.runtime)
                  if under_dtr else contextlib.nullcontext())
         with block as s:
             loss = fwd(*batch)
@@ -201,7 +201,7 @@ def run_config(name: str, size: str, cfg: Config, timed_steps: int, step_limit: 
                timeline: bool = False) -> dict:
     """Warm-up step, one profiled step (peak), ``timed_steps`` timed steps. Never raises."""
     row: Dict[str, Any] = dict(model=name, method=cfg.label, kind=cfg.kind, policy=cfg.policy
-                               if cfg.kind == "dtr" else None, runtime=getattr(cfg, "runtime", None),
+                               if cfg.kind == "dtr" else None, runtime=cfg.runtime,
                                fraction=cfg.fraction,
                                budget_bytes=cfg.budget, amb=cfg.amb, status="ok", losses=[],
                                backend=cfg.backend if cfg.kind == "compile" else None)
