@@ -311,12 +311,14 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("sid"), py::arg("nbytes"), py::arg("cost"), py::arg("now"), py::arg("evictable"),
           py::arg("parents") = py::tuple())
-      .def("remove", &dtr::Pool::remove, py::arg("sid"))
-      .def("touch", &dtr::Pool::touch, py::arg("sid"), py::arg("now"))
-      .def("add_cost", &dtr::Pool::add_cost, py::arg("sid"), py::arg("cost"))
+      .def("remove", py::overload_cast<int64_t>(&dtr::Pool::remove), py::arg("sid"))
+      .def("touch", py::overload_cast<int64_t, double>(&dtr::Pool::touch), py::arg("sid"),
+           py::arg("now"))
+      .def("add_cost", py::overload_cast<int64_t, double>(&dtr::Pool::add_cost), py::arg("sid"),
+           py::arg("cost"))
       .def("cost", &dtr::Pool::cost, py::arg("sid"))
       .def("last_access", &dtr::Pool::last_access, py::arg("sid"))
-      .def("lock", &dtr::Pool::lock, py::arg("sid"))
+      .def("lock", py::overload_cast<int64_t>(&dtr::Pool::lock), py::arg("sid"))
       .def("unlock", &dtr::Pool::unlock, py::arg("sid"))
       .def("locks", &dtr::Pool::locks, py::arg("sid"))
       .def("pin", &dtr::Pool::pin, py::arg("sid"))

@@ -23,6 +23,8 @@
 // allocations larger than the largest class go to operator new.
 #pragma once
 
+#include <c10/util/flat_hash_map.h>
+
 #include <cstddef>
 #include <functional>
 #include <limits>
@@ -77,5 +79,9 @@ template <class T>
 using Vector = std::vector<T, Allocator<T>>;
 template <class K, class V>
 using Map = std::unordered_map<K, V, std::hash<K>, std::equal_to<K>, Allocator<std::pair<const K, V>>>;
+// Open addressing: faster than Map, but rehashing moves the values, so only
+// for values nothing points into.
+template <class K, class V>
+using FlatMap = ska::flat_hash_map<K, V, std::hash<K>, std::equal_to<K>, Allocator<std::pair<K, V>>>;
 
 }  // namespace dtr::bookkeeping

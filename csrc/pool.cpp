@@ -225,8 +225,7 @@ void Pool::count_as_evicted_neighbour(Entry& e, int32_t delta) {
 // Lifecycle
 // ---------------------------------------------------------------------------
 
-void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
-               const std::vector<int64_t>& parents) {
+Entry& Pool::insert(int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
   TORCH_CHECK(nbytes >= 0, "dtr: storage ", sid, " added with negative size ", nbytes);
   auto [it, inserted] = entries_.try_emplace(sid);
   TORCH_CHECK(inserted, "dtr: internal error: storage id ", sid, " added twice");
@@ -239,28 +238,48 @@ void Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evicta
   e.evictable = evictable;
   computed_cost_ += cost;
   ++adds_;
+  return e;
+}
+
+void Pool::link_parent(Entry& e, Entry* pe) {
+  if (pe == nullptr || pe == &e) return;
+  if (std::find(e.parents.begin(), e.parents.end(), pe) != e.parents.end()) return;
+  e.parents.push_back(pe);
+  pe->children.push_back(&e);
+  if (!pe->resident) ++e.evicted_parents;
+}
+
+Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+                 const std::vector<int64_t>& parents) {
+  Entry& e = insert(sid, nbytes, cost, now, evictable);
   for (int64_t p : parents) {
-    if (p == sid) continue;
-    Entry* pe = lookup(p);
-    if (pe == nullptr) continue;
-    if (std::find(e.parents.begin(), e.parents.end(), pe) != e.parents.end()) continue;
-    e.parents.push_back(pe);
-    pe->children.push_back(&e);
-    if (!pe->resident) ++e.evicted_parents;
+    if (p != sid) link_parent(e, lookup(p));
   }
   maybe_candidate(e);
+  return &e;
+}
+
+Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+                 c10::ArrayRef<Entry*> parents) {
+  Entry& e = insert(sid, nbytes, cost, now, evictable);
+  for (Entry* p : parents) link_parent(e, p);
+  maybe_candidate(e);
+  return &e;
 }
 
 void Pool::remove(int64_t sid) {
-  auto it = entries_.find(sid);
-  if (it == entries_.end()) return;
-  Entry& e = it->second;
+  Entry* e = lookup(sid);
+  if (e != nullptr) remove(*e);
+}
+
+void Pool::remove(Entry& e) {
   drop_candidate(e);
   leave_class(e);  // it leaves its class, as a rematerialized member does
   if (!e.resident) count_as_evicted_neighbour(e, -1);
   for (Entry* p : e.parents) erase_first(p->children, &e);
   for (Entry* c : e.children) erase_first(c->parents, &e);
-  entries_.erase(it);
+  const int64_t sid = e.sid;  // not a reference into the node being erased
+  entries_.erase(sid);
 }
 
 // ---------------------------------------------------------------------------
@@ -272,8 +291,9 @@ void Pool::touch(int64_t sid, double now) {
   if (e != nullptr) e->last_access = now;
 }
 
-void Pool::add_cost(int64_t sid, double cost) {
-  Entry& e = get(sid, "add_cost");
+void Pool::add_cost(int64_t sid, double cost) { add_cost(get(sid, "add_cost"), cost); }
+
+void Pool::add_cost(Entry& e, double cost) {
   e.cost += cost;
   computed_cost_ += cost;
   if (!(e.cost >= 0.0) || !(cost >= 0.0)) odd_cost_ = true;

@@ -29,6 +29,7 @@
 // a long run does not grow the node arena without bound.
 #pragma once
 
+#include <c10/util/ArrayRef.h>
 #include <c10/util/SmallVector.h>
 
 #include <cstdint>
@@ -158,14 +159,25 @@ class Pool {
   Pool& operator=(const Pool&) = delete;
 
   // -- lifecycle ---------------------------------------------------------
-  void add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
-           const std::vector<int64_t>& parents);
+  // Note [Entry handles]
+  // add returns the storage's entry, which stays where it is until remove
+  // (entries_ is node-based). The C++ runtime keeps it in the storage record
+  // and calls the Entry& overloads on every op: the sid overloads cost a hash
+  // lookup each, and an op made about eight of them.
+  Entry* add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+             const std::vector<int64_t>& parents);
+  Entry* add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
+             c10::ArrayRef<Entry*> parents);
   void remove(int64_t sid);
+  void remove(Entry& e);
 
   // -- per-op updates ----------------------------------------------------
   void touch(int64_t sid, double now);
+  void touch(Entry& e, double now) { e.last_access = now; }
   void add_cost(int64_t sid, double cost);
+  void add_cost(Entry& e, double cost);
   void lock(int64_t sid);
+  void lock(Entry& e) { ++e.locks; }
   void unlock(int64_t sid);
   int64_t locks(int64_t sid) const;
   double cost(int64_t sid) const;
@@ -217,6 +229,8 @@ class Pool {
 
   Entry& get(int64_t sid, const char* what);
   Entry* lookup(int64_t sid);
+  Entry& insert(int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
+  void link_parent(Entry& e, Entry* pe);
   void drop_candidate(Entry& e);
   void maybe_candidate(Entry& e);
   void leave_class(Entry& e);

@@ -28,6 +28,8 @@ void StorageRecord::release_resources() {
   runtime.reset();
 }
 
+Cell::~Cell() { release_resources(); }
+
 void Cell::release_resources() {
   value.reset();
   recipe.reset();

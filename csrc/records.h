@@ -31,6 +31,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <optional>
@@ -44,7 +45,29 @@ namespace dtr {
 
 class Runtime;
 struct Cell;
+struct Entry;
+struct Recipe;
+struct StorageRecord;
 class DTRTensorImpl;
+
+// One tensor value. Defined first: the inline lists of storage records and
+// recipes (Note [Inline lists in records]) need its complete type.
+struct Cell : c10::intrusive_ptr_target, LiveCount<Cell>, bookkeeping::Object {
+  Cell(c10::intrusive_ptr<Recipe> recipe, int32_t out_index, int32_t view_src,
+       c10::intrusive_ptr<StorageRecord> storage)
+      : recipe(std::move(recipe)), out_index(out_index), view_src(view_src),
+        storage(std::move(storage)) {}
+
+  at::Tensor value;                 // undefined while evicted
+  c10::intrusive_ptr<Recipe> recipe;  // null: cannot be recomputed (pinned storage)
+  int32_t out_index;                // which flat output of the recipe
+  int32_t view_src;                 // >= 0: a view of recipe->inputs[view_src], same storage
+  c10::intrusive_ptr<StorageRecord> storage;
+
+  Cell* view_parent() const;
+  ~Cell() override;
+  void release_resources() override;  // Note [Weak references keep members alive]
+};
 
 // The unit of eviction: one storage and every cell (view) living in it.
 struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, bookkeeping::Object {
@@ -55,6 +78,8 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, book
 
   c10::intrusive_ptr<Runtime> runtime;
   int64_t sid;
+  // Its pool entry (Note [Entry handles] in pool.h), set when the pool adds it.
+  Entry* entry = nullptr;
   int64_t nbytes;
   bool pinned;               // never evicted (no recipe, a collective's output, escaped)
   bool resident = true;
@@ -62,9 +87,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, book
   bool banish_pending = false;
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction).
-  bookkeeping::Vector<c10::weak_intrusive_ptr<Cell>> cells;
+  c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 2> cells;
   // Wrappers whose cell lives here (rebound by in-place ops).
-  bookkeeping::Vector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
+  c10::SmallVector<c10::weak_intrusive_ptr<c10::TensorImpl>, 2> wrappers;
 };
 
 // Where an input goes in the argument stack: a Tensor argument, or element
@@ -75,7 +100,14 @@ struct Slot {
   int32_t elem;
   Kind kind;
 };
-using Slots = bookkeeping::Vector<Slot>;
+// Note [Inline lists in records]
+// A recipe's slots, inputs and outputs, and a storage's cells and wrappers,
+// are held inline up to the sizes most ops need (three inputs: linear, conv;
+// three outputs: batch and layer norm). As heap vectors they were five of the
+// eleven bookkeeping blocks an op allocated, each a take and a give back and
+// most a lock (the thread cache refills in address order only). Longer lists
+// (cat of many tensors) go to the heap.
+using Slots = c10::SmallVector<Slot, 3>;
 using ListSizes = bookkeeping::Vector<int32_t>;
 
 struct RecipeInput {
@@ -103,8 +135,8 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Objec
   bookkeeping::Vector<c10::IValue> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order
   ListSizes list_sizes;             // per argument: length of a tensor-list argument
-  bookkeeping::Vector<RecipeInput> inputs;
-  bookkeeping::Vector<c10::weak_intrusive_ptr<Cell>> outputs;  // per flat tensor output
+  c10::SmallVector<RecipeInput, 3> inputs;  // Note [Inline lists in records]
+  c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 3> outputs;  // per flat tensor output
   std::optional<RNGState> rng;
   double cost = 0.0;
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
@@ -120,24 +152,8 @@ struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Objec
   void release_resources() override;
 };
 
-// One tensor value.
-struct Cell : c10::intrusive_ptr_target, LiveCount<Cell>, bookkeeping::Object {
-  Cell(c10::intrusive_ptr<Recipe> recipe, int32_t out_index, int32_t view_src,
-       c10::intrusive_ptr<StorageRecord> storage)
-      : recipe(std::move(recipe)), out_index(out_index), view_src(view_src),
-        storage(std::move(storage)) {}
-
-  at::Tensor value;                 // undefined while evicted
-  c10::intrusive_ptr<Recipe> recipe;  // null: cannot be recomputed (pinned storage)
-  int32_t out_index;                // which flat output of the recipe
-  int32_t view_src;                 // >= 0: a view of recipe->inputs[view_src], same storage
-  c10::intrusive_ptr<StorageRecord> storage;
-
-  Cell* view_parent() const {
-    return view_src >= 0 ? recipe->inputs[view_src].cell.get() : nullptr;
-  }
-  ~Cell() override { release_resources(); }
-  void release_resources() override;  // Note [Weak references keep members alive]
-};
+inline Cell* Cell::view_parent() const {
+  return view_src >= 0 ? recipe->inputs[view_src].cell.get() : nullptr;
+}
 
 }  // namespace dtr

@@ -215,13 +215,13 @@ void Runtime::note_peak(int64_t reserved) {
 }
 
 c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double cost, bool pinned,
-                                                       const std::vector<int64_t>& parents) {
+                                                       c10::ArrayRef<Entry*> parents) {
   int64_t sid = next_sid_++;
   auto rec = c10::make_intrusive<StorageRecord>(
       c10::intrusive_ptr<Runtime>::reclaim_copy(this), sid, nbytes, pinned);
   records_[sid] = rec.get();
   bool evictable = !pinned && (nbytes >= kMinEvictableBytes || evict_all_);
-  pool_.add(sid, nbytes, cost, clock_, evictable, parents);
+  rec->entry = pool_.add(sid, nbytes, cost, clock_, evictable, parents);
   if (step_) step_->storage_created(pool_, sid);
   pool_bytes_ += nbytes;
   return rec;
@@ -230,7 +230,7 @@ c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double co
 void Runtime::storage_died(StorageRecord* rec) {
   Lock g(mu_);
   records_.erase(rec->sid);
-  pool_.remove(rec->sid);
+  pool_.remove(*rec->entry);
   if (rec->resident && !rec->escaped) pool_bytes_ -= rec->nbytes;
 }
 
@@ -451,7 +451,7 @@ void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
             descended = true;
             break;
           }
-          pool_.lock(in.cell->storage->sid);
+          pool_.lock(*in.cell->storage->entry);
           frames[top].locked.push_back(in.cell->storage->sid);
         }
         frames[top].next += 1;
@@ -666,7 +666,7 @@ at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* c
     return v;
   }
   materialize(cell);
-  pool_.lock(cell->storage->sid);
+  pool_.lock(*cell->storage->entry);
   locked.push_back(cell->storage->sid);
   *cell_out = cell;
   return cell->value;
@@ -1040,7 +1040,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   recipe->cost = cost;
   clock_ += cost;
   for (const auto& c : cells) {
-    if (c) pool_.touch(c->storage->sid, clock_);
+    if (c) pool_.touch(*c->storage->entry, clock_);
   }
   if (!traits.returns_tensor) return;
 
@@ -1063,10 +1063,10 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       readers_.add(recipe, i);
     }
   }
-  std::vector<int64_t>& parents = parents_scratch_;
+  std::vector<Entry*>& parents = parents_scratch_;
   parents.clear();
   for (const auto& c : cells) {
-    if (c) parents.push_back(c->storage->sid);
+    if (c) parents.push_back(c->storage->entry);
   }
   // Ops have few inputs and outputs: linear scans, no per-op hash tables.
   c10::SmallVector<std::pair<const c10::StorageImpl*, size_t>, 4> input_storages;  // -> input index
@@ -1104,7 +1104,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
                                             static_cast<int32_t>(j), cells[j]->storage);
       cell->value = o;
       cells[j]->storage->cells.emplace_back(cell);
-      pool_.add_cost(cells[j]->storage->sid, cost);
+      pool_.add_cost(*cells[j]->storage->entry, cost);
       recipe->outputs.emplace_back(cell);
       return make_wrapper(std::move(cell), o);
     }

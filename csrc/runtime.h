@@ -146,7 +146,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void recompute(Recipe& recipe, std::vector<int64_t>& locked);
   // 4. record
   c10::intrusive_ptr<StorageRecord> new_storage(int64_t nbytes, double cost, bool pinned,
-                                                const std::vector<int64_t>& parents);
+                                                c10::ArrayRef<Entry*> parents);
   void set_value(Cell& cell, at::Tensor value);
   // What dispatch knows about an in-place op's inputs once they are materialized.
   struct MutationCall {
@@ -203,7 +203,7 @@ class Runtime : public c10::intrusive_ptr_target {
   std::optional<int64_t> meter_offset_;  // set: the CPU meter counts (see use_cpu_meter)
   std::optional<DeviceMeter> device_meter_;  // set: the device's allocator counts
   Stats stats_;
-  bookkeeping::Map<int64_t, StorageRecord*> records_;
+  bookkeeping::FlatMap<int64_t, StorageRecord*> records_;  // every op adds one and removes one
   // Plain storages counted, by address; weak so that their death shows.
   bookkeeping::Map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
       plain_;
@@ -224,7 +224,7 @@ class Runtime : public c10::intrusive_ptr_target {
   std::atomic<bool> has_pending_{false};
   // The parents of an op's new storages, reused from op to op (one heap block
   // fewer per op); filled and read only while dispatch records its outputs.
-  std::vector<int64_t> parents_scratch_;
+  std::vector<Entry*> parents_scratch_;
   int depth_ = 0;
   // Set while a lookahead block is open (step_plan.h).
   std::unique_ptr<StepRecorder> step_;
