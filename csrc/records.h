@@ -88,8 +88,10 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, book
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction).
   c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 2> cells;
-  // Wrappers whose cell lives here (rebound by in-place ops).
-  c10::SmallVector<c10::weak_intrusive_ptr<c10::TensorImpl>, 2> wrappers;
+  // Wrappers whose cell lives here (rebound by in-place ops). Not inline: an
+  // inline wrapper list was the suspect left when a heap corruption at exit
+  // went away (docs/performance.md, The C++ runtime).
+  bookkeeping::Vector<c10::weak_intrusive_ptr<c10::TensorImpl>> wrappers;
 };
 
 // Where an input goes in the argument stack: a Tensor argument, or element
@@ -101,9 +103,9 @@ struct Slot {
   Kind kind;
 };
 // Note [Inline lists in records]
-// A recipe's slots, inputs and outputs, and a storage's cells and wrappers,
-// are held inline up to the sizes most ops need (three inputs: linear, conv;
-// three outputs: batch and layer norm). As heap vectors they were five of the
+// A recipe's slots, inputs and outputs, and a storage's cells, are held inline
+// up to the sizes most ops need (three inputs: linear, conv; three outputs:
+// batch and layer norm; two cells). As heap vectors they were four of the
 // eleven bookkeeping blocks an op allocated, each a take and a give back and
 // most a lock (the thread cache refills in address order only). Longer lists
 // (cat of many tensors) go to the heap.

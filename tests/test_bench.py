@@ -135,3 +135,36 @@ def test_quick_runs_default_to_their_own_folder():
     assert run.default_out(True) == os.path.join(full, "quick")
     ignored = subprocess.run(["git", "check-ignore", "-q", "bench/results/quick/results.md"], cwd=ROOT)
     assert ignored.returncode == 0
+
+
+def test_instruction_count_worker_runs_the_chain():
+    # The program bench.instruction_count runs under callgrind, on each runtime.
+    for runtime in ("eager", "cpp", "python"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "instruction_count.py"), "--worker",
+                            runtime, "0", ROOT], cwd="/", env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+
+
+def test_instruction_count_reads_callgrind_annotate():
+    from bench import instruction_count as ic
+
+    text = """\
+--------------------------------------------------------------------------------
+Ir                   file:function
+--------------------------------------------------------------------------------
+10,000 (100.0%)  PROGRAM TOTALS
+ 1,200 (12.0%)  /work/csrc/runtime.cpp:dtr::Runtime::dispatch(int) [/work/dtr/_C.so]
+   300 ( 3.0%)  /work/csrc/runtime.cpp:dtr::Runtime::dispatch(int)'2 [/work/dtr/_C.so]
+    50 ( 0.5%)  ???:__tls_get_addr [/lib/ld.so]
+"""
+    costs = ic.parse_self_costs(text)
+    assert costs == {"dtr::Runtime::dispatch(int)": 1500, "__tls_get_addr": 50}
+
+
+def test_instruction_count_without_valgrind_says_what_to_install(monkeypatch):
+    from bench import instruction_count as ic
+
+    monkeypatch.setattr(ic.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs valgrind"):
+        ic.main(["--out", os.devnull])
