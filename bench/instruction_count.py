@@ -72,7 +72,10 @@ def worker(mode: str, chains: int, tree: str) -> None:
 
 
 def _callgrind(tree: str, mode: str, chains: int, out: str) -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    # One thread everywhere: numpy's OpenBLAS threads spin in the background,
+    # which callgrind counts (up to 800 instructions per op in one run).
+    env = dict(os.environ, PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
            os.path.abspath(__file__), "--worker", mode, str(chains), tree]
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
