@@ -214,8 +214,8 @@ struct ThreadCache {
 // Note [Initial-exec TLS]
 // A thread_local of a shared library is reached through __tls_get_addr (the
 // general-dynamic model): two calls per allocation and per free here, about
-// 950 instructions per op in the callgrind count of a chain of adds, more
-// than the allocator itself. The initial-exec model reads it at a fixed
+// 600 instructions per op in the callgrind count of a chain of adds, more
+// than the allocator's own. The initial-exec model reads it at a fixed
 // offset from the thread pointer instead. A library loaded with dlopen gets
 // such variables from the static TLS block's reserve, which is small (glibc
 // keeps a few hundred bytes for it), so only this one pointer uses it.
