@@ -319,7 +319,7 @@ PYBIND11_MODULE(_C, m) {
       .def("cost", &dtr::Pool::cost, py::arg("sid"))
       .def("last_access", &dtr::Pool::last_access, py::arg("sid"))
       .def("lock", py::overload_cast<int64_t>(&dtr::Pool::lock), py::arg("sid"))
-      .def("unlock", &dtr::Pool::unlock, py::arg("sid"))
+      .def("unlock", py::overload_cast<int64_t>(&dtr::Pool::unlock), py::arg("sid"))
       .def("locks", &dtr::Pool::locks, py::arg("sid"))
       .def("pin", &dtr::Pool::pin, py::arg("sid"))
       .def("evicted", &dtr::Pool::evicted, py::arg("sid"))

@@ -309,9 +309,7 @@ void deallocate(void* p, size_t bytes) noexcept {
     return;
   }
   const size_t index = (slab_of(p)->block_bytes / kGranule) - 1;
-  ThreadCache* tc = t_cache;
-  if (tc == nullptr || tc->state != ThreadCache::kActive) tc = usable_cache();
-  if (tc != nullptr) {
+  if (ThreadCache* tc = usable_cache()) {
     auto* b = static_cast<FreeBlock*>(p);
     b->next = tc->head[index];
     tc->head[index] = b;

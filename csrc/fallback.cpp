@@ -13,7 +13,9 @@
 // The boxed function is also registered directly on kDTRKey for the ops whose
 // alias kernels would outrank the fallback or send the wrapper down another
 // path than a plain tensor (Note [Direct registrations] in
-// direct_registrations.cpp). Ops registered later (custom ops) are picked up
+// direct_registrations.cpp), and ops of the commonest signatures get an
+// unboxed kernel that does the same (Note [Unboxed kernels] in
+// unboxed_kernels.cpp). Ops registered later (custom ops) are picked up
 // by register_new_ops(), which a block's entry calls through
 // register_kernels_for_new_ops().
 //
@@ -42,6 +44,7 @@
 #include "op_traits.h"
 #include "runtime.h"
 #include "sparse.h"
+#include "unboxed_kernels.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -70,19 +73,10 @@ Runtime* runtime_of_args(const torch::jit::Stack& stack, size_t first) {
   return nullptr;
 }
 
-// A parameter reached only through a view (Linear's weight.t()) still needs
-// Note [Plain gradients]: its .grad would be a dtr tensor.
 void hook_plain_leaves(const torch::jit::Stack& stack, size_t first) {
   for (size_t i = first; i < stack.size(); ++i) {
-    if (!stack[i].isTensor()) continue;
-    const at::Tensor& t = stack[i].toTensor();
-    if (t.defined() && t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
+    if (stack[i].isTensor()) hook_plain_leaf(stack[i].toTensor());
   }
-}
-
-bool wraps_plain_outputs(const OpTraits& traits) {
-  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
-         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
 }
 
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
@@ -129,6 +123,15 @@ size_t ops_seen = 0;
 
 }  // namespace
 
+void hook_plain_leaf(const at::Tensor& t) {
+  if (t.defined() && t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
+}
+
+bool wraps_plain_outputs(const OpTraits& traits) {
+  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
+         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
+}
+
 void register_new_ops() {
   auto& d = c10::Dispatcher::singleton();
   std::lock_guard<std::mutex> g(registration_mu);
@@ -143,10 +146,17 @@ void register_new_ops() {
   for (const auto& name : names) {
     auto op = d.findOp(name);
     if (!op) continue;
-    if (!needs_direct_registration(*op)) continue;
     if (op->hasKernelForDispatchKey(kDTRKey)) continue;
     std::string key = c10::toString(name);
-    if (!registered->insert(key).second) continue;
+    if (registered->count(key)) continue;
+    // Note [Unboxed kernels] in unboxed_kernels.cpp.
+    if (auto handle = register_unboxed_kernel(*op)) {
+      registered->insert(std::move(key));
+      handles->push_back(std::move(*handle));
+      continue;
+    }
+    if (!needs_direct_registration(*op)) continue;
+    registered->insert(std::move(key));
     handles->push_back(d.registerImpl(name, kDTRKey,
                                       c10::KernelFunction::makeFromBoxedFunction<&fallback>(),
                                       std::nullopt, nullptr, "dtr direct registration"));

@@ -1,7 +1,19 @@
 // Registration of the boxed fallback (see fallback.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 namespace dtr {
+
+struct OpTraits;
+
+// A parameter reached only through a view (Linear's weight.t()) still needs
+// Note [Plain gradients] in dtr/runtime.py: its .grad would be a dtr tensor.
+void hook_plain_leaf(const at::Tensor& t);
+
+// Whether an op with only plain tensor arguments, run while a block is open,
+// makes values the runtime records (Note [What the fallback handles]).
+bool wraps_plain_outputs(const OpTraits& traits);
 
 // Registers the fallback directly for every op not registered yet that
 // needs_direct_registration (Note [Direct registrations]); cheap when no op

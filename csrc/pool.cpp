@@ -287,8 +287,7 @@ void Pool::remove(Entry& e) {
 // ---------------------------------------------------------------------------
 
 void Pool::touch(int64_t sid, double now) {
-  Entry* e = lookup(sid);
-  if (e != nullptr) e->last_access = now;
+  if (Entry* e = lookup(sid)) touch(*e, now);
 }
 
 void Pool::add_cost(int64_t sid, double cost) { add_cost(get(sid, "add_cost"), cost); }
@@ -299,13 +298,9 @@ void Pool::add_cost(Entry& e, double cost) {
   if (!(e.cost >= 0.0) || !(cost >= 0.0)) odd_cost_ = true;
 }
 
-void Pool::lock(int64_t sid) { ++get(sid, "lock").locks; }
+void Pool::lock(int64_t sid) { lock(get(sid, "lock")); }
 
-void Pool::unlock(int64_t sid) {
-  Entry& e = get(sid, "unlock");
-  TORCH_CHECK(e.locks > 0, "dtr: internal error: unlock of unlocked storage ", sid);
-  --e.locks;
-}
+void Pool::unlock(int64_t sid) { unlock(get(sid, "unlock")); }
 
 int64_t Pool::locks(int64_t sid) const {
   const Entry* e = find(sid);

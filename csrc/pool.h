@@ -179,6 +179,10 @@ class Pool {
   void lock(int64_t sid);
   void lock(Entry& e) { ++e.locks; }
   void unlock(int64_t sid);
+  void unlock(Entry& e) {
+    TORCH_CHECK(e.locks > 0, "dtr: internal error: unlock of unlocked storage ", e.sid);
+    --e.locks;
+  }
   int64_t locks(int64_t sid) const;
   double cost(int64_t sid) const;
   double last_access(int64_t sid) const;

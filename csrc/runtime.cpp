@@ -303,7 +303,7 @@ void Runtime::maybe_banish(StorageRecord& rec) {
   // See Note [Eager eviction] in dtr/runtime.py.
   rec.banish_pending = false;
   if (rec.nwrappers == 0 && rec.resident && !rec.pinned) {
-    if (pool_.locks(rec.sid) > 0) {
+    if (rec.entry->locks > 0) {
       rec.banish_pending = true;
     } else {
       evict(rec, /*counted=*/false);
@@ -404,8 +404,9 @@ void Runtime::unlock_all(std::vector<int64_t>& locked) {
     // A storage can die while locked (an in-place op rebinds its last wrapper):
     // its pool entry went with it.
     if (it == records_.end()) continue;
-    pool_.unlock(sid);
-    if (it->second->banish_pending) maybe_banish(*it->second);
+    StorageRecord& rec = *it->second;
+    pool_.unlock(*rec.entry);
+    if (rec.banish_pending) maybe_banish(rec);
   }
   locked.clear();
 }
@@ -852,7 +853,9 @@ struct Runtime::BorrowedOpVectors {
 };
 
 void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
-                       torch::jit::Stack* stack) {
+                       torch::jit::Stack* stack, c10::ArrayRef<const at::Tensor*> held) {
+  TORCH_INTERNAL_ASSERT(held.empty() || (traits.written.empty() && !traits.unsupported),
+                        "dtr: ", traits.name, " came unboxed but is not functional");
   Lock g(mu_);
   drain_pending();
   const size_t nargs = op.schema().arguments().size();
@@ -899,9 +902,13 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       slots.push_back(slot);
       return v;
     };
-    if (iv.isTensor()) {
-      const at::Tensor& t = iv.toTensor();
-      if (!t.defined()) continue;
+    const at::Tensor* held_tensor = held.empty() ? nullptr : held[i];
+    if (held_tensor != nullptr || iv.isTensor()) {
+      const at::Tensor& t = held_tensor != nullptr ? *held_tensor : iv.toTensor();
+      if (!t.defined()) {
+        if (held_tensor != nullptr) iv = at::Tensor();
+        continue;
+      }
       iv = take(t, Slot{static_cast<int32_t>(i), -1, Slot::kTensor});
     } else if (iv.isTensorList()) {
       c10::List<at::Tensor> in = iv.toTensorList();
@@ -979,8 +986,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   // 2. Make room before running, so the budget holds: for the outputs, the
   // kernel's scratch (Note [Measured op scratch] in dtr/scratch.py) and the
   // RNG state a seeded op's recipe keeps.
+  // As dtr/runtime.py's _output_bytes: a view, an alias and an op without
+  // tensor results allocate nothing and keep no sizes entry (so no measured
+  // scratch and no stable cost either), which also spares them the argument hash.
   OpMemory* memory = nullptr;
-  const int64_t planned = planned_output_bytes(op, traits, *stack, first, &memory);
+  const bool allocates = traits.returns_tensor && !traits.is_view && !traits.alias_ok;
+  const int64_t planned = allocates ? planned_output_bytes(op, traits, *stack, first, &memory) : 0;
   const c10::Device device = vals.empty() ? c10::Device(c10::kCPU) : vals[0].device();
   const int64_t measured_scratch =
       memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;

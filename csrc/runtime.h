@@ -52,8 +52,12 @@ class Runtime : public c10::intrusive_ptr_target {
   // The per-op path for an op with a dtr tensor among its inputs, or a
   // plain-only op whose outputs are to become dtr values.
   void dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack);
-  // The same, with the op's traits (op_traits(op)) already looked up.
-  void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack);
+  // The same, with the op's traits (op_traits(op)) already looked up. With
+  // `held` (one entry per argument), the tensor arguments that are not null
+  // there are the caller's and their stack slots are empty (Note [Unboxed
+  // kernels] in unboxed_kernels.cpp); only functional ops come so.
+  void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack,
+                c10::ArrayRef<const at::Tensor*> held = {});
 
   // The value of `cell` as a plain tensor; its storage is never evicted again.
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);

@@ -927,6 +927,91 @@ def test_autograd_above_a_wrapper_takes_the_kernel_autograd_takes_above_a_plain_
         assert "index_tensor_composites.cpp" in _computed_kernel(table, "AutogradPrivateUse3"), name
 
 
+# Note [Unboxed kernels] (csrc/unboxed_kernels.cpp): the commonest functional ops get an
+# unboxed kernel on the dtr key, which must behave as the boxed fallback does.
+
+_UNBOXED = ["aten::add.Tensor", "aten::mul.Tensor", "aten::mm", "aten::addmm", "aten::t",
+            "aten::detach", "aten::view", "aten::expand", "aten::select.int",
+            "aten::slice.Tensor", "aten::sum.dim_IntList", "aten::_softmax",
+            "aten::_softmax_backward_data", "aten::tanh_backward", "aten::clone"]
+# In place, out=, metadata-changing, several results, tensor lists: the boxed path.
+_BOXED = ["aten::add_.Tensor", "aten::add.out", "aten::resize_", "aten::split.Tensor",
+          "aten::native_layer_norm", "aten::cat"]
+
+
+def _dtr_kernel(name):
+    for line in torch._C._dispatch_dump_table(name).splitlines():
+        if line.startswith("PrivateUse3:"):
+            return line
+    return None
+
+
+def test_the_commonest_functional_ops_get_unboxed_kernels_and_others_stay_boxed():
+    with dtr.budget(None, runtime="cpp"):
+        pass  # opening a block registers the ops
+    assert [n for n in _UNBOXED if "dtr unboxed kernel" not in (_dtr_kernel(n) or "")] == []
+    assert [n for n in _BOXED if "dtr unboxed kernel" in (_dtr_kernel(n) or "")] == []
+
+
+def _unboxed_program(x, w, b):
+    h = torch.addmm(b, x, w.t()).tanh()              # plain-only t() of a parameter
+    h = h.view(-1).view(h.shape).expand(2, *h.shape)[1]
+    h = (h * 3 + h.select(0, 1).unsqueeze(0)).clone()
+    h = torch.softmax(h[:, 1:], dim=1)
+    return h.sum(dim=0).sum()
+
+
+@pytest.mark.parametrize("call", ["unboxed", "boxed"])
+def test_ops_through_unboxed_kernels_match_eager_after_evicting_everything(call):
+    # "boxed": the same ops through torch.ops (the dispatcher boxes the arguments and
+    # unboxes them again for the kernel), as a Python caller or a compiled graph calls them.
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    w = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+
+    def program(x, w, b):
+        if call == "unboxed":
+            return _unboxed_program(x, w, b)
+        aten = torch.ops.aten
+        h = aten.tanh.default(aten.addmm.default(b, x, aten.t.default(w)))
+        h = aten.mul.Tensor(aten.view.default(h, [-1]), 3)
+        return aten.sum.dim_IntList(aten.add.Tensor(h, h, alpha=2), [0])
+
+    expected = program(x, w, b)
+    expected_grads = torch.autograd.grad(expected, [w, b])
+    with dtr.testing.evict_everything(runtime="cpp"):
+        out = program(x, w, b)
+        grads = [dtr.unwrap(g) for g in torch.autograd.grad(out, [w, b])]
+        out = dtr.unwrap(out)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_a_parameter_used_only_through_an_unboxed_view_gets_a_plain_grad():
+    # Linear's weight reaches the runtime only as weight.t() (a plain-only view, called
+    # below dtr by the unboxed kernel): Note [Plain gradients] still applies to it.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    expected = torch.autograd.grad(lin(x).sum(), list(lin.parameters()))
+    with dtr.budget(None, runtime="cpp"):
+        lin(x).sum().backward()
+    for p, e in zip(lin.parameters(), expected):
+        assert not dtr.is_dtr_tensor(p.grad) and torch.equal(p.grad, e)
+
+
+def test_a_budget_error_from_an_unboxed_kernel_is_a_dtr_error_naming_the_op():
+    x = torch.randn(64, 64)
+    with pytest.raises(dtr.BudgetExceededError) as info:
+        with dtr.budget(budget_above(1024), runtime="cpp"):
+            (x * 2).tanh()
+    assert info.value.op == "aten.mul.Tensor" and info.value.needed_bytes >= x.nbytes
+    # The runtime is left usable: the same program runs with room.
+    with dtr.budget(None, runtime="cpp"):
+        assert torch.equal(dtr.unwrap((x * 2).tanh()), (x * 2).tanh())
+
+
 # Note [Composites that read index tensors] (csrc/index_tensor_composites.cpp).
 _INDEX_TENSOR_COMPOSITES = {"aten::tensor_split.tensor_indices_or_sections", "aten::ctc_loss.Tensor"}
 

@@ -1,0 +1,240 @@
+// Note [Unboxed kernels]
+// The boxed fallback costs every op two things eager does not pay:
+//  - Boxing copies each tensor argument onto a Stack. A wrapper held only by
+//    its Python object has a refcount of one, and torch 2.13's PyObject
+//    preservation (intrusive_ptr.h, Note [PyObject preservation for Tensor and
+//    Storages]) increfs the PyObject when a refcount goes from one to two and
+//    decrefs it on the way back, each under the GIL, which THPVariable_add and
+//    its kind have released: two GIL hand-offs per op (callgrind: about a
+//    tenth of what the C++ runtime added per op to a chain of adds).
+//  - A heap-allocated Stack and the boxed calling convention, even for an op
+//    on plain tensors that dtr passes through untouched (Linear's weight.t()).
+// For the signatures below, which cover most ops of the bench models, the op
+// gets an unboxed kernel on kDTRKey instead. It reads its tensor arguments
+// through the caller's references: an op that involves no dtr tensor and
+// makes none is called unboxed below dtr with the arguments as they came, and
+// an op for the runtime gets a Stack whose tensor slots are empty, with the
+// tensors beside it (Runtime::dispatch's `held`), so no wrapper's refcount
+// ever moves. Everything else (which runtime, what to hook, what the runtime
+// does) is the boxed fallback's, so the two paths differ only in how the
+// arguments arrive.
+//
+// An op gets one only where a kernel on kDTRKey changes nothing else: a
+// functional aten op with one tensor result (in-place, out=, metadata-changing,
+// collective and multi-result ops keep the boxed path), either already
+// registered directly (Note [Direct registrations]) or without a
+// CompositeImplicitAutograd kernel (with one and no direct registration it
+// must keep decomposing above autograd). Its C++ signature is checked against
+// the dispatcher's (typed<>) and its schema's types, real SymInt types included.
+#include "unboxed_kernels.h"
+
+#include <ATen/core/op_registration/infer_schema.h>
+#include <ATen/ops/_softmax_backward_data_ops.h>
+#include <ATen/ops/_softmax_ops.h>
+#include <ATen/ops/add_ops.h>
+#include <ATen/ops/addmm_ops.h>
+#include <ATen/ops/clone_ops.h>
+#include <ATen/ops/expand_ops.h>
+#include <ATen/ops/mul_ops.h>
+#include <ATen/ops/permute_ops.h>
+#include <ATen/ops/select_ops.h>
+#include <ATen/ops/slice_ops.h>
+#include <ATen/ops/sum_ops.h>
+#include <ATen/ops/t_ops.h>
+#include <ATen/ops/transpose_ops.h>
+#include <ATen/ops/unsqueeze_ops.h>
+#include <ATen/ops/view_ops.h>
+#include <c10/core/GradMode.h>
+
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#include "capture.h"
+#include "direct_registrations.h"
+#include "errors.h"
+#include "fallback.h"
+#include "op_traits.h"
+#include "runtime.h"
+#include "wrapper.h"
+
+namespace dtr {
+namespace {
+
+template <class A>
+constexpr bool is_tensor_arg = std::is_same_v<std::decay_t<A>, at::Tensor>;
+
+// A Stack for one op, kept by the thread with its capacity for the next op (a
+// heap block per op otherwise). One per nesting level: a Python policy called
+// while an op makes room may run ops of its own.
+thread_local std::vector<torch::jit::Stack> t_spare_stacks;
+
+struct BorrowedStack {
+  torch::jit::Stack stack;
+  BorrowedStack() {
+    if (!t_spare_stacks.empty()) {
+      stack = std::move(t_spare_stacks.back());
+      t_spare_stacks.pop_back();
+    }
+  }
+  ~BorrowedStack() {
+    stack.clear();
+    t_spare_stacks.push_back(std::move(stack));
+  }
+  BorrowedStack(const BorrowedStack&) = delete;
+  BorrowedStack& operator=(const BorrowedStack&) = delete;
+};
+
+template <class Sig>
+class UnboxedFallback;
+
+template <class... Args>
+class UnboxedFallback<at::Tensor(Args...)> final : public c10::OperatorKernel {
+ public:
+  using Signature = at::Tensor(Args...);
+
+  UnboxedFallback(const c10::OperatorHandle& op, const OpTraits& traits)
+      : op_(op), typed_(op.typed<Signature>()), traits_(traits) {}
+
+  at::Tensor operator()(Args... args) {
+    return with_python_errors([&]() -> at::Tensor {
+      Runtime* owner = nullptr;
+      (note_owner(owner, args), ...);
+      Runtime* active = active_runtime();
+      if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(traits_))) {
+        if (active != nullptr && c10::GradMode::is_enabled()) (hook_if_plain_leaf(args), ...);
+        BelowDTRGuard below;
+        return typed_.call(args...);
+      }
+      // A block open on this thread takes the op, also for tensors of a finished session.
+      Runtime* rt = active != nullptr ? active : owner;
+      BorrowedStack borrowed;
+      torch::jit::Stack& stack = borrowed.stack;
+      stack.reserve(sizeof...(Args));
+      std::array<const at::Tensor*, sizeof...(Args)> held{};
+      size_t i = 0;
+      (push(stack, held, i++, args), ...);
+      rt->dispatch(op_, traits_, &stack, held);
+      TORCH_INTERNAL_ASSERT(stack.size() == 1, "dtr: ", traits_.name, " left ", stack.size(),
+                            " results");
+      return std::move(stack[0]).toTensor();
+    });
+  }
+
+ private:
+  template <class A>
+  static void note_owner(Runtime*& owner, const A& a) {
+    if constexpr (is_tensor_arg<A>) {
+      if (owner == nullptr && a.defined()) {
+        if (DTRTensorImpl* w = dtr_impl(a)) owner = w->cell()->storage->runtime.get();
+      }
+    }
+  }
+
+  template <class A>
+  static void hook_if_plain_leaf(const A& a) {
+    if constexpr (is_tensor_arg<A>) hook_plain_leaf(a);
+  }
+
+  // As the dispatcher boxes an argument, but a tensor stays with the caller.
+  template <class A>
+  static void push(torch::jit::Stack& stack, std::array<const at::Tensor*, sizeof...(Args)>& held,
+                   size_t i, const A& a) {
+    if constexpr (is_tensor_arg<A>) {
+      held[i] = &a;
+      stack.emplace_back();
+    } else {
+      stack.emplace_back(a);
+    }
+  }
+
+  c10::OperatorHandle op_;
+  c10::TypedOperatorHandle<Signature> typed_;
+  const OpTraits& traits_;  // op_traits' cache lives as long as the process
+};
+
+// Whether `op`'s schema has exactly the types Sig's arguments and result infer.
+template <class Sig>
+bool schema_matches(const c10::FunctionSchema& schema) {
+  static const c10::FunctionSchema inferred = c10::inferFunctionSchemaFlattenedReturns<Sig>();
+  const auto& want = inferred.arguments();
+  const auto& have = schema.arguments();
+  if (want.size() != have.size() || schema.returns().size() != 1) return false;
+  if (*schema.returns()[0].type() != *inferred.returns()[0].type()) return false;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (*want[i].type() != *have[i].type() || *want[i].real_type() != *have[i].real_type()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether the dispatcher knows `op` with Sig as its C++ signature (typed<>
+// checks it against the op's kernels).
+template <class Sig>
+bool signature_fits(const c10::OperatorHandle& op) {
+  if (!schema_matches<Sig>(op.schema())) return false;
+  try {
+    (void)op.typed<Sig>();
+  } catch (const c10::Error&) {
+    return false;
+  }
+  return true;
+}
+
+template <class Sig>
+c10::RegistrationHandleRAII register_as(const c10::OperatorHandle& op, const OpTraits& traits) {
+  return c10::Dispatcher::singleton().registerImpl(
+      op.operator_name(), kDTRKey,
+      c10::KernelFunction::makeFromUnboxedFunctor<false, UnboxedFallback<Sig>>(
+          std::make_unique<UnboxedFallback<Sig>>(op, traits)),
+      c10::impl::CppSignature::make<Sig>(),
+      std::make_unique<c10::FunctionSchema>(c10::inferFunctionSchemaFlattenedReturns<Sig>()),
+      "dtr unboxed kernel");
+}
+
+using Registrar = c10::RegistrationHandleRAII (*)(const c10::OperatorHandle&, const OpTraits&);
+
+template <class... Sigs>
+Registrar registrar_for(const c10::OperatorHandle& op) {
+  Registrar found = nullptr;
+  ((found == nullptr && signature_fits<Sigs>(op) ? (found = &register_as<Sigs>) : found), ...);
+  return found;
+}
+
+}  // namespace
+
+std::optional<c10::RegistrationHandleRAII> register_unboxed_kernel(const c10::OperatorHandle& op) {
+  if (op.operator_name().name.rfind("aten::", 0) != 0) return std::nullopt;
+  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
+      !needs_direct_registration(op)) {
+    return std::nullopt;
+  }
+  // Signatures of the commonest ops (each line: some of the ops that have it).
+  const Registrar registrar = registrar_for<
+      at::_ops::t::schema,                        // t, detach, sigmoid, tanh, relu, neg, exp
+      at::_ops::mul_Tensor::schema,               // mul, div, mm, bmm, sigmoid_backward
+      at::_ops::add_Tensor::schema,               // add, sub, threshold_backward
+      at::_ops::mul_Scalar::schema,               // mul.Scalar, div.Scalar, pow.Tensor_Scalar
+      at::_ops::addmm::schema,                    // addmm, baddbmm
+      at::_ops::view::schema,                     // view, _unsafe_view, _reshape_alias
+      at::_ops::expand::schema,                   // expand
+      at::_ops::unsqueeze::schema,                // unsqueeze, squeeze.dim
+      at::_ops::transpose_int::schema,            // transpose
+      at::_ops::select_int::schema,               // select
+      at::_ops::slice_Tensor::schema,             // slice
+      at::_ops::permute::schema,                  // permute
+      at::_ops::sum_dim_IntList::schema,          // sum.dim_IntList, mean.dim
+      at::_ops::_softmax::schema,                 // _softmax, _log_softmax
+      at::_ops::_softmax_backward_data::schema,   // their backwards
+      at::_ops::clone::schema>(op);               // clone
+  if (registrar == nullptr) return std::nullopt;
+  const OpTraits& traits = op_traits(op);
+  if (!traits.written.empty() || traits.unsupported || traits.collective || traits.run_as ||
+      !traits.returns_tensor) {
+    return std::nullopt;
+  }
+  return registrar(op, traits);
+}
+
+}  // namespace dtr
