@@ -322,7 +322,7 @@ PYBIND11_MODULE(_C, m) {
       .def("unlock", py::overload_cast<int64_t>(&dtr::Pool::unlock), py::arg("sid"))
       .def("locks", &dtr::Pool::locks, py::arg("sid"))
       .def("pin", &dtr::Pool::pin, py::arg("sid"))
-      .def("evicted", &dtr::Pool::evicted, py::arg("sid"))
+      .def("evicted", py::overload_cast<int64_t>(&dtr::Pool::evicted), py::arg("sid"))
       .def("rematerialized", &dtr::Pool::rematerialized, py::arg("sid"), py::arg("now"))
       .def("set_next_use", &dtr::Pool::set_next_use, py::arg("sid"), py::arg("when"))
       .def("next_use", &dtr::Pool::next_use, py::arg("sid"))

@@ -325,9 +325,11 @@ void Pool::pin(int64_t sid) {
 }
 
 void Pool::evicted(int64_t sid) {
-  Entry* ep = lookup(sid);
-  if (ep == nullptr || !ep->resident) return;
-  Entry& e = *ep;
+  if (Entry* e = lookup(sid)) evicted(*e);
+}
+
+void Pool::evicted(Entry& e) {
+  if (!e.resident) return;
   e.resident = false;
   drop_candidate(e);
   count_as_evicted_neighbour(e, +1);

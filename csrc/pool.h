@@ -188,6 +188,7 @@ class Pool {
   double last_access(int64_t sid) const;
   void pin(int64_t sid);
   void evicted(int64_t sid);
+  void evicted(Entry& e);
   void rematerialized(int64_t sid, double now);
   // See Note [Lookahead] in dtr/policies.py (NaN: unknown, the online score applies).
   void set_next_use(int64_t sid, double when);

@@ -334,7 +334,7 @@ void Runtime::evict(StorageRecord& rec, bool counted) {
   }
   rec.cells.clear();
   rec.resident = false;
-  pool_.evicted(rec.sid);
+  pool_.evicted(*rec.entry);
   pool_bytes_ -= rec.nbytes;
   if (counted) stats_.evictions += 1;
 }

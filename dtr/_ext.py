@@ -1,4 +1,5 @@
 """Loads the optional C++ core ``dtr._C``; the pure-Python pool is used without it."""
+import functools
 import warnings
 
 import torch  # noqa: F401  (must be imported before the extension)
@@ -20,7 +21,9 @@ def available() -> bool:
     return _C is not None
 
 
+@functools.lru_cache(maxsize=None)
 def native_policies():
+    """The policies the C++ pool scores itself (fixed when the extension is built)."""
     if _C is None or not hasattr(_C, "native_policies"):
         return ()
     return tuple(_C.native_policies())

@@ -164,6 +164,10 @@ class CppRuntime:
                      **self._rt.stats())
 
     @property
+    def thrash_guard_trips(self) -> int:
+        return self._rt.thrash_guard_trips
+
+    @property
     def closed(self) -> bool:
         return self._rt.closed
 

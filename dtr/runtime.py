@@ -155,6 +155,10 @@ class Runtime:
     def tracked_bytes(self) -> int:
         return self.bytes_in_use()
 
+    @property
+    def thrash_guard_trips(self) -> int:
+        return self.stats.thrash_guard_trips
+
     def bytes_in_use(self) -> int:
         """Tensor bytes in use on the block's device (See Note [The budget is the device's memory])."""
         m = self._meter

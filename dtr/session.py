@@ -265,11 +265,9 @@ def _warn_if_thrashed(session: "Session") -> None:
     # Note [Thrash guard] in dtr/policies.py: a block that recomputed far more
     # than it computed says so, with the remedy, instead of only being slow.
     # dtr.testing.evict_everything recomputes everything on purpose.
-    if session.runtime.evict_all:
+    if session.runtime.evict_all or not session.runtime.thrash_guard_trips:
         return
     st = session.runtime.stats
-    if not st.thrash_guard_trips:
-        return
     warnings.warn(ThrashWarning(
         f"dtr: this block recomputed more than {_policies.THRASH_GUARD_RATIO:g}x its own compute "
         f"({st.rematerializations} recomputations for {st.ops} ops, policy {st.policy}): the "
