@@ -6,7 +6,9 @@
 Note [Direct registrations] (csrc/direct_registrations.cpp) registers the boxed
 fallback on the dtr key for every op with a CompositeExplicitAutograd kernel and
 every op with a CompositeImplicitAutograd kernel and a kernel on each dense backend
-torch was built with. The scan runs once per process, when the first block opens.
+torch was built with; ops of the commonest signatures get an unboxed kernel instead
+(Note [Unboxed kernels] in csrc/unboxed_kernels.cpp), also on ops that would reach
+the fallback anyway. The scan runs once per process, when the first block opens.
 This counts the ops by reason and times that first scan (dtr._C.register_new_ops())
 in ``--reps`` fresh processes, interleaved with another checkout's when
 ``--compare`` names one (its dtr/_C built there). Only ratios of one run are quoted.
@@ -39,7 +41,9 @@ with_some = sorted(n for n in implicit if n not in with_all and any(has(n, b) fo
 print(json.dumps(dict(ms=ms, ops=len(names), built=built, explicit=len(explicit),
                       implicit=len(implicit), implicit_with_all=with_all,
                       implicit_with_some=with_some,
-                      registered=sum(has(n, "PrivateUse3") for n in names))))
+                      registered=sum(has(n, "PrivateUse3") for n in names),
+                      unboxed=sum("dtr unboxed kernel" in torch._C._dispatch_dump_table(n)
+                                  for n in names if has(n, "PrivateUse3")))))
 """
 
 
@@ -78,11 +82,12 @@ def main():
               f"{len(first['implicit_with_all'])}: {', '.join(first['implicit_with_all'])}",
               f"  - and a kernel on some of them only (left decomposing): "
               f"{len(first['implicit_with_some'])}: {', '.join(first['implicit_with_some'])}",
-              "", "| checkout | ops with a kernel on PrivateUse3 | first scan, min ms | median ms |",
-              "|---|---|---|---|"]
+              "", "| checkout | ops with a kernel on PrivateUse3 | of which unboxed | first scan, min ms "
+              "| median ms |",
+              "|---|---|---|---|---|"]
     for k, rs in runs.items():
         ms = [r["ms"] for r in rs]
-        lines.append(f"| {k} | {rs[0]['registered']} | {min(ms):.2f} | "
+        lines.append(f"| {k} | {rs[0]['registered']} | {rs[0].get('unboxed', 0)} | {min(ms):.2f} | "
                      f"{statistics.median(ms):.2f} |")
     if args.compare:
         a = statistics.median(r["ms"] for r in runs["this tree"])

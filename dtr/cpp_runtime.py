@@ -1,14 +1,12 @@
 """The C++ runtime (``dtr._C.Runtime``) behind the interface ``Session`` uses.
 
-The per-op path is all C++ (csrc/fallback.cpp, csrc/runtime.cpp): no Python
-runs per op. This module only opens and closes blocks, reads statistics and
-checks the options. ``dtr/runtime.py`` is the readable reference of the same
-design. Not yet in the C++ runtime (it behaves as documented in
-docs/design.md): mutation recipes (a value written in place becomes
-unevictable), kernel scratch reservation. Policies given as Python callables
-(and names registered in Python) are called once per search for a victim
-(dtr/python_policy.py); escapes of its tensors go through dtr/tensor.py's
-install_cpp_escapes.
+The per-op path is all C++ (csrc/fallback.cpp, csrc/unboxed_kernels.cpp,
+csrc/runtime.cpp, docs/design.md): no Python runs per op. This module only
+opens and closes blocks, reads statistics and checks the options.
+``dtr/runtime.py`` is the readable reference of the same design. Policies given
+as Python callables (and names registered in Python) are called once per search
+for a victim (dtr/python_policy.py); escapes of its tensors go through
+dtr/tensor.py's install_cpp_escapes.
 """
 from __future__ import annotations
 
