@@ -853,7 +853,7 @@ struct Runtime::BorrowedOpVectors {
 };
 
 void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
-                       torch::jit::Stack* stack, c10::ArrayRef<const at::Tensor*> held) {
+                       torch::jit::Stack* stack, c10::ArrayRef<HeldArgument> held) {
   TORCH_INTERNAL_ASSERT(held.empty() || (traits.written.empty() && !traits.unsupported),
                         "dtr: ", traits.name, " came unboxed but is not functional");
   Lock g(mu_);
@@ -902,25 +902,34 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       slots.push_back(slot);
       return v;
     };
-    const at::Tensor* held_tensor = held.empty() ? nullptr : held[i];
-    if (held_tensor != nullptr || iv.isTensor()) {
+    const HeldArgument* held_arg = held.empty() || !held[i].held() ? nullptr : &held[i];
+    const at::Tensor* held_tensor = held_arg != nullptr ? held_arg->tensor : nullptr;
+    if (held_tensor != nullptr || (held_arg == nullptr && iv.isTensor())) {
       const at::Tensor& t = held_tensor != nullptr ? *held_tensor : iv.toTensor();
       if (!t.defined()) {
         if (held_tensor != nullptr) iv = at::Tensor();
         continue;
       }
       iv = take(t, Slot{static_cast<int32_t>(i), -1, Slot::kTensor});
-    } else if (iv.isTensorList()) {
-      c10::List<at::Tensor> in = iv.toTensorList();
-      c10::List<at::Tensor> out;
-      out.reserve(in.size());
-      for (size_t k = 0; k < in.size(); ++k) {
-        out.push_back(take(in.get(k), Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
-                                           Slot::kTensorList}));
+    } else if (held_arg != nullptr || iv.isTensorList()) {
+      auto take_list = [&](size_t n, auto&& element) {
+        c10::List<at::Tensor> out;
+        out.reserve(n);
+        for (size_t k = 0; k < n; ++k) {
+          out.push_back(take(element(k), Slot{static_cast<int32_t>(i), static_cast<int32_t>(k),
+                                              Slot::kTensorList}));
+        }
+        if (list_sizes.empty()) list_sizes.assign(nargs, 0);
+        list_sizes[i] = static_cast<int32_t>(n);
+        iv = out;
+      };
+      if (held_arg != nullptr) {
+        const at::TensorList list = *held_arg->list;
+        take_list(list.size(), [&](size_t k) -> const at::Tensor& { return list[k]; });
+      } else {
+        c10::List<at::Tensor> in = iv.toTensorList();
+        take_list(in.size(), [&](size_t k) { return in.get(k); });
       }
-      if (list_sizes.empty()) list_sizes.assign(nargs, 0);
-      list_sizes[i] = static_cast<int32_t>(in.size());
-      iv = out;
     } else if (iv.isOptionalTensorList()) {
       c10::List<std::optional<at::Tensor>> in = iv.toOptionalTensorList();
       c10::List<std::optional<at::Tensor>> out;

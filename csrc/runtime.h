@@ -42,6 +42,14 @@ namespace dtr {
 struct OpMemory;
 struct OpTraits;
 
+// A tensor or tensor-list argument an unboxed kernel leaves with its caller
+// (Note [Unboxed kernels] in unboxed_kernels.cpp), or none (on the stack).
+struct HeldArgument {
+  const at::Tensor* tensor = nullptr;
+  std::optional<at::TensorList> list;
+  bool held() const { return tensor != nullptr || list.has_value(); }
+};
+
 class Runtime : public c10::intrusive_ptr_target {
  public:
   // `scorer`: the policy's, for Policy::Python (Note [Policies written in Python] in pool.h).
@@ -53,11 +61,11 @@ class Runtime : public c10::intrusive_ptr_target {
   // plain-only op whose outputs are to become dtr values.
   void dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack);
   // The same, with the op's traits (op_traits(op)) already looked up. With
-  // `held` (one entry per argument), the tensor arguments that are not null
+  // `held` (one entry per argument), the tensor and tensor-list arguments held
   // there are the caller's and their stack slots are empty (Note [Unboxed
   // kernels] in unboxed_kernels.cpp); only functional ops come so.
   void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack,
-                c10::ArrayRef<const at::Tensor*> held = {});
+                c10::ArrayRef<HeldArgument> held = {});
 
   // The value of `cell` as a plain tensor; its storage is never evicted again.
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);

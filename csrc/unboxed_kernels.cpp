@@ -10,18 +10,20 @@
 //  - A heap-allocated Stack and the boxed calling convention, even for an op
 //    on plain tensors that dtr passes through untouched (Linear's weight.t()).
 // For the signatures below, which cover most ops of the bench models, the op
-// gets an unboxed kernel on kDTRKey instead. It reads its tensor arguments
-// through the caller's references: an op that involves no dtr tensor and
-// makes none is called unboxed below dtr with the arguments as they came, and
-// an op for the runtime gets a Stack whose tensor slots are empty, with the
-// tensors beside it (Runtime::dispatch's `held`), so no wrapper's refcount
-// ever moves. Everything else (which runtime, what to hook, what the runtime
+// gets an unboxed kernel on kDTRKey instead. It reads its tensor and
+// tensor-list arguments through the caller's references: an op that involves
+// no dtr tensor and makes none is called unboxed below dtr with the arguments
+// as they came, and an op for the runtime gets a Stack whose tensor slots are
+// empty, with the tensors beside it (Runtime::dispatch's `held`), so no
+// wrapper's refcount ever moves. (A list that reaches cat already boxed, from
+// a boxed caller, goes on the Stack as it is: its elements are owned by it.) Everything else (which runtime, what to hook, what the runtime
 // does) is the boxed fallback's, so the two paths differ only in how the
 // arguments arrive.
 //
 // An op gets one only where a kernel on kDTRKey changes nothing else: a
-// functional aten op with one tensor result (in-place, out=, metadata-changing,
-// collective and multi-result ops keep the boxed path), either already
+// functional aten op with one tensor result or one list of them (in-place,
+// out=, metadata-changing, collective and tuple-result ops keep the boxed
+// path), either already
 // registered directly (Note [Direct registrations]) or without a
 // CompositeImplicitAutograd kernel (with one and no direct registration it
 // must keep decomposing above autograd). Its C++ signature is checked against
@@ -33,15 +35,20 @@
 #include <ATen/ops/_softmax_ops.h>
 #include <ATen/ops/add_ops.h>
 #include <ATen/ops/addmm_ops.h>
+#include <ATen/ops/cat_ops.h>
 #include <ATen/ops/clone_ops.h>
 #include <ATen/ops/expand_ops.h>
 #include <ATen/ops/mul_ops.h>
 #include <ATen/ops/permute_ops.h>
 #include <ATen/ops/select_ops.h>
 #include <ATen/ops/slice_ops.h>
+#include <ATen/ops/split_ops.h>
+#include <ATen/ops/split_with_sizes_ops.h>
+#include <ATen/ops/stack_ops.h>
 #include <ATen/ops/sum_ops.h>
 #include <ATen/ops/t_ops.h>
 #include <ATen/ops/transpose_ops.h>
+#include <ATen/ops/unbind_ops.h>
 #include <ATen/ops/unsqueeze_ops.h>
 #include <ATen/ops/view_ops.h>
 #include <c10/core/GradMode.h>
@@ -63,6 +70,18 @@ namespace {
 
 template <class A>
 constexpr bool is_tensor_arg = std::is_same_v<std::decay_t<A>, at::Tensor>;
+// stack's TensorList and cat's ITensorListRef.
+template <class A>
+constexpr bool is_tensor_list_arg = std::is_same_v<std::decay_t<A>, at::TensorList> ||
+                                    std::is_same_v<std::decay_t<A>, at::ITensorListRef>;
+
+// The tensors of a list argument as the caller holds them, if it holds them
+// as an array (an ITensorListRef from a boxed caller wraps a c10::List).
+inline std::optional<at::TensorList> held_list(at::TensorList list) { return list; }
+inline std::optional<at::TensorList> held_list(const at::ITensorListRef& list) {
+  if (list.isUnboxed()) return list.toUnboxed();
+  return std::nullopt;
+}
 
 // A Stack for one op, kept by the thread with its capacity for the next op (a
 // heap block per op otherwise). One per nesting level: a Python policy called
@@ -88,16 +107,17 @@ struct BorrowedStack {
 template <class Sig>
 class UnboxedFallback;
 
-template <class... Args>
-class UnboxedFallback<at::Tensor(Args...)> final : public c10::OperatorKernel {
+template <class Return, class... Args>
+class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
  public:
-  using Signature = at::Tensor(Args...);
+  using Signature = Return(Args...);
+  static_assert(std::is_same_v<Return, at::Tensor> || std::is_same_v<Return, std::vector<at::Tensor>>);
 
   UnboxedFallback(const c10::OperatorHandle& op, const OpTraits& traits)
       : op_(op), typed_(op.typed<Signature>()), traits_(traits) {}
 
-  at::Tensor operator()(Args... args) {
-    return with_python_errors([&]() -> at::Tensor {
+  Return operator()(Args... args) {
+    return with_python_errors([&]() -> Return {
       Runtime* owner = nullptr;
       (note_owner(owner, args), ...);
       Runtime* active = active_runtime();
@@ -111,38 +131,59 @@ class UnboxedFallback<at::Tensor(Args...)> final : public c10::OperatorKernel {
       BorrowedStack borrowed;
       torch::jit::Stack& stack = borrowed.stack;
       stack.reserve(sizeof...(Args));
-      std::array<const at::Tensor*, sizeof...(Args)> held{};
+      std::array<HeldArgument, sizeof...(Args)> held{};
       size_t i = 0;
       (push(stack, held, i++, args), ...);
       rt->dispatch(op_, traits_, &stack, held);
       TORCH_INTERNAL_ASSERT(stack.size() == 1, "dtr: ", traits_.name, " left ", stack.size(),
                             " results");
-      return std::move(stack[0]).toTensor();
+      if constexpr (std::is_same_v<Return, at::Tensor>) {
+        return std::move(stack[0]).toTensor();
+      } else {
+        return std::move(stack[0]).toTensorVector();
+      }
     });
   }
 
  private:
+  static void note_owner_of(Runtime*& owner, const at::Tensor& t) {
+    if (owner == nullptr && t.defined()) {
+      if (DTRTensorImpl* w = dtr_impl(t)) owner = w->cell()->storage->runtime.get();
+    }
+  }
+
   template <class A>
   static void note_owner(Runtime*& owner, const A& a) {
     if constexpr (is_tensor_arg<A>) {
-      if (owner == nullptr && a.defined()) {
-        if (DTRTensorImpl* w = dtr_impl(a)) owner = w->cell()->storage->runtime.get();
-      }
+      note_owner_of(owner, a);
+    } else if constexpr (is_tensor_list_arg<A>) {
+      for (const at::Tensor& t : a) note_owner_of(owner, t);
     }
   }
 
   template <class A>
   static void hook_if_plain_leaf(const A& a) {
-    if constexpr (is_tensor_arg<A>) hook_plain_leaf(a);
+    if constexpr (is_tensor_arg<A>) {
+      hook_plain_leaf(a);
+    } else if constexpr (is_tensor_list_arg<A>) {
+      for (const at::Tensor& t : a) hook_plain_leaf(t);
+    }
   }
 
-  // As the dispatcher boxes an argument, but a tensor stays with the caller.
+  // As the dispatcher boxes an argument, but tensors stay with the caller.
   template <class A>
-  static void push(torch::jit::Stack& stack, std::array<const at::Tensor*, sizeof...(Args)>& held,
+  static void push(torch::jit::Stack& stack, std::array<HeldArgument, sizeof...(Args)>& held,
                    size_t i, const A& a) {
     if constexpr (is_tensor_arg<A>) {
-      held[i] = &a;
+      held[i].tensor = &a;
       stack.emplace_back();
+    } else if constexpr (is_tensor_list_arg<A>) {
+      held[i].list = held_list(a);
+      if (held[i].list) {
+        stack.emplace_back();
+      } else {
+        stack.emplace_back(a);
+      }
     } else {
       stack.emplace_back(a);
     }
@@ -227,7 +268,12 @@ std::optional<c10::RegistrationHandleRAII> register_unboxed_kernel(const c10::Op
       at::_ops::sum_dim_IntList::schema,          // sum.dim_IntList, mean.dim
       at::_ops::_softmax::schema,                 // _softmax, _log_softmax
       at::_ops::_softmax_backward_data::schema,   // their backwards
-      at::_ops::clone::schema>(op);               // clone
+      at::_ops::clone::schema,                    // clone
+      at::_ops::cat::schema,                      // cat
+      at::_ops::stack::schema,                    // stack
+      at::_ops::split_Tensor::schema,             // split (chunk's), unsafe_split
+      at::_ops::split_with_sizes::schema,         // split_with_sizes
+      at::_ops::unbind_int::schema>(op);          // unbind
   if (registrar == nullptr) return std::nullopt;
   const OpTraits& traits = op_traits(op);
   if (!traits.written.empty() || traits.unsupported || traits.collective || traits.run_as ||

@@ -933,10 +933,11 @@ def test_autograd_above_a_wrapper_takes_the_kernel_autograd_takes_above_a_plain_
 _UNBOXED = ["aten::add.Tensor", "aten::mul.Tensor", "aten::mm", "aten::addmm", "aten::t",
             "aten::detach", "aten::view", "aten::expand", "aten::select.int",
             "aten::slice.Tensor", "aten::sum.dim_IntList", "aten::_softmax",
-            "aten::_softmax_backward_data", "aten::tanh_backward", "aten::clone"]
-# In place, out=, metadata-changing, several results, tensor lists: the boxed path.
-_BOXED = ["aten::add_.Tensor", "aten::add.out", "aten::resize_", "aten::split.Tensor",
-          "aten::native_layer_norm", "aten::cat"]
+            "aten::_softmax_backward_data", "aten::tanh_backward", "aten::clone",
+            "aten::cat", "aten::stack", "aten::split.Tensor", "aten::unbind.int"]
+# In place, out=, metadata-changing, several results, optional-tensor lists: the boxed path.
+_BOXED = ["aten::add_.Tensor", "aten::add.out", "aten::resize_", "aten::native_layer_norm",
+          "aten::index.Tensor"]
 
 
 def _dtr_kernel(name):
@@ -958,7 +959,9 @@ def _unboxed_program(x, w, b):
     h = h.view(-1).view(h.shape).expand(2, *h.shape)[1]
     h = (h * 3 + h.select(0, 1).unsqueeze(0)).clone()
     h = torch.softmax(h[:, 1:], dim=1)
-    return h.sum(dim=0).sum()
+    parts = [p * 2 for p in h.chunk(2, dim=1)] + list(h.unbind(1))  # list results
+    h = torch.cat([torch.stack([h, h]).sum(0)] + parts[:2], dim=1)  # list arguments
+    return h.sum(dim=0).sum() + parts[2].sum()
 
 
 @pytest.mark.parametrize("call", ["unboxed", "boxed"])
@@ -976,7 +979,8 @@ def test_ops_through_unboxed_kernels_match_eager_after_evicting_everything(call)
         aten = torch.ops.aten
         h = aten.tanh.default(aten.addmm.default(b, x, aten.t.default(w)))
         h = aten.mul.Tensor(aten.view.default(h, [-1]), 3)
-        return aten.sum.dim_IntList(aten.add.Tensor(h, h, alpha=2), [0])
+        h = aten.cat.default([aten.stack.default([h, h]).view(-1)] + aten.split.Tensor(h, 4))
+        return aten.sum.dim_IntList(aten.add.Tensor(h, aten.unbind.int(h.view(2, -1))[0].repeat(2), alpha=2), [0])
 
     expected = program(x, w, b)
     expected_grads = torch.autograd.grad(expected, [w, b])
