@@ -55,22 +55,23 @@ Runtime* runtime_of_args(const torch::jit::Stack& stack, size_t first) {
   for (size_t i = first; i < stack.size(); ++i) {
     const c10::IValue& v = stack[i];
     if (v.isTensor()) {
-      if (DTRTensorImpl* w = dtr_impl(v.toTensor())) return w->cell()->storage->runtime.get();
+      if (Runtime* rt = runtime_of(v.toTensor())) return rt;
     } else if (v.isTensorList()) {
       for (const at::Tensor& t : v.toTensorList()) {
-        if (DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr) {
-          return w->cell()->storage->runtime.get();
-        }
+        if (Runtime* rt = runtime_of(t)) return rt;
       }
     } else if (v.isOptionalTensorList()) {
       for (std::optional<at::Tensor> t : v.toOptionalTensorList()) {
-        if (DTRTensorImpl* w = (t && t->defined()) ? dtr_impl(*t) : nullptr) {
-          return w->cell()->storage->runtime.get();
-        }
+        if (Runtime* rt = t ? runtime_of(*t) : nullptr) return rt;
       }
     }
   }
   return nullptr;
+}
+
+bool wraps_plain_outputs(const OpTraits& traits) {
+  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
+         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
 }
 
 void hook_plain_leaves(const torch::jit::Stack& stack, size_t first) {
@@ -82,23 +83,20 @@ void hook_plain_leaves(const torch::jit::Stack& stack, size_t first) {
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   with_python_errors([&] {
     const size_t first = stack->size() - op.schema().arguments().size();
-    Runtime* owner = runtime_of_args(*stack, first);
+    const OpTraits& traits = op_traits(op);
     Runtime* active = active_runtime();
-    if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(op_traits(op)))) {
+    Runtime* rt = runtime_taking_op(runtime_of_args(*stack, first), active, traits);
+    if (rt == nullptr) {
       if (active != nullptr && c10::GradMode::is_enabled()) {
         hook_plain_leaves(*stack, first);
         // Note [Writes into what recipes read in C++] (hidden_writes.h). Under
         // no_grad (an optimizer's step) a write is the user's, as in Python.
-        const OpTraits& traits = op_traits(op);
         if (!traits.written.empty()) active->before_plain_writes(traits, *stack, first);
       }
       BelowDTRGuard below;
       op.callBoxed(stack);
       return;
     }
-    // A block open on this thread takes the op, also for tensors of a finished session.
-    const OpTraits& traits = op_traits(op);
-    Runtime* rt = active != nullptr ? active : owner;
     if (traits.run_as) {
       rt->dispatch(*traits.run_as, stack);
     } else {
@@ -123,13 +121,19 @@ size_t ops_seen = 0;
 
 }  // namespace
 
-void hook_plain_leaf(const at::Tensor& t) {
-  if (t.defined() && t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
+Runtime* runtime_of(const at::Tensor& t) {
+  DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
+  return w != nullptr ? w->cell()->storage->runtime.get() : nullptr;
 }
 
-bool wraps_plain_outputs(const OpTraits& traits) {
-  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
-         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
+Runtime* runtime_taking_op(Runtime* owner, Runtime* active, const OpTraits& traits) {
+  if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(traits))) return nullptr;
+  // A block open on this thread takes the op, also for tensors of a finished session.
+  return active != nullptr ? active : owner;
+}
+
+void hook_plain_leaf(const at::Tensor& t) {
+  if (t.defined() && t.requires_grad() && t.is_leaf()) ensure_plain_grad_hook(t);
 }
 
 void register_new_ops() {

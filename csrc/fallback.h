@@ -5,15 +5,21 @@
 
 namespace dtr {
 
+class Runtime;
 struct OpTraits;
+
+// The runtime of `t` if it is a dtr tensor; null for a plain or undefined one.
+Runtime* runtime_of(const at::Tensor& t);
+
+// Note [What the fallback handles]: the runtime that takes an op whose first
+// dtr tensor argument belongs to `owner` (null: it has none) on a thread where
+// `active`'s block is open (null: none is); null when the op runs below dtr
+// as it is. Shared by the boxed fallback and the unboxed kernels.
+Runtime* runtime_taking_op(Runtime* owner, Runtime* active, const OpTraits& traits);
 
 // A parameter reached only through a view (Linear's weight.t()) still needs
 // Note [Plain gradients] in dtr/runtime.py: its .grad would be a dtr tensor.
 void hook_plain_leaf(const at::Tensor& t);
-
-// Whether an op with only plain tensor arguments, run while a block is open,
-// makes values the runtime records (Note [What the fallback handles]).
-bool wraps_plain_outputs(const OpTraits& traits);
 
 // Registers the fallback directly for every op not registered yet that
 // needs_direct_registration (Note [Direct registrations]); cheap when no op

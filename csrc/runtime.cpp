@@ -167,6 +167,11 @@ Stats Runtime::stats() {
   return stats_;
 }
 
+int64_t Runtime::thrash_guard_trips() {
+  Lock g(mu_);
+  return pool_.thrash_guard_trips();
+}
+
 int64_t Runtime::tracked() const {
   if (meter_offset_) return meter::current_bytes() + *meter_offset_;
   if (device_meter_) return device_meter_->allocated_bytes();

@@ -112,6 +112,8 @@ class Runtime : public c10::intrusive_ptr_target {
   bool evict_all() const { return evict_all_; }
   void set_evict_all(bool v) { evict_all_ = v; }
   Stats stats();
+  // The pool's thrash-guard trips alone (what a block's exit reads to decide whether to warn).
+  int64_t thrash_guard_trips();
   const Pool& pool() const { return pool_; }
 
   // Note [Recording steps for lookahead] (csrc/step_plan.cpp): the block of a

@@ -103,9 +103,9 @@ void bind_runtime(py::module_& m) {
       .def_property("evict_all", &Runtime::evict_all, &Runtime::set_evict_all)
       .def_property_readonly("closed", &Runtime::closed)
       .def("stats", [](Runtime& rt) { return stats_dict(no_gil([&] { return rt.stats(); })); })
-      // What a block's exit reads to decide whether to warn, without building every statistic.
-      .def_property_readonly("thrash_guard_trips",
-                             [](Runtime& rt) { return no_gil([&] { return rt.stats().thrash_guard_trips; }); })
+      .def_property_readonly("thrash_guard_trips", [](Runtime& rt) {
+        return no_gil([&] { return rt.thrash_guard_trips(); });
+      })
       .def("close", [](Runtime& rt) { no_gil([&] { rt.close(); }); })
       .def("evict_everything", [](Runtime& rt) { no_gil([&] { rt.evict_everything(); }); })
       .def("has_live_values", [](Runtime& rt) { return no_gil([&] { return rt.has_live_values(); }); })

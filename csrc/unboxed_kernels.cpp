@@ -121,13 +121,12 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
       Runtime* owner = nullptr;
       (note_owner(owner, args), ...);
       Runtime* active = active_runtime();
-      if (owner == nullptr && (active == nullptr || !wraps_plain_outputs(traits_))) {
+      Runtime* rt = runtime_taking_op(owner, active, traits_);
+      if (rt == nullptr) {
         if (active != nullptr && c10::GradMode::is_enabled()) (hook_if_plain_leaf(args), ...);
         BelowDTRGuard below;
         return typed_.call(args...);
       }
-      // A block open on this thread takes the op, also for tensors of a finished session.
-      Runtime* rt = active != nullptr ? active : owner;
       BorrowedStack borrowed;
       torch::jit::Stack& stack = borrowed.stack;
       stack.reserve(sizeof...(Args));
@@ -146,18 +145,16 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
   }
 
  private:
-  static void note_owner_of(Runtime*& owner, const at::Tensor& t) {
-    if (owner == nullptr && t.defined()) {
-      if (DTRTensorImpl* w = dtr_impl(t)) owner = w->cell()->storage->runtime.get();
-    }
-  }
-
+  // The runtime of the first dtr tensor among the arguments, as the fallback's.
   template <class A>
   static void note_owner(Runtime*& owner, const A& a) {
+    if (owner != nullptr) return;
     if constexpr (is_tensor_arg<A>) {
-      note_owner_of(owner, a);
+      owner = runtime_of(a);
     } else if constexpr (is_tensor_list_arg<A>) {
-      for (const at::Tensor& t : a) note_owner_of(owner, t);
+      for (const at::Tensor& t : a) {
+        if ((owner = runtime_of(t)) != nullptr) return;
+      }
     }
   }
 
