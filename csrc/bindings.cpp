@@ -323,7 +323,8 @@ PYBIND11_MODULE(_C, m) {
       .def("locks", &dtr::Pool::locks, py::arg("sid"))
       .def("pin", &dtr::Pool::pin, py::arg("sid"))
       .def("evicted", py::overload_cast<int64_t>(&dtr::Pool::evicted), py::arg("sid"))
-      .def("rematerialized", &dtr::Pool::rematerialized, py::arg("sid"), py::arg("now"))
+      .def("rematerialized", py::overload_cast<int64_t, double>(&dtr::Pool::rematerialized),
+           py::arg("sid"), py::arg("now"))
       .def("set_next_use", &dtr::Pool::set_next_use, py::arg("sid"), py::arg("when"))
       .def("next_use", &dtr::Pool::next_use, py::arg("sid"))
       .def_property("plan_clock", &dtr::Pool::plan_clock, &dtr::Pool::set_plan_clock)
@@ -361,6 +362,7 @@ PYBIND11_MODULE(_C, m) {
              if (std::isnan(c)) return py::none();
              return py::float_(c);
            })
+      .def_property_readonly("_tracks_classes", &PyPool::tracks_classes)
       .def("_class_root",
            [](PyPool& p, int64_t sid) -> py::object {
              uint32_t r = p.class_root(sid);

@@ -45,10 +45,25 @@ size_t mapped_slabs();
 // Empty slabs kept mapped for reuse (Note [Kept empty slabs]).
 size_t kept_empty_slabs();
 
-// Base for objects allocated from bookkeeping memory.
+// Base for objects allocated from bookkeeping memory. An over-aligned one (a
+// storage record holds the pool's cache-line entry) gets a block whose size is
+// a multiple of its alignment, which slabs align (see Allocator below).
 struct Object {
   static void* operator new(size_t bytes) { return allocate(bytes); }
   static void operator delete(void* p, size_t bytes) noexcept { deallocate(p, bytes); }
+  static void* operator new(size_t bytes, std::align_val_t align) {
+    return allocate(aligned_size(bytes, align));
+  }
+  static void operator delete(void* p, size_t bytes, std::align_val_t align) noexcept {
+    deallocate(p, aligned_size(bytes, align));
+  }
+
+ private:
+  static size_t aligned_size(size_t bytes, std::align_val_t align) {
+    const size_t a = static_cast<size_t>(align);
+    if (a > 64 || bytes > kLargestBlock) throw std::bad_alloc();  // slabs align to 64 at most
+    return (bytes + a - 1) / a * a;
+  }
 };
 
 // A stateless allocator for standard containers of bookkeeping objects.

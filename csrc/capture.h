@@ -32,6 +32,28 @@ void exit_block(const BlockToken& token);
 // dtr/compile.py).
 BlockToken suspend_block();
 
+// Sets the thread's included and excluded keys, and restores what it was
+// given as the keys before, at its end. c10's ForceDispatchKeyGuard reads the
+// thread's keys itself, and the guards below read them first to compute the
+// new ones: a call into libc10 and a TLS lookup saved per kernel run.
+class KeySetsGuard {
+ public:
+  KeySetsGuard(c10::impl::LocalDispatchKeySet before, c10::DispatchKeySet included,
+               c10::DispatchKeySet excluded)
+      : before_(before) {
+    c10::impl::LocalDispatchKeySet now = before;
+    now.included_ = included;
+    now.excluded_ = excluded;
+    c10::impl::_force_tls_local_dispatch_key_set(now);
+  }
+  ~KeySetsGuard() { c10::impl::_force_tls_local_dispatch_key_set(before_); }
+  KeySetsGuard(const KeySetsGuard&) = delete;
+  KeySetsGuard& operator=(const KeySetsGuard&) = delete;
+
+ private:
+  c10::impl::LocalDispatchKeySet before_;
+};
+
 // Kernels run below dtr and below autograd: kDTRKey out of the TLS include
 // set (so the plain values the op now has stay plain), autograd excluded (a
 // recompute must not record a graph; see Note [Recompute below autograd] in
@@ -41,7 +63,8 @@ class BelowDTRGuard {
   BelowDTRGuard();
 
  private:
-  c10::impl::ForceDispatchKeyGuard guard_;
+  explicit BelowDTRGuard(c10::impl::LocalDispatchKeySet local);
+  KeySetsGuard guard_;
 };
 
 // Ops on plain tensors stay plain (kDTRKey out of the TLS include set; the
@@ -52,7 +75,8 @@ class NoCaptureGuard {
   NoCaptureGuard();
 
  private:
-  c10::impl::ForceDispatchKeyGuard guard_;
+  explicit NoCaptureGuard(c10::impl::LocalDispatchKeySet local);
+  KeySetsGuard guard_;
 };
 
 }  // namespace dtr

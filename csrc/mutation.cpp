@@ -265,7 +265,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   if (recipe) recipe->scratch_bytes = scratch_seen >= 0 ? scratch_seen : scratch;
   clock_ += cost;
   for (const auto& c : call.cells) {
-    if (c) pool_.touch(*c->storage->entry, clock_);
+    if (c) pool_.touch(c->storage->entry, clock_);
   }
   // An out= op may have reallocated its output (resized it): then the view
   // chain no longer rebuilds it.
@@ -282,7 +282,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
       RecipeInput& in = recipe->inputs[i];
       if (call.cells[i]) {
         in.cell = call.cells[i];
-        parents.push_back(call.cells[i]->storage->entry);
+        parents.push_back(&call.cells[i]->storage->entry);
       } else {
         in.plain = call.vals[i];
         if (call.vals[i].defined()) in.version = call.vals[i]._version();
@@ -295,7 +295,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     Target& tg = targets[k];
     StorageRecord& old = *tg.old;
     const int64_t nb = storage_bytes(tg.base->value);
-    auto fresh = new_storage(nb, cost + old.entry->cost, /*pinned=*/!recipe,
+    auto fresh = new_storage(nb, cost + old.entry.cost, /*pinned=*/!recipe,
                              recipe ? c10::ArrayRef<Entry*>(parents) : c10::ArrayRef<Entry*>());
     auto nbase = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(k), -1, fresh);
     nbase->value = tg.base->value;

@@ -94,14 +94,41 @@ Policy policy_from_name(const std::string& name) {
 }
 
 Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer)
-    : policy_(policy), search_(search), rng_(search.seed), scorer_(std::move(scorer)) {
+    : policy_(policy),
+      tracks_classes_(policy == Policy::DtrEq || policy == Policy::Python),
+      search_(search),
+      rng_(search.seed),
+      scorer_(std::move(scorer)) {
   TORCH_INTERNAL_ASSERT((policy == Policy::Python) == (scorer_ != nullptr),
                         "dtr: a Python policy needs its scorer, and only it has one");
   TORCH_CHECK(search.min_evictable_fraction >= 0.0,
               "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
               search.min_evictable_fraction);
-  entries_.reserve(1024);
+  index_.reserve(1024);
   cands_.reserve(1024);
+}
+
+namespace {
+
+// An entry the pool owns, from bookkeeping memory (its alignment kept).
+Entry* new_owned_entry() {
+  Entry* e = new (bookkeeping::Allocator<Entry>().allocate(1)) Entry();
+  e->owned = true;
+  return e;
+}
+
+void delete_owned_entry(Entry* e) {
+  e->~Entry();
+  bookkeeping::Allocator<Entry>().deallocate(e, 1);
+}
+
+}  // namespace
+
+Pool::~Pool() {
+  if (owned_ == 0) return;  // a runtime's pool: every entry was held, and is gone
+  for (auto& [sid, e] : index_) {
+    if (e->owned) delete_owned_entry(e);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -109,28 +136,28 @@ Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> 
 // ---------------------------------------------------------------------------
 
 Entry* Pool::lookup(int64_t sid) {
-  auto it = entries_.find(sid);
-  return it == entries_.end() ? nullptr : &it->second;
+  auto it = index_.find(sid);
+  return it == index_.end() ? nullptr : it->second;
 }
 
 const Entry* Pool::find(int64_t sid) const {
-  auto it = entries_.find(sid);
-  return it == entries_.end() ? nullptr : &it->second;
+  auto it = index_.find(sid);
+  return it == index_.end() ? nullptr : it->second;
 }
 
 std::vector<int64_t> Pool::ids() const {
   std::vector<int64_t> out;
-  out.reserve(entries_.size());
-  for (const auto& kv : entries_) out.push_back(kv.first);
+  out.reserve(index_.size());
+  for (const auto& kv : index_) out.push_back(kv.first);
   std::sort(out.begin(), out.end());
   return out;
 }
 
 Entry& Pool::get(int64_t sid, const char* what) {
-  auto it = entries_.find(sid);
-  TORCH_CHECK(it != entries_.end(), "dtr: internal error: ", what, " of unknown storage id ", sid,
+  auto it = index_.find(sid);
+  TORCH_CHECK(it != index_.end(), "dtr: internal error: ", what, " of unknown storage id ", sid,
               " (it was never added to the pool or was already removed)");
-  return it->second;
+  return *it->second;
 }
 
 // ---------------------------------------------------------------------------
@@ -225,11 +252,10 @@ void Pool::count_as_evicted_neighbour(Entry& e, int32_t delta) {
 // Lifecycle
 // ---------------------------------------------------------------------------
 
-Entry& Pool::insert(int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
+void Pool::insert(Entry& e, int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
   TORCH_CHECK(nbytes >= 0, "dtr: storage ", sid, " added with negative size ", nbytes);
-  auto [it, inserted] = entries_.try_emplace(sid);
-  TORCH_CHECK(inserted, "dtr: internal error: storage id ", sid, " added twice");
-  Entry& e = it->second;
+  TORCH_CHECK(index_.emplace(sid, &e).second, "dtr: internal error: storage id ", sid,
+              " added twice");
   e.sid = sid;
   e.nbytes = nbytes;
   e.cost = cost;
@@ -238,7 +264,6 @@ Entry& Pool::insert(int64_t sid, int64_t nbytes, double cost, double now, bool e
   e.evictable = evictable;
   computed_cost_ += cost;
   ++adds_;
-  return e;
 }
 
 void Pool::link_parent(Entry& e, Entry* pe) {
@@ -249,9 +274,21 @@ void Pool::link_parent(Entry& e, Entry* pe) {
   if (!pe->resident) ++e.evicted_parents;
 }
 
+Entry& Pool::insert_owned(int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
+  Entry* e = new_owned_entry();
+  try {
+    insert(*e, sid, nbytes, cost, now, evictable);
+  } catch (...) {
+    delete_owned_entry(e);
+    throw;
+  }
+  ++owned_;
+  return *e;
+}
+
 Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
                  const std::vector<int64_t>& parents) {
-  Entry& e = insert(sid, nbytes, cost, now, evictable);
+  Entry& e = insert_owned(sid, nbytes, cost, now, evictable);
   for (int64_t p : parents) {
     if (p != sid) link_parent(e, lookup(p));
   }
@@ -261,10 +298,19 @@ Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evic
 
 Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
                  c10::ArrayRef<Entry*> parents) {
-  Entry& e = insert(sid, nbytes, cost, now, evictable);
+  Entry& e = insert_owned(sid, nbytes, cost, now, evictable);
   for (Entry* p : parents) link_parent(e, p);
   maybe_candidate(e);
   return &e;
+}
+
+void Pool::add_held(Entry& e, void* owner, int64_t sid, int64_t nbytes, double cost, double now,
+                    bool evictable, c10::ArrayRef<Entry*> parents) {
+  TORCH_INTERNAL_ASSERT(!e.owned && e.owner == nullptr, "dtr: an entry added to the pool twice");
+  insert(e, sid, nbytes, cost, now, evictable);
+  e.owner = owner;
+  for (Entry* p : parents) link_parent(e, p);
+  maybe_candidate(e);
 }
 
 void Pool::remove(int64_t sid) {
@@ -278,8 +324,11 @@ void Pool::remove(Entry& e) {
   if (!e.resident) count_as_evicted_neighbour(e, -1);
   for (Entry* p : e.parents) erase_first(p->children, &e);
   for (Entry* c : e.children) erase_first(c->parents, &e);
-  const int64_t sid = e.sid;  // not a reference into the node being erased
-  entries_.erase(sid);
+  index_.erase(e.sid);
+  if (e.owned) {
+    --owned_;
+    delete_owned_entry(&e);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -334,6 +383,7 @@ void Pool::evicted(Entry& e) {
   drop_candidate(e);
   count_as_evicted_neighbour(e, +1);
   TORCH_INTERNAL_ASSERT(e.uf == kNoNode, "dtr: a resident storage belongs to an evicted class");
+  if (!tracks_classes_) return;
   // The new node stays the root and absorbs the classes of the evicted
   // neighbours (parents first, then children), as PythonPool.evicted.
   uint32_t node = new_node(e.cost);
@@ -351,7 +401,10 @@ void Pool::evicted(Entry& e) {
 }
 
 void Pool::rematerialized(int64_t sid, double now) {
-  Entry& e = get(sid, "rematerialized");
+  rematerialized(get(sid, "rematerialized"), now);
+}
+
+void Pool::rematerialized(Entry& e, double now) {
   if (e.resident) return;
   e.resident = true;
   e.last_access = now;
@@ -748,12 +801,15 @@ void Pool::check_invariants() {
   TORCH_INTERNAL_ASSERT(bytes == candidate_bytes_, "candidate bytes ", candidate_bytes_, " != ", bytes);
   std::vector<uint32_t> refs(nodes_.size(), 0);
   size_t ncands = 0;
-  for (auto& [sid, e] : entries_) {
+  for (auto& [sid, held] : index_) {
+    Entry& e = *held;
     TORCH_INTERNAL_ASSERT(sid == e.sid);
+    TORCH_INTERNAL_ASSERT(e.owned == (e.owner == nullptr), "entry ", sid, " both owned and held");
     bool should = e.resident && e.evictable && e.nbytes > 0;
     TORCH_INTERNAL_ASSERT(should == (e.cand_pos != kNotCandidate), "candidate set wrong for ", sid);
     ncands += should;
-    TORCH_INTERNAL_ASSERT(e.resident == (e.uf == kNoNode), "class membership wrong for ", sid);
+    TORCH_INTERNAL_ASSERT((e.resident || !tracks_classes_) == (e.uf == kNoNode),
+                          "class membership wrong for ", sid);
     TORCH_INTERNAL_ASSERT(e.locks >= 0);
     int32_t ep = 0, ec = 0;
     for (Entry* p : e.parents) ep += !p->resident;

@@ -27,6 +27,12 @@
 // class's root and leaves the class without splitting it, as in the paper.
 // Nodes are reference counted (by entries and by child nodes) and recycled, so
 // a long run does not grow the node arena without bound.
+// Only dtr_eq's score reads the classes, and a policy written in Python may
+// (dtr.policies.equivalence_class_cost). A pool with any other policy keeps
+// none: the class bookkeeping was about a thirtieth of what the C++ runtime
+// added per op to a chain of adds, where every op banishes a value. So its
+// class_cost and class_root say "no class" (dtr.policies.PythonPool, the
+// reference, keeps them for every policy; no score or victim differs).
 #pragma once
 
 #include <c10/util/ArrayRef.h>
@@ -149,25 +155,39 @@ struct alignas(64) Entry {
   // reads them without another cache miss.
   c10::SmallVector<Entry*, 3> parents;
   c10::SmallVector<Entry*, 3> children;
+  // Whose entry this is (Note [Entry handles]): the pool's own (owned), or
+  // the caller's, who passes the object holding it as `owner` (the C++
+  // runtime's storage record) and gets it back from a victim. The pool never
+  // reads `owner`.
+  void* owner = nullptr;
+  bool owned = false;
 };
 
 class Pool {
  public:
   // `scorer`: for Policy::Python only, which it scores.
   Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer = nullptr);
+  ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
 
   // -- lifecycle ---------------------------------------------------------
   // Note [Entry handles]
-  // add returns the storage's entry, which stays where it is until remove
-  // (entries_ is node-based). The C++ runtime keeps it in the storage record
-  // and calls the Entry& overloads on every op: the sid overloads cost a hash
-  // lookup each, and an op made about eight of them.
+  // Every entry stays where it is until remove, so callers keep pointers to
+  // entries and call the Entry& overloads: the sid overloads cost a hash
+  // lookup each, and an op made about eight of them. The sid overloads of add
+  // make an entry the pool owns (dtr.cpp_pool, the pool's tests). The C++
+  // runtime instead holds each storage's entry inside its storage record and
+  // adds it with add_held: no block of the pool's own per storage, and the
+  // record is found from a victim through Entry::owner (a second table, id to
+  // record, cost the runtime a hash insert, erase and lookup per op).
   Entry* add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
              const std::vector<int64_t>& parents);
   Entry* add(int64_t sid, int64_t nbytes, double cost, double now, bool evictable,
              c10::ArrayRef<Entry*> parents);
+  // `e` must be a fresh Entry that outlives its membership (until remove(e)).
+  void add_held(Entry& e, void* owner, int64_t sid, int64_t nbytes, double cost, double now,
+                bool evictable, c10::ArrayRef<Entry*> parents);
   void remove(int64_t sid);
   void remove(Entry& e);
 
@@ -190,6 +210,7 @@ class Pool {
   void evicted(int64_t sid);
   void evicted(Entry& e);
   void rematerialized(int64_t sid, double now);
+  void rematerialized(Entry& e, double now);
   // See Note [Lookahead] in dtr/policies.py (NaN: unknown, the online score applies).
   void set_next_use(int64_t sid, double when);
   double next_use(int64_t sid) const;
@@ -204,7 +225,7 @@ class Pool {
   std::vector<int64_t> unlocked_candidates() const;
 
   // -- introspection -----------------------------------------------------
-  size_t size() const { return entries_.size(); }
+  size_t size() const { return index_.size(); }
   size_t num_candidates() const { return cands_.size(); }
   int64_t candidate_bytes() const { return candidate_bytes_; }
   Policy policy() const { return policy_; }
@@ -221,6 +242,8 @@ class Pool {
   // The root node of an evicted storage's class (kNoNode if it has none).
   uint32_t class_root(int64_t sid);
   size_t live_nodes() const { return nodes_.size() - free_nodes_.size(); }
+  // Whether evicted storages are grouped in classes (Note [dtr_eq's union-find]).
+  bool tracks_classes() const { return tracks_classes_; }
   // Checks every invariant (TORCH_INTERNAL_ASSERT); for tests.
   void check_invariants();
   double score(Entry& e, double now);
@@ -234,7 +257,8 @@ class Pool {
 
   Entry& get(int64_t sid, const char* what);
   Entry* lookup(int64_t sid);
-  Entry& insert(int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
+  void insert(Entry& e, int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
+  Entry& insert_owned(int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
   void link_parent(Entry& e, Entry* pe);
   void drop_candidate(Entry& e);
   void maybe_candidate(Entry& e);
@@ -265,9 +289,13 @@ class Pool {
   const Entry* scan_external(const std::vector<Entry*>& entries, double now);
 
   Policy policy_;
+  bool tracks_classes_;
   SearchOptions search_;
   SplitMix64 rng_;
-  bookkeeping::Map<int64_t, Entry> entries_;  // Note [Bookkeeping memory]
+  // Every entry by id, owned or held (Note [Entry handles]); entries never
+  // move, so the table holds pointers. Note [Bookkeeping memory].
+  bookkeeping::FlatMap<int64_t, Entry*> index_;
+  size_t owned_ = 0;  // entries in index_ the pool made (and frees)
   std::vector<Entry*> cands_;  // resident, evictable, nbytes > 0 (locked ones are skipped)
   int64_t candidate_bytes_ = 0;
   std::vector<Node> nodes_;

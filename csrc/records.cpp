@@ -15,6 +15,10 @@ thread_local Graveyard graveyard;
 
 }  // namespace
 
+// Its pool entry makes it over-aligned: bookkeeping::Object serves such
+// objects only from its size classes.
+static_assert(sizeof(StorageRecord) <= bookkeeping::kLargestBlock);
+
 StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
     : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
 

@@ -39,6 +39,7 @@
 
 #include "bookkeeping_memory.h"
 #include "live_count.h"
+#include "pool.h"
 #include "rng.h"
 
 namespace dtr {
@@ -78,8 +79,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, book
 
   c10::intrusive_ptr<Runtime> runtime;
   int64_t sid;
-  // Its pool entry (Note [Entry handles] in pool.h), set when the pool adds it.
-  Entry* entry = nullptr;
+  // Its pool entry (Note [Entry handles] in pool.h): in the pool from
+  // Runtime::new_storage until Runtime::storage_died.
+  Entry entry;
   int64_t nbytes;
   bool pinned;               // never evicted (no recipe, a collective's output, escaped)
   bool resident = true;
@@ -103,9 +105,10 @@ struct Slot {
   Kind kind;
 };
 // Note [Inline lists in records]
-// A recipe's slots, inputs and outputs, and a storage's cells, are held inline
-// up to the sizes most ops need (three inputs: linear, conv; three outputs:
-// batch and layer norm; two cells). As heap vectors they were four of the
+// A recipe's arguments, slots, inputs and outputs, and a storage's cells, are
+// held inline up to the sizes most ops need (four arguments: addmm has five,
+// add and most unary and reduction ops fewer; three inputs: linear, conv;
+// three outputs: batch and layer norm; two cells). As heap vectors they were four of the
 // eleven bookkeeping blocks an op allocated, each a take and a give back and
 // most a lock (the thread cache refills in address order only). Longer lists
 // (cat of many tensors) go to the heap.
@@ -134,7 +137,7 @@ struct MutationTarget {
 // How to recompute one op call.
 struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Object {
   c10::OperatorHandle op;
-  bookkeeping::Vector<c10::IValue> args;  // the argument stack, tensors replaced by None
+  c10::SmallVector<c10::IValue, 4> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order
   ListSizes list_sizes;             // per argument: length of a tensor-list argument
   c10::SmallVector<RecipeInput, 3> inputs;  // Note [Inline lists in records]

@@ -201,16 +201,14 @@ int64_t Runtime::evict_to(int64_t limit) {
   while (tracked() > limit) {
     const Entry* victim = pool_.choose_victim(clock_);
     if (victim == nullptr) break;
-    auto it = records_.find(victim->sid);
-    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
-    evict(*it->second, /*counted=*/true);
+    evict(record_of(*victim), /*counted=*/true);
   }
   return tracked();
 }
 
 bool Runtime::has_live_values() {
   Lock g(mu_);
-  return !records_.empty();
+  return pool_.size() > 0;
 }
 
 void Runtime::note_peak(int64_t reserved) {
@@ -224,9 +222,8 @@ c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double co
   int64_t sid = next_sid_++;
   auto rec = c10::make_intrusive<StorageRecord>(
       c10::intrusive_ptr<Runtime>::reclaim_copy(this), sid, nbytes, pinned);
-  records_[sid] = rec.get();
   bool evictable = !pinned && (nbytes >= kMinEvictableBytes || evict_all_);
-  rec->entry = pool_.add(sid, nbytes, cost, clock_, evictable, parents);
+  pool_.add_held(rec->entry, rec.get(), sid, nbytes, cost, clock_, evictable, parents);
   if (step_) step_->storage_created(pool_, sid);
   pool_bytes_ += nbytes;
   return rec;
@@ -234,8 +231,7 @@ c10::intrusive_ptr<StorageRecord> Runtime::new_storage(int64_t nbytes, double co
 
 void Runtime::storage_died(StorageRecord* rec) {
   Lock g(mu_);
-  records_.erase(rec->sid);
-  pool_.remove(*rec->entry);
+  if (rec->entry.owner != nullptr) pool_.remove(rec->entry);  // null: its add failed
   if (rec->resident && !rec->escaped) pool_bytes_ -= rec->nbytes;
 }
 
@@ -308,7 +304,7 @@ void Runtime::maybe_banish(StorageRecord& rec) {
   // See Note [Eager eviction] in dtr/runtime.py.
   rec.banish_pending = false;
   if (rec.nwrappers == 0 && rec.resident && !rec.pinned) {
-    if (rec.entry->locks > 0) {
+    if (rec.entry.locks > 0) {
       rec.banish_pending = true;
     } else {
       evict(rec, /*counted=*/false);
@@ -339,7 +335,7 @@ void Runtime::evict(StorageRecord& rec, bool counted) {
   }
   rec.cells.clear();
   rec.resident = false;
-  pool_.evicted(*rec.entry);
+  pool_.evicted(rec.entry);
   pool_bytes_ -= rec.nbytes;
   if (counted) stats_.evictions += 1;
 }
@@ -350,7 +346,7 @@ void Runtime::set_value(Cell& cell, at::Tensor value) {
   rec.cells.emplace_back(c10::intrusive_ptr<Cell>::reclaim_copy(&cell));
   if (!rec.resident) {
     rec.resident = true;
-    pool_.rematerialized(rec.sid, clock_);
+    pool_.rematerialized(rec.entry, clock_);
     pool_bytes_ += rec.nbytes;
     note_peak();
   }
@@ -397,20 +393,18 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
       e.smallest_feasible_bytes = smallest;
       throw e;
     }
-    auto it = records_.find(victim->sid);
-    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
-    evict(*it->second, /*counted=*/true);
+    evict(record_of(*victim), /*counted=*/true);
   }
 }
 
 void Runtime::unlock_all(std::vector<int64_t>& locked) {
   for (int64_t sid : locked) {
-    auto it = records_.find(sid);
+    const Entry* e = pool_.find(sid);
     // A storage can die while locked (an in-place op rebinds its last wrapper):
     // its pool entry went with it.
-    if (it == records_.end()) continue;
-    StorageRecord& rec = *it->second;
-    pool_.unlock(*rec.entry);
+    if (e == nullptr) continue;
+    StorageRecord& rec = record_of(*e);
+    pool_.unlock(rec.entry);
     if (rec.banish_pending) maybe_banish(rec);
   }
   locked.clear();
@@ -457,7 +451,7 @@ void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
             descended = true;
             break;
           }
-          pool_.lock(*in.cell->storage->entry);
+          pool_.lock(in.cell->storage->entry);
           frames[top].locked.push_back(in.cell->storage->sid);
         }
         frames[top].next += 1;
@@ -645,8 +639,8 @@ void Runtime::count_plain_tensor(const at::Tensor& t) {
 void Runtime::evict_everything() {
   Lock g(mu_);
   for (int64_t sid : pool_.unlocked_candidates()) {
-    auto it = records_.find(sid);
-    if (it != records_.end() && it->second->resident) evict(*it->second, /*counted=*/true);
+    const Entry* e = pool_.find(sid);
+    if (e != nullptr && record_of(*e).resident) evict(record_of(*e), /*counted=*/true);
   }
 }
 
@@ -672,7 +666,7 @@ at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* c
     return v;
   }
   materialize(cell);
-  pool_.lock(*cell->storage->entry);
+  pool_.lock(cell->storage->entry);
   locked.push_back(cell->storage->sid);
   *cell_out = cell;
   return cell->value;
@@ -767,10 +761,9 @@ bool Runtime::evict_bytes(int64_t bytes) {
   while (freed < bytes) {
     const Entry* victim = pool_.choose_victim(clock_);
     if (victim == nullptr) break;
-    auto it = records_.find(victim->sid);
-    TORCH_INTERNAL_ASSERT(it != records_.end(), "dtr: the pool chose a storage with no record");
-    freed += it->second->nbytes;
-    evict(*it->second, /*counted=*/true);
+    StorageRecord& rec = record_of(*victim);
+    freed += rec.nbytes;
+    evict(rec, /*counted=*/true);
     any = true;
   }
   return any;
@@ -1065,7 +1058,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   recipe->cost = cost;
   clock_ += cost;
   for (const auto& c : cells) {
-    if (c) pool_.touch(*c->storage->entry, clock_);
+    if (c) pool_.touch(c->storage->entry, clock_);
   }
   if (!traits.returns_tensor) return;
 
@@ -1079,7 +1072,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   for (size_t i = 0; i < vals.size(); ++i) {
     RecipeInput& in = recipe->inputs[i];
     if (cells[i]) {
-      in.cell = cells[i];
+      // The recipe holds the input cells from here on, and their last uses
+      // below read them there: moved, an atomic increment and decrement are
+      // saved per input. A step being recorded reads `cells` when dispatch
+      // returns (StepOpScope), so then they are copied.
+      in.cell = step_ ? cells[i] : std::move(cells[i]);
     } else {
       in.plain = vals[i];
       if (vals[i].defined()) in.version = vals[i]._version();
@@ -1090,8 +1087,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   }
   std::vector<Entry*>& parents = parents_scratch_;
   parents.clear();
-  for (const auto& c : cells) {
-    if (c) parents.push_back(c->storage->entry);
+  for (const RecipeInput& in : recipe->inputs) {
+    if (in.cell) parents.push_back(&in.cell->storage->entry);
   }
   // Ops have few inputs and outputs: linear scans, no per-op hash tables.
   c10::SmallVector<std::pair<const c10::StorageImpl*, size_t>, 4> input_storages;  // -> input index
@@ -1112,24 +1109,26 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       recipe->outputs.push_back(no_cell());
       return o;
     }
-    if (traits.alias_ok && !cells.empty() && cells[0]) {
+    const auto& inputs = recipe->inputs;
+    if (traits.alias_ok && !inputs.empty() && inputs[0].cell) {
       recipe->outputs.push_back(no_cell());
-      return make_wrapper(cells[0], o);
+      return make_wrapper(inputs[0].cell, o);
     }
     const c10::StorageImpl* st = storage_of(o);
     auto src = std::find_if(input_storages.begin(), input_storages.end(),
                             [&](const auto& p) { return st != nullptr && p.first == st; });
     if (src != input_storages.end()) {
       const size_t j = src->second;
-      if (!cells[j]) {  // a view of a plain tensor stays plain
+      const c10::intrusive_ptr<Cell>& base = inputs[j].cell;
+      if (!base) {  // a view of a plain tensor stays plain
         recipe->outputs.push_back(no_cell());
         return o;
       }
       auto cell = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(index),
-                                            static_cast<int32_t>(j), cells[j]->storage);
+                                            static_cast<int32_t>(j), base->storage);
       cell->value = o;
-      cells[j]->storage->cells.emplace_back(cell);
-      pool_.add_cost(*cells[j]->storage->entry, cost);
+      base->storage->cells.emplace_back(cell);
+      pool_.add_cost(base->storage->entry, cost);
       recipe->outputs.emplace_back(cell);
       return make_wrapper(std::move(cell), o);
     }

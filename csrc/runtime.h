@@ -204,6 +204,11 @@ class Runtime : public c10::intrusive_ptr_target {
   void note_peak(int64_t reserved = 0);
   void note_step_stats();
   int64_t tracked() const;
+  // The storage record holding a pool entry (every entry of this pool is one's).
+  static StorageRecord& record_of(const Entry& e) {
+    TORCH_INTERNAL_ASSERT(e.owner != nullptr, "dtr: a pool entry without its storage record");
+    return *static_cast<StorageRecord*>(e.owner);
+  }
 
   std::recursive_mutex mu_;
   Pool pool_;
@@ -217,7 +222,6 @@ class Runtime : public c10::intrusive_ptr_target {
   std::optional<int64_t> meter_offset_;  // set: the CPU meter counts (see use_cpu_meter)
   std::optional<DeviceMeter> device_meter_;  // set: the device's allocator counts
   Stats stats_;
-  bookkeeping::FlatMap<int64_t, StorageRecord*> records_;  // every op adds one and removes one
   // Plain storages counted, by address; weak so that their death shows.
   bookkeeping::Map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
       plain_;

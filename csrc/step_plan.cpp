@@ -103,8 +103,8 @@ c10::intrusive_ptr<StepPlan> Runtime::end_step() {
   if (!step_) return {};
   note_step_stats();
   std::vector<int64_t> live;
-  for (const auto& [sid, rec] : records_) {
-    if (rec->nwrappers > 0) live.push_back(sid);
+  for (int64_t sid : pool_.ids()) {
+    if (record_of(*pool_.find(sid)).nwrappers > 0) live.push_back(sid);
   }
   auto plan = step_->finish(live, stats_.op_seconds);
   step_.reset();

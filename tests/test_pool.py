@@ -328,6 +328,28 @@ def test_union_find_classes_merge_and_shrink(impl):
 
 
 @needs_cpp
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cpp_pool_keeps_classes_only_for_policies_that_read_them(policy):
+    # Of the native scores only dtr_eq's reads the classes (a runtime's pool
+    # with a policy written in Python keeps them too); the others spend nothing on them.
+    p = make_pool(policy, impl="cpp")
+    keeps = policy == "dtr_eq"
+    assert p._tracks_classes == keeps
+    chain(p, 3, cost=2.0)
+    p.evicted(0)
+    p.evicted(1)
+    if keeps:
+        assert p._class_cost(0) == 4.0 and p._class_root(0) == p._class_root(1)
+    else:
+        assert p._class_cost(0) is None and p._live_nodes() == 0
+    p.rematerialized(0, 1.0)
+    p._check_invariants()
+    for sid in range(3):
+        p.remove(sid)
+    assert p._live_nodes() == 0
+
+
+@needs_cpp
 def test_cpp_union_find_nodes_are_recycled():
     p = make_pool("dtr_eq", impl="cpp")
     chain(p, 50)
@@ -657,13 +679,18 @@ class PoolPair(RuleBasedStateMachine):
             e = py._entry(sid)
             assert e == cpp._entry(sid)
             assert (sid in py._candidates()) == (e["resident"] and e["evictable"] and e["nbytes"] > 0)
-            assert py._class_cost(sid) == cpp._class_cost(sid)
+            if cpp._tracks_classes:
+                assert py._class_cost(sid) == cpp._class_cost(sid)
+            else:
+                assert cpp._class_cost(sid) is None
             if self.policy != "random" and e["resident"] and e["nbytes"] > 0:
                 assert py._score(sid, self.now) == cpp._score(sid, self.now)
 
     @invariant()
     def classes(self):
         for pool in self.both():
+            if not getattr(pool, "_tracks_classes", True):  # the Python pool always keeps them
+                continue
             evicted = [s for s in self.live if not pool._entry(s)["resident"]]
             # Adjacent evicted storages are in one class (classes may be larger).
             for s in evicted:
