@@ -112,9 +112,7 @@ namespace {
 
 // An entry the pool owns, from bookkeeping memory (its alignment kept).
 Entry* new_owned_entry() {
-  Entry* e = new (bookkeeping::Allocator<Entry>().allocate(1)) Entry();
-  e->owned = true;
-  return e;
+  return new (bookkeeping::Allocator<Entry>().allocate(1)) Entry();
 }
 
 void delete_owned_entry(Entry* e) {
@@ -127,7 +125,7 @@ void delete_owned_entry(Entry* e) {
 Pool::~Pool() {
   if (owned_ == 0) return;  // a runtime's pool: every entry was held, and is gone
   for (auto& [sid, e] : index_) {
-    if (e->owned) delete_owned_entry(e);
+    if (e->owned()) delete_owned_entry(e);
   }
 }
 
@@ -306,7 +304,8 @@ Entry* Pool::add(int64_t sid, int64_t nbytes, double cost, double now, bool evic
 
 void Pool::add_held(Entry& e, void* owner, int64_t sid, int64_t nbytes, double cost, double now,
                     bool evictable, c10::ArrayRef<Entry*> parents) {
-  TORCH_INTERNAL_ASSERT(!e.owned && e.owner == nullptr, "dtr: an entry added to the pool twice");
+  TORCH_INTERNAL_ASSERT(owner != nullptr, "dtr: a held entry needs its owner");
+  TORCH_INTERNAL_ASSERT(e.owner == nullptr, "dtr: an entry added to the pool twice");
   insert(e, sid, nbytes, cost, now, evictable);
   e.owner = owner;
   for (Entry* p : parents) link_parent(e, p);
@@ -325,7 +324,7 @@ void Pool::remove(Entry& e) {
   for (Entry* p : e.parents) erase_first(p->children, &e);
   for (Entry* c : e.children) erase_first(c->parents, &e);
   index_.erase(e.sid);
-  if (e.owned) {
+  if (e.owned()) {
     --owned_;
     delete_owned_entry(&e);
   }
@@ -804,7 +803,6 @@ void Pool::check_invariants() {
   for (auto& [sid, held] : index_) {
     Entry& e = *held;
     TORCH_INTERNAL_ASSERT(sid == e.sid);
-    TORCH_INTERNAL_ASSERT(e.owned == (e.owner == nullptr), "entry ", sid, " both owned and held");
     bool should = e.resident && e.evictable && e.nbytes > 0;
     TORCH_INTERNAL_ASSERT(should == (e.cand_pos != kNotCandidate), "candidate set wrong for ", sid);
     ncands += should;

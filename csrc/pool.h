@@ -155,12 +155,12 @@ struct alignas(64) Entry {
   // reads them without another cache miss.
   c10::SmallVector<Entry*, 3> parents;
   c10::SmallVector<Entry*, 3> children;
-  // Whose entry this is (Note [Entry handles]): the pool's own (owned), or
-  // the caller's, who passes the object holding it as `owner` (the C++
-  // runtime's storage record) and gets it back from a victim. The pool never
-  // reads `owner`.
+  // Whose entry this is (Note [Entry handles]): the caller's, who passes the
+  // object holding it as `owner` (the C++ runtime's storage record) and gets
+  // it back from a victim, or, with no owner, the pool's own. The pool never
+  // reads what `owner` points to.
   void* owner = nullptr;
-  bool owned = false;
+  bool owned() const { return owner == nullptr; }
 };
 
 class Pool {
