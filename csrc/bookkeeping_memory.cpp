@@ -26,14 +26,22 @@ constexpr size_t kKeptEmptySlabs = 64;
 // Note [Per-thread block caches]
 // Every allocation and free took its size class's mutex: two lock/unlock
 // pairs per record, a dozen per op, the largest libc item in the per-op
-// profile. Each thread keeps up to kCachedBlocks free blocks per class
-// instead; it takes the mutex only to fetch kRefillBlocks at once, or to hand
-// half back when it holds too many. Blocks are interchangeable within a
-// class, so a block freed on another thread than the one that allocated it
-// simply joins that thread's cache. A cached block counts as live in its slab,
-// so a slab is never released under a cache; at most kCachedBlocks blocks per
-// class and thread are held that way.
-constexpr uint32_t kCachedBlocks = 64;
+// profile. Each thread keeps free blocks per class instead, up to
+// kCachedBytes of them; it takes the mutex only to fetch kRefillBlocks at
+// once, or to hand half back when it holds too many. Blocks are
+// interchangeable within a class, so a block freed on another thread than the
+// one that allocated it simply joins that thread's cache. A cached block
+// counts as live in its slab, so a slab is never released under a cache.
+//
+// The cap is in bytes, and large: a step records its values and frees them
+// all at its end, and the next step records as many again. With 64 blocks per
+// class, the blocks a step freed went back to their slabs' free lists, and
+// the next step took half its blocks one at a time under the mutex (a refill
+// stops at a free list, see take_block's callers): about 350 instructions of
+// locking per op on a chain of adds. Half a MiB per class and thread holds a
+// few thousand records' blocks, so steps of that many ops reuse their own.
+constexpr size_t kCachedBytes = size_t{512} << 10;
+constexpr uint32_t kMinCachedBlocks = 64;
 constexpr uint32_t kRefillBlocks = 16;
 
 struct FreeBlock {
@@ -79,6 +87,12 @@ std::atomic<size_t> g_mapped{0};  // slabs in use: mapped and not kept empty
 std::atomic<size_t> g_kept{0};
 
 size_t class_of(size_t bytes) { return bytes == 0 ? 0 : (bytes - 1) / kGranule; }
+
+// Note [Per-thread block caches]: how many free blocks of a class a thread keeps.
+constexpr uint32_t cached_blocks(size_t index) {
+  const size_t n = kCachedBytes / ((index + 1) * kGranule);
+  return n > kMinCachedBlocks ? static_cast<uint32_t>(n) : kMinCachedBlocks;
+}
 
 void* map_slab_memory() {
   {
@@ -313,7 +327,8 @@ void deallocate(void* p, size_t bytes) noexcept {
     auto* b = static_cast<FreeBlock*>(p);
     b->next = tc->head[index];
     tc->head[index] = b;
-    if (++tc->count[index] > kCachedBlocks) flush(*tc, index, kCachedBlocks / 2);
+    const uint32_t most = cached_blocks(index);
+    if (++tc->count[index] > most) flush(*tc, index, most / 2);
     return;
   }
   SizeClass& c = classes()[index];

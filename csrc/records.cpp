@@ -1,6 +1,8 @@
 // Lifetimes of cells, recipes and storage records (csrc/records.h).
 #include "records.h"
 
+#include <algorithm>
+
 #include "runtime.h"
 
 namespace dtr {
@@ -41,6 +43,20 @@ void Cell::release_resources() {
 }
 
 void Recipe::release_resources() {
+  // Called twice for most recipes (by intrusive_ptr, then by the destructor),
+  // and reaching the graveyard is a thread_local lookup, two calls into the
+  // dynamic linker (Note [Initial-exec TLS]): only a recipe with input cells
+  // needs it.
+  const bool any_cell =
+      std::any_of(inputs.begin(), inputs.end(), [](const RecipeInput& in) { return bool(in.cell); }) ||
+      !mutation.empty();
+  if (!any_cell) {
+    inputs.clear();
+    args.clear();
+    outputs.clear();
+    rng.reset();
+    return;
+  }
   Graveyard& g = graveyard;
   for (RecipeInput& in : inputs) {
     if (in.cell) g.cells.push_back(std::move(in.cell));

@@ -1022,9 +1022,19 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     note_peak(need);
   }
 
-  // The recipe's argument template, taken before the kernel consumes the stack.
-  recipe->args.assign(stack->begin() + first, stack->end());
-  for (const Slot& s : slots) recipe->args[s.arg] = c10::IValue();
+  // The recipe's argument template, taken before the kernel consumes the stack:
+  // None where the inputs go (slots name them in argument order). Copying the
+  // tensors in and clearing them after cost two atomic reference-count updates
+  // per tensor argument.
+  recipe->args.reserve(nargs);
+  for (size_t i = 0, s = 0; i < nargs; ++i) {
+    while (s < slots.size() && static_cast<size_t>(slots[s].arg) < i) ++s;
+    if (s < slots.size() && static_cast<size_t>(slots[s].arg) == i) {
+      recipe->args.emplace_back();
+    } else {
+      recipe->args.push_back((*stack)[first + i]);
+    }
+  }
   recipe->grad_enabled = c10::GradMode::is_enabled();
   if (traits.seeded) {
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
@@ -1068,18 +1078,23 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     const c10::IValue& tr = recipe->args[traits.training];
     training = tr.isBool() ? tr.toBool() : true;
   }
+  // Ops have few inputs and outputs: linear scans, no per-op hash tables.
+  c10::SmallVector<std::pair<const c10::StorageImpl*, size_t>, 4> input_storages;  // -> input index
+  for (size_t i = 0; i < vals.size(); ++i) {
+    if (const auto* st = storage_of(vals[i])) input_storages.emplace_back(st, i);
+  }
+  // The recipe holds the inputs from here on, and their last uses below read
+  // them there: moved, an atomic increment and decrement are saved per input.
+  // A step being recorded reads `cells` when dispatch returns (StepOpScope),
+  // so then they are copied.
   recipe->inputs.resize(vals.size());
   for (size_t i = 0; i < vals.size(); ++i) {
     RecipeInput& in = recipe->inputs[i];
     if (cells[i]) {
-      // The recipe holds the input cells from here on, and their last uses
-      // below read them there: moved, an atomic increment and decrement are
-      // saved per input. A step being recorded reads `cells` when dispatch
-      // returns (StepOpScope), so then they are copied.
       in.cell = step_ ? cells[i] : std::move(cells[i]);
     } else {
-      in.plain = vals[i];
-      if (vals[i].defined()) in.version = vals[i]._version();
+      in.plain = std::move(vals[i]);
+      if (in.plain.defined()) in.version = in.plain._version();
       const int32_t arg = slots[i].arg;
       in.scratch = training && (arg == traits.running_mean || arg == traits.running_var);
       readers_.add(recipe, i);
@@ -1090,15 +1105,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   for (const RecipeInput& in : recipe->inputs) {
     if (in.cell) parents.push_back(&in.cell->storage->entry);
   }
-  // Ops have few inputs and outputs: linear scans, no per-op hash tables.
-  c10::SmallVector<std::pair<const c10::StorageImpl*, size_t>, 4> input_storages;  // -> input index
-  for (size_t i = 0; i < vals.size(); ++i) {
-    if (const auto* st = storage_of(vals[i])) input_storages.emplace_back(st, i);
-  }
-  c10::SmallVector<std::pair<const c10::StorageImpl*, c10::intrusive_ptr<StorageRecord>>, 2> fresh;
+  c10::SmallVector<std::pair<const c10::StorageImpl*, StorageRecord*>, 2> fresh;
   int64_t new_bytes = 0;
   size_t k = 0;
-  auto record = [&](const at::Tensor& o) -> at::Tensor {
+  // Takes the kernel's output by value: moved into its cell, it costs no
+  // reference-count update.
+  auto record = [&](at::Tensor o) -> at::Tensor {
     const size_t index = k++;
     if (!o.defined()) {
       recipe->outputs.push_back(no_cell());
@@ -1126,33 +1138,35 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       }
       auto cell = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(index),
                                             static_cast<int32_t>(j), base->storage);
-      cell->value = o;
+      cell->value = std::move(o);
       base->storage->cells.emplace_back(cell);
       pool_.add_cost(base->storage->entry, cost);
       recipe->outputs.emplace_back(cell);
-      return make_wrapper(std::move(cell), o);
+      const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
+      return make_wrapper(std::move(cell), value);
     }
     c10::intrusive_ptr<StorageRecord> rec;
     auto same = std::find_if(fresh.begin(), fresh.end(), [&](const auto& p) { return p.first == st; });
     if (same != fresh.end()) {
-      rec = same->second;
+      rec = c10::intrusive_ptr<StorageRecord>::reclaim_copy(same->second);
     } else {
       const int64_t nb = storage_bytes(o);
       new_bytes += nb;
       rec = new_storage(nb, cost, traits.collective, parents);
-      fresh.emplace_back(st, rec);
+      fresh.emplace_back(st, rec.get());  // its first cell holds it
     }
     auto cell = c10::make_intrusive<Cell>(traits.collective ? c10::intrusive_ptr<Recipe>() : recipe,
-                                          static_cast<int32_t>(index), -1, rec);
-    cell->value = o;
-    rec->cells.emplace_back(cell);
+                                          static_cast<int32_t>(index), -1, std::move(rec));
+    cell->value = std::move(o);
+    cell->storage->cells.emplace_back(cell);
     recipe->outputs.emplace_back(cell);
-    return make_wrapper(std::move(cell), o);
+    const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
+    return make_wrapper(std::move(cell), value);
   };
   for (size_t i = first; i < stack->size(); ++i) {
     c10::IValue& r = (*stack)[i];
     if (r.isTensor()) {
-      r = record(r.toTensor());
+      r = record(std::move(r).toTensor());
     } else if (r.isTensorList()) {
       c10::List<at::Tensor> in = r.toTensorList();
       c10::List<at::Tensor> out;
