@@ -1,11 +1,19 @@
 #include "capture.h"
 
+#include <c10/util/Exception.h>
+
+#include "thread_state.h"
 #include "wrapper.h"
 
 namespace dtr {
 namespace {
 
-thread_local Runtime* tls_runtime = nullptr;
+// Where a block is entered, left or suspended: the thread's own state.
+ThreadState& block_state() {
+  ThreadState& s = thread_state();
+  TORCH_INTERNAL_ASSERT(!s.exited, "dtr: a block entered or left on a thread that has ended");
+  return s;
+}
 
 const uint64_t kDTRBits = c10::DispatchKeySet(kDTRKey).raw_repr();
 
@@ -19,32 +27,37 @@ c10::DispatchKeySet with_dtr(c10::DispatchKeySet ks) {
 
 }  // namespace
 
-Runtime* active_runtime() { return tls_runtime; }
+Runtime* active_runtime() {
+  const ThreadState* s = t_thread_state;  // a thread without a state has no block open
+  return s != nullptr ? s->active_runtime : nullptr;
+}
 
 BlockToken enter_block(Runtime* rt) {
+  ThreadState& s = block_state();
   BlockToken token;
-  token.previous = tls_runtime;
+  token.previous = s.active_runtime;
   auto local = c10::impl::tls_local_dispatch_key_set();
   token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
   local.included_ = with_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);
-  tls_runtime = rt;
+  s.active_runtime = rt;
   return token;
 }
 
 BlockToken suspend_block() {
+  ThreadState& s = block_state();
   BlockToken token;
-  token.previous = tls_runtime;
+  token.previous = s.active_runtime;
   auto local = c10::impl::tls_local_dispatch_key_set();
   token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
   local.included_ = without_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);
-  tls_runtime = nullptr;
+  s.active_runtime = nullptr;
   return token;
 }
 
 void exit_block(const BlockToken& token) {
-  tls_runtime = token.previous;
+  block_state().active_runtime = token.previous;
   auto local = c10::impl::tls_local_dispatch_key_set();
   local.included_ = token.was_included ? with_dtr(local.included_) : without_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);

@@ -4,6 +4,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "thread_state.h"
+
 namespace dtr {
 namespace {
 
@@ -23,18 +25,24 @@ double OpMemory::stable_cost(double seen) {
 
 // Note [Per-thread copies of the op-memory table]
 // Every op looks its entry up. Entries are never erased and never move, so a
-// thread keeps the pointers it has found in a table of its own and takes the
-// shared lock only for keys it has not seen yet (a mutex lock and unlock per
-// op showed in the per-op profile).
-thread_local std::unordered_map<uint64_t, OpMemory*> t_seen;
+// thread keeps the pointers it has found in a table of its own (in its state,
+// thread_state.h) and takes the shared lock only for keys it has not seen yet
+// (a mutex lock and unlock per op showed in the per-op profile).
+static void remember(uint64_t key, OpMemory* memory) {
+  ThreadState& s = thread_state();
+  if (!s.exited) s.seen_op_memory.emplace(key, memory);
+}
 
 OpMemory* find_op_memory(uint64_t key) {
-  auto hit = t_seen.find(key);
-  if (hit != t_seen.end()) return hit->second;
+  ThreadState& s = thread_state();
+  if (!s.exited) {
+    auto hit = s.seen_op_memory.find(key);
+    if (hit != s.seen_op_memory.end()) return hit->second;
+  }
   std::lock_guard<std::mutex> g(g_mu);
   auto it = g_table.find(key);
   if (it == g_table.end()) return nullptr;
-  t_seen.emplace(key, it->second.get());
+  remember(key, it->second.get());
   return it->second.get();
 }
 
@@ -45,7 +53,7 @@ OpMemory* add_op_memory(uint64_t key, int64_t out_bytes) {
     slot = std::make_unique<OpMemory>();
     slot->out_bytes.store(out_bytes, std::memory_order_relaxed);
   }
-  t_seen.emplace(key, slot.get());
+  remember(key, slot.get());
   return slot.get();
 }
 

@@ -5,6 +5,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "thread_state.h"
+
 namespace dtr {
 namespace {
 
@@ -111,12 +113,14 @@ OpTraits compute(const c10::OperatorHandle& op) {
 static const OpTraits& op_traits_locked(const c10::OperatorHandle& op);
 
 const OpTraits& op_traits(const c10::OperatorHandle& op) {
-  // Every op asks: a per-thread copy of the lookup answers without the lock.
-  thread_local std::unordered_map<const void*, const OpTraits*> local;
-  auto hit = local.find(&op.schema());
-  if (hit != local.end()) return *hit->second;
+  // Every op asks: the thread's copy of the lookup (thread_state.h) answers
+  // without the lock.
+  ThreadState& s = thread_state();
+  if (s.exited) return op_traits_locked(op);
+  auto hit = s.seen_op_traits.find(&op.schema());
+  if (hit != s.seen_op_traits.end()) return *hit->second;
   const OpTraits& traits = op_traits_locked(op);
-  local.emplace(&op.schema(), &traits);
+  s.seen_op_traits.emplace(&op.schema(), &traits);
   return traits;
 }
 

@@ -4,18 +4,9 @@
 #include <algorithm>
 
 #include "runtime.h"
+#include "thread_state.h"
 
 namespace dtr {
-namespace {
-
-// Note [Iterative teardown]
-struct Graveyard {
-  std::vector<c10::intrusive_ptr<Cell>> cells;
-  bool draining = false;
-};
-thread_local Graveyard graveyard;
-
-}  // namespace
 
 // Its pool entry makes it over-aligned: bookkeeping::Object serves such
 // objects only from its size classes.
@@ -43,10 +34,8 @@ void Cell::release_resources() {
 }
 
 void Recipe::release_resources() {
-  // Called twice for most recipes (by intrusive_ptr, then by the destructor),
-  // and reaching the graveyard is a thread_local lookup, two calls into the
-  // dynamic linker (Note [Initial-exec TLS]): only a recipe with input cells
-  // needs it.
+  // Called twice for most recipes (by intrusive_ptr, then by the destructor):
+  // only a recipe with input cells needs the thread's teardown list.
   const bool any_cell =
       std::any_of(inputs.begin(), inputs.end(), [](const RecipeInput& in) { return bool(in.cell); }) ||
       !mutation.empty();
@@ -57,21 +46,23 @@ void Recipe::release_resources() {
     rng.reset();
     return;
   }
-  Graveyard& g = graveyard;
-  for (RecipeInput& in : inputs) {
-    if (in.cell) g.cells.push_back(std::move(in.cell));
+  ThreadState& g = thread_state();
+  if (!g.exited) {  // the exited state keeps no list: its cells go right here
+    for (RecipeInput& in : inputs) {
+      if (in.cell) g.dying_cells.push_back(std::move(in.cell));
+    }
   }
   inputs.clear();
   args.clear();
   outputs.clear();
   mutation.clear();
   rng.reset();
-  if (g.draining) return;
+  if (g.exited || g.draining) return;
   g.draining = true;
-  while (!g.cells.empty()) {
-    c10::intrusive_ptr<Cell> c = std::move(g.cells.back());
-    g.cells.pop_back();
-    c.reset();  // may free recipes, which add their inputs to g.cells
+  while (!g.dying_cells.empty()) {
+    c10::intrusive_ptr<Cell> c = std::move(g.dying_cells.back());
+    g.dying_cells.pop_back();
+    c.reset();  // may free recipes, which add their inputs to dying_cells
   }
   g.draining = false;
 }

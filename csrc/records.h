@@ -53,7 +53,7 @@ class DTRTensorImpl;
 
 // One tensor value. Defined first: the inline lists of storage records and
 // recipes (Note [Inline lists in records]) need its complete type.
-struct Cell : c10::intrusive_ptr_target, LiveCount<Cell>, bookkeeping::Object {
+struct Cell : c10::intrusive_ptr_target, LiveCount<Counted::kCell>, bookkeeping::Object {
   Cell(c10::intrusive_ptr<Recipe> recipe, int32_t out_index, int32_t view_src,
        c10::intrusive_ptr<StorageRecord> storage)
       : recipe(std::move(recipe)), out_index(out_index), view_src(view_src),
@@ -71,7 +71,7 @@ struct Cell : c10::intrusive_ptr_target, LiveCount<Cell>, bookkeeping::Object {
 };
 
 // The unit of eviction: one storage and every cell (view) living in it.
-struct StorageRecord : c10::intrusive_ptr_target, LiveCount<StorageRecord>, bookkeeping::Object {
+struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRecord>, bookkeeping::Object {
   StorageRecord(c10::intrusive_ptr<Runtime> runtime, int64_t sid, int64_t nbytes, bool pinned);
   ~StorageRecord() override;
   // Tells the runtime this storage is gone (Note [Weak references keep members alive]).
@@ -135,7 +135,7 @@ struct MutationTarget {
 };
 
 // How to recompute one op call.
-struct Recipe : c10::intrusive_ptr_target, LiveCount<Recipe>, bookkeeping::Object {
+struct Recipe : c10::intrusive_ptr_target, LiveCount<Counted::kRecipe>, bookkeeping::Object {
   c10::OperatorHandle op;
   c10::SmallVector<c10::IValue, 4> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order

@@ -17,6 +17,7 @@
 #include "tensor_walk.h"
 #include "recipe_stack.h"
 #include "sparse.h"
+#include "thread_state.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -811,31 +812,22 @@ void Runtime::dispatch(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   dispatch(op, op_traits(op), stack);
 }
 
-namespace {
-
 // Note [Per-op vectors reused]
 // Every op needs its inputs' cells, values and the storages it locked: three
 // heap blocks an op, made and freed each time. A thread keeps spare sets (one
 // per nesting level of dispatch: a Python policy or a recompute may run an
-// op inside another) and an op borrows one, its vectors empty but with the
-// capacity they grew to. Returning it releases what the op held in the order
-// the locals it replaces were destroyed: values, then the locks (through the
-// runtime), then the cells, which outlive the locks on their storages.
-struct OpVectors {
-  std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
-  std::vector<at::Tensor> vals;
-  std::vector<int64_t> locked;
-};
-thread_local std::vector<std::unique_ptr<OpVectors>> t_spare_op_vectors;
-
-}  // namespace
-
+// op inside another) in its state (thread_state.h) and an op borrows one, its
+// vectors empty but with the capacity they grew to. Returning it releases what
+// the op held in the order the locals it replaces were destroyed: values, then
+// the locks (through the runtime), then the cells, which outlive the locks on
+// their storages.
 struct Runtime::BorrowedOpVectors {
   Runtime* rt;
   std::unique_ptr<OpVectors> v;
-  explicit BorrowedOpVectors(Runtime* rt) : rt(rt) {
-    auto& spare = t_spare_op_vectors;
-    if (spare.empty()) {
+  ThreadState& thread;
+  explicit BorrowedOpVectors(Runtime* rt) : rt(rt), thread(thread_state()) {
+    auto& spare = thread.spare_op_vectors;
+    if (thread.exited || spare.empty()) {
       v = std::make_unique<OpVectors>();
     } else {
       v = std::move(spare.back());
@@ -846,7 +838,7 @@ struct Runtime::BorrowedOpVectors {
     v->vals.clear();
     rt->unlock_all(v->locked);
     v->cells.clear();
-    t_spare_op_vectors.push_back(std::move(v));
+    if (!thread.exited) thread.spare_op_vectors.push_back(std::move(v));
   }
 };
 

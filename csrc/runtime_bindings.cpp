@@ -165,9 +165,9 @@ void bind_runtime(py::module_& m) {
   m.def("register_new_ops", &register_new_ops);
   m.def("live_objects", [] {
     py::dict d;  // Note [Live object counts]
-    d["cells"] = LiveCount<Cell>::live();
-    d["recipes"] = LiveCount<Recipe>::live();
-    d["storages"] = LiveCount<StorageRecord>::live();
+    d["cells"] = live_count(Counted::kCell);
+    d["recipes"] = live_count(Counted::kRecipe);
+    d["storages"] = live_count(Counted::kStorageRecord);
     return d;
   }, "Cells, recipes and storage records alive in every C++ runtime of the process.");
   m.def("bookkeeping_slabs", &bookkeeping::mapped_slabs,

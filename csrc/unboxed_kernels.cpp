@@ -63,6 +63,7 @@
 #include "fallback.h"
 #include "op_traits.h"
 #include "runtime.h"
+#include "thread_state.h"
 #include "wrapper.h"
 
 namespace dtr {
@@ -83,22 +84,21 @@ inline std::optional<at::TensorList> held_list(const at::ITensorListRef& list) {
   return std::nullopt;
 }
 
-// A Stack for one op, kept by the thread with its capacity for the next op (a
-// heap block per op otherwise). One per nesting level: a Python policy called
-// while an op makes room may run ops of its own.
-thread_local std::vector<torch::jit::Stack> t_spare_stacks;
-
+// A Stack for one op, kept by the thread (thread_state.h) with its capacity
+// for the next op (a heap block per op otherwise). One per nesting level: a
+// Python policy called while an op makes room may run ops of its own.
 struct BorrowedStack {
   torch::jit::Stack stack;
+  ThreadState& thread = thread_state();
   BorrowedStack() {
-    if (!t_spare_stacks.empty()) {
-      stack = std::move(t_spare_stacks.back());
-      t_spare_stacks.pop_back();
+    if (!thread.exited && !thread.spare_stacks.empty()) {
+      stack = std::move(thread.spare_stacks.back());
+      thread.spare_stacks.pop_back();
     }
   }
   ~BorrowedStack() {
     stack.clear();
-    t_spare_stacks.push_back(std::move(stack));
+    if (!thread.exited) thread.spare_stacks.push_back(std::move(stack));
   }
   BorrowedStack(const BorrowedStack&) = delete;
   BorrowedStack& operator=(const BorrowedStack&) = delete;

@@ -217,6 +217,34 @@ def test_threads_each_open_their_own_block():
     assert not errors, errors
 
 
+def test_live_counts_follow_records_made_on_threads_that_have_ended():
+    # Each thread counts the records it makes and frees in its own state, and an
+    # ending thread hands its counts on (Note [The thread's state] in csrc/thread_state.h):
+    # values made on threads that have ended and freed on this one bring the counts back.
+    gc.collect()
+    before = dtr.testing.live_runtime_objects("cpp")
+    kept = []
+
+    def work(seed):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        with dtr.budget(None, runtime="cpp"):
+            y = (x * 2).tanh()
+            kept.append((y, y.sum()))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    during = dtr.testing.live_runtime_objects("cpp")
+    assert len(kept) == 3
+    for name in ("cells", "recipes", "storages"):
+        assert during[name] >= before[name] + 3 * 3, (name, before, during)
+    kept.clear()
+    gc.collect()
+    assert dtr.testing.live_runtime_objects("cpp") == before
+
+
 def test_the_key_is_released_after_the_block():
     with dtr.budget(None, runtime="cpp"):
         pass
