@@ -40,12 +40,18 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
 
 uint64_t hash_tensor(uint64_t h, const at::Tensor& t) {
   if (!t.defined()) return mix(h, 0x55);
-  h = mix(h, static_cast<uint64_t>(t.scalar_type()));
-  h = mix(h, static_cast<uint64_t>(t.device().type()));
-  for (int64_t s : t.sizes()) h = mix(h, static_cast<uint64_t>(s));
-  h = mix(h, 0x77);
-  if (is_sparse_value(t)) return mix(h, 0x100 + static_cast<uint64_t>(t.layout()));  // no strides
-  for (int64_t s : t.strides()) h = mix(h, static_cast<uint64_t>(s));
+  // One word for what is not a size or a stride (each field in its own bits),
+  // the number of dimensions among it, so that sizes and strides need no
+  // separator: a mix per size and stride, and one more.
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const auto layout = static_cast<uint64_t>(impl->layout());
+  const bool strided = layout == static_cast<uint64_t>(c10::kStrided);
+  h = mix(h, static_cast<uint64_t>(impl->dtype().toScalarType()) |
+                 (static_cast<uint64_t>(impl->device_type()) << 8) | (layout << 16) |
+                 (static_cast<uint64_t>(impl->dim()) << 24));
+  for (int64_t s : impl->sizes()) h = mix(h, static_cast<uint64_t>(s));
+  if (!strided) return h;  // a sparse tensor has no strides
+  for (int64_t s : impl->strides()) h = mix(h, static_cast<uint64_t>(s));
   return h;
 }
 
