@@ -88,11 +88,16 @@ std::atomic<size_t> g_kept{0};
 
 size_t class_of(size_t bytes) { return bytes == 0 ? 0 : (bytes - 1) / kGranule; }
 
-// Note [Per-thread block caches]: how many free blocks of a class a thread keeps.
-constexpr uint32_t cached_blocks(size_t index) {
-  const size_t n = kCachedBytes / ((index + 1) * kGranule);
-  return n > kMinCachedBlocks ? static_cast<uint32_t>(n) : kMinCachedBlocks;
-}
+// Note [Per-thread block caches]: how many free blocks of each class a thread
+// keeps; a table, so that a free does not divide.
+constexpr std::array<uint32_t, kClasses> kCachedBlocks = [] {
+  std::array<uint32_t, kClasses> most{};
+  for (size_t i = 0; i < kClasses; ++i) {
+    const size_t n = kCachedBytes / ((i + 1) * kGranule);
+    most[i] = n > kMinCachedBlocks ? static_cast<uint32_t>(n) : kMinCachedBlocks;
+  }
+  return most;
+}();
 
 void* map_slab_memory() {
   {
@@ -327,7 +332,7 @@ void deallocate(void* p, size_t bytes) noexcept {
     auto* b = static_cast<FreeBlock*>(p);
     b->next = tc->head[index];
     tc->head[index] = b;
-    const uint32_t most = cached_blocks(index);
+    const uint32_t most = kCachedBlocks[index];
     if (++tc->count[index] > most) flush(*tc, index, most / 2);
     return;
   }

@@ -19,8 +19,6 @@ struct LiveCount {
   LiveCount(const LiveCount&) { count_live(kind, 1); }
   LiveCount& operator=(const LiveCount&) = default;
   ~LiveCount() { count_live(kind, -1); }
-
-  static int64_t live() { return live_count(kind); }
 };
 
 }  // namespace dtr

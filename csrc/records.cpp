@@ -1,8 +1,6 @@
 // Lifetimes of cells, recipes and storage records (csrc/records.h).
 #include "records.h"
 
-#include <algorithm>
-
 #include "runtime.h"
 #include "thread_state.h"
 
@@ -34,18 +32,6 @@ void Cell::release_resources() {
 }
 
 void Recipe::release_resources() {
-  // Called twice for most recipes (by intrusive_ptr, then by the destructor):
-  // only a recipe with input cells needs the thread's teardown list.
-  const bool any_cell =
-      std::any_of(inputs.begin(), inputs.end(), [](const RecipeInput& in) { return bool(in.cell); }) ||
-      !mutation.empty();
-  if (!any_cell) {
-    inputs.clear();
-    args.clear();
-    outputs.clear();
-    rng.reset();
-    return;
-  }
   ThreadState& g = thread_state();
   if (!g.exited) {  // the exited state keeps no list: its cells go right here
     for (RecipeInput& in : inputs) {
