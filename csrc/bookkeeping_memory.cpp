@@ -38,9 +38,12 @@ constexpr size_t kKeptEmptySlabs = 64;
 // class, the blocks a step freed went back to their slabs' free lists, and
 // the next step took half its blocks one at a time under the mutex (a refill
 // stops at a free list, see take_block's callers): about 350 instructions of
-// locking per op on a chain of adds. Half a MiB per class and thread holds a
-// few thousand records' blocks, so steps of that many ops reuse their own.
-constexpr size_t kCachedBytes = size_t{512} << 10;
+// locking per op on a chain of adds. Half a MiB per class still held only
+// about 1,200 recipes (the largest record), so the blocks of a block of 3,000
+// ops (the add chain of bench.runtime_overhead) were again half taken one at a
+// time. Two MiB per class and thread holds about 5,000 of each record; a
+// thread that ran a block keeps at most a few tens of MiB of free blocks.
+constexpr size_t kCachedBytes = size_t{2} << 20;
 constexpr uint32_t kMinCachedBlocks = 64;
 constexpr uint32_t kRefillBlocks = 16;
 

@@ -45,7 +45,7 @@ class PlainReaders {
 
  private:
   using Readers = bookkeeping::Vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>>;
-  bookkeeping::Map<const c10::StorageImpl*, Readers> by_storage_;
+  bookkeeping::FlatMap<const c10::StorageImpl*, Readers> by_storage_;
   // Keys of storages no live recipe reads any more are dropped by a sweep once
   // the table doubles (a block reading a fresh plain tensor each step).
   size_t sweep_at_ = 1024;

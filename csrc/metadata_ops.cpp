@@ -147,7 +147,7 @@ void Runtime::dispatch_metadata_op(const c10::OperatorHandle& op, const OpTraits
   recipe->args = {c10::IValue(), c10::IValue(w.sizes().vec()), c10::IValue(w.strides().vec()),
                   c10::IValue(w.storage_offset())};
   recipe->slots = {Slot{0, -1, Slot::kTensor}};
-  recipe->list_sizes = {0, 0, 0, 0};
+  recipe->extra().list_sizes = {0, 0, 0, 0};
   recipe->grad_enabled = false;
   recipe->inputs.resize(1);
   recipe->inputs[0].cell = parent;

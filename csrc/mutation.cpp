@@ -116,7 +116,7 @@ c10::intrusive_ptr<Cell> view_over(const Cell& old, c10::intrusive_ptr<Cell> par
   auto nr = c10::make_intrusive<Recipe>(r.op);
   nr->args = r.args;
   nr->slots = r.slots;
-  nr->list_sizes = r.list_sizes;
+  if (!r.list_sizes().empty()) nr->extra().list_sizes = r.list_sizes();
   nr->inputs = r.inputs;
   nr->inputs[old.view_src].cell = std::move(parent);
   nr->cost = r.cost;
@@ -252,12 +252,12 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     recipe->args.assign(stack->begin() + first, stack->end());
     for (const Slot& s : call.slots) recipe->args[s.arg] = c10::IValue();
     recipe->slots = call.slots;
-    recipe->list_sizes = call.list_sizes;
+    if (!call.list_sizes.empty()) recipe->extra().list_sizes = call.list_sizes;
     recipe->grad_enabled = c10::GradMode::is_enabled();
     if (traits.seeded) {
       const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
-      recipe->rng = capture_rng(gen, device);
-      if (rng_bytes) count_plain(recipe->rng->state);
+      const RNGState& rng = recipe->extra().rng.emplace(capture_rng(gen, device));
+      if (rng_bytes) count_plain(rng.state);
     }
   }
 
@@ -303,7 +303,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     if (recipe) {
       recipe->outputs.emplace_back(nbase);
       recipe->inputs.push_back(RecipeInput{tg.base, at::Tensor(), 0, false});
-      recipe->mutation.push_back(MutationTarget{
+      recipe->extra().mutation.push_back(MutationTarget{
           tg.input, static_cast<int32_t>(recipe->inputs.size() - 1), std::move(tg.chain)});
       recipe->out_bytes += nb;
     }
@@ -390,7 +390,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
 std::vector<StorageRecord*> Runtime::stealable_bases(const Recipe& r,
                                                      const std::vector<int64_t>& locked) {
   std::vector<StorageRecord*> out;
-  for (const MutationTarget& m : r.mutation) {
+  for (const MutationTarget& m : r.mutation()) {
     StorageRecord* rec = r.inputs[m.base].cell->storage.get();
     const int64_t ours = std::count(locked.begin(), locked.end(), rec->sid);
     if (!rec->pinned && rec->nwrappers == 0 && rec->resident && pool_.locks(rec->sid) == ours) {
@@ -403,8 +403,8 @@ std::vector<StorageRecord*> Runtime::stealable_bases(const Recipe& r,
 // Runs below dtr, under the recipe's grad mode (see Runtime::recompute).
 std::vector<at::Tensor> Runtime::run_mutation_recipe(const Recipe& r, std::vector<at::Tensor> vals) {
   std::vector<at::Tensor> bases;
-  bases.reserve(r.mutation.size());
-  for (const MutationTarget& m : r.mutation) {
+  bases.reserve(r.mutation().size());
+  for (const MutationTarget& m : r.mutation()) {
     at::Tensor base = vals[m.base];
     // Still resident: not stolen (Note [Stealing on recompute]), so write into a copy.
     if (r.inputs[m.base].cell->storage->resident) base = base.clone();
@@ -413,7 +413,7 @@ std::vector<at::Tensor> Runtime::run_mutation_recipe(const Recipe& r, std::vecto
   }
   torch::jit::Stack stack;
   fill_stack(r, vals, stack);
-  RNGReplayGuard rng(r.rng);
+  RNGReplayGuard rng(r.rng());
   r.op.callBoxed(&stack);
   return bases;
 }

@@ -10,6 +10,8 @@ namespace dtr {
 // objects only from its size classes.
 static_assert(sizeof(StorageRecord) <= bookkeeping::kLargestBlock);
 
+const RecipeExtras Recipe::kNoExtras;
+
 StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_t nbytes, bool pinned)
     : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
 
@@ -41,8 +43,7 @@ void Recipe::release_resources() {
   inputs.clear();
   args.clear();
   outputs.clear();
-  mutation.clear();
-  rng.reset();
+  extras.reset();
   if (g.exited || g.draining) return;
   g.draining = true;
   while (!g.dying_cells.empty()) {

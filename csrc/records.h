@@ -34,6 +34,7 @@
 #include <c10/util/SmallVector.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -100,10 +101,13 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRec
 // `elem` of a Tensor[] / Tensor?[] argument.
 struct Slot {
   enum Kind : uint8_t { kTensor, kTensorList, kOptionalTensorList };
-  int32_t arg;
+  Slot(int32_t arg, int32_t elem, Kind kind)
+      : elem(elem), arg(static_cast<int16_t>(arg)), kind(kind) {}
   int32_t elem;
+  int16_t arg;  // schemas have a handful of arguments
   Kind kind;
 };
+static_assert(sizeof(Slot) == 8, "three slots fit in a recipe's inline list (Note [Inline lists in records])");
 // Note [Inline lists in records]
 // A recipe's arguments, slots, inputs and outputs, and a storage's cells, are
 // held inline up to the sizes most ops need (four arguments: addmm has five,
@@ -118,7 +122,7 @@ using ListSizes = bookkeeping::Vector<int32_t>;
 struct RecipeInput {
   c10::intrusive_ptr<Cell> cell;  // a dtr value, or (when null)
   at::Tensor plain;               // a tensor made outside the runtime
-  int64_t version = 0;            // plain's version when recorded
+  uint32_t version = 0;           // plain's version when recorded (torch counts in 32 bits)
   bool scratch = false;           // pass a copy (Note [Hidden running-stat updates])
 };
 
@@ -134,27 +138,47 @@ struct MutationTarget {
   std::vector<c10::intrusive_ptr<Cell>> chain;
 };
 
+// What few recipes have, kept out of line: a recipe is written for every op,
+// and these three fields made it a cache line longer.
+struct RecipeExtras : bookkeeping::Object {
+  std::optional<RNGState> rng;  // a seeded op's generator state
+  ListSizes list_sizes;         // per argument: length of a tensor-list argument
+  // Non-empty for an in-place op: its outputs are the written bases, in order.
+  bookkeeping::Vector<MutationTarget> mutation;
+};
+
 // How to recompute one op call.
 struct Recipe : c10::intrusive_ptr_target, LiveCount<Counted::kRecipe>, bookkeeping::Object {
   c10::OperatorHandle op;
   c10::SmallVector<c10::IValue, 4> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order
-  ListSizes list_sizes;             // per argument: length of a tensor-list argument
   c10::SmallVector<RecipeInput, 3> inputs;  // Note [Inline lists in records]
   c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 3> outputs;  // per flat tensor output
-  std::optional<RNGState> rng;
   double cost = 0.0;
   int64_t out_bytes = 0;             // bytes of the fresh storages it makes
   int64_t scratch_bytes = 0;         // its kernel's scratch, reserved before a recompute
   bool grad_enabled = true;
-  // Non-empty for an in-place op: its outputs are the written bases, in order.
-  bookkeeping::Vector<MutationTarget> mutation;
+  std::unique_ptr<RecipeExtras> extras;  // null when it has none of them
 
   explicit Recipe(c10::OperatorHandle op) : op(std::move(op)) {}
   ~Recipe() override { release_resources(); }
   // Note [Iterative teardown]; also Note [Weak references keep members alive]:
   // PlainReaders (hidden_writes.h) refers to recipes weakly.
   void release_resources() override;
+
+  const std::optional<RNGState>& rng() const { return extras ? extras->rng : kNoExtras.rng; }
+  const ListSizes& list_sizes() const { return extras ? extras->list_sizes : kNoExtras.list_sizes; }
+  const bookkeeping::Vector<MutationTarget>& mutation() const {
+    return extras ? extras->mutation : kNoExtras.mutation;
+  }
+  // Made on first use.
+  RecipeExtras& extra() {
+    if (!extras) extras = std::make_unique<RecipeExtras>();
+    return *extras;
+  }
+
+ private:
+  static const RecipeExtras kNoExtras;
 };
 
 inline Cell* Cell::view_parent() const {

@@ -11,6 +11,7 @@
 #include "errors.h"
 #include "alloc_meter.h"
 #include "grad_hook.h"
+#include "op_clock.h"
 #include "op_memory.h"
 #include "op_traits.h"
 #include "scratch.h"
@@ -532,15 +533,15 @@ void fill_stack(const Recipe& r, const std::vector<at::Tensor>& vals, torch::jit
         args[s.arg] = vals[i];
         break;
       case Slot::kTensorList:
-        if (lists[s.arg].size() == 0 && r.list_sizes[s.arg] > 0) {
-          lists[s.arg].resize(r.list_sizes[s.arg]);
+        if (lists[s.arg].size() == 0 && r.list_sizes()[s.arg] > 0) {
+          lists[s.arg].resize(r.list_sizes()[s.arg]);
         }
         lists[s.arg].set(s.elem, vals[i]);
         args[s.arg] = lists[s.arg];
         break;
       case Slot::kOptionalTensorList:
-        if (olists[s.arg].size() == 0 && r.list_sizes[s.arg] > 0) {
-          olists[s.arg].resize(r.list_sizes[s.arg]);
+        if (olists[s.arg].size() == 0 && r.list_sizes()[s.arg] > 0) {
+          olists[s.arg].resize(r.list_sizes()[s.arg]);
         }
         olists[s.arg].set(s.elem, vals[i]);
         args[s.arg] = olists[s.arg];
@@ -568,9 +569,9 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   // an in-place recipe may write into its old base's memory itself, which then
   // needs no room.
   const std::vector<StorageRecord*> stolen =
-      r.mutation.empty() ? std::vector<StorageRecord*>() : stealable_bases(r, locked);
+      r.mutation().empty() ? std::vector<StorageRecord*>() : stealable_bases(r, locked);
   int64_t need = r.out_bytes + r.scratch_bytes +
-                 (r.rng ? rng_state_bytes(r.rng->generator.device()) : 0);
+                 (r.rng() ? rng_state_bytes(r.rng()->generator.device()) : 0);
   for (const StorageRecord* rec : stolen) need -= rec->nbytes;
   if (need > 0) {
     make_room(need, traits.name + " (recomputing an evicted value)", need + locked_bytes);
@@ -578,7 +579,7 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   for (StorageRecord* rec : stolen) evict(*rec, /*counted=*/false);
   std::vector<at::Tensor> outs;
   const double t0 = now_seconds();
-  if (r.mutation.empty()) {
+  if (r.mutation().empty()) {
     torch::jit::Stack stack;
     run_evicting_on_oom(
         [&](bool) {
@@ -586,7 +587,7 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
           fill_stack(r, vals, stack);
           c10::AutoGradMode grad(r.grad_enabled);
           BelowDTRGuard below;
-          RNGReplayGuard rng(r.rng);
+          RNGReplayGuard rng(r.rng());
           r.op.callBoxed(&stack);
         },
         traits.name + " (recomputing an evicted value)", std::max<int64_t>(need, 1));
@@ -742,12 +743,12 @@ int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits
 }
 
 double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const double t0 = now_seconds();
+  const OpClock::Ticks t0 = OpClock::now();
   {
     BelowDTRGuard below;
     op.callBoxed(stack);
   }
-  const double cost = now_seconds() - t0;
+  const double cost = OpClock::seconds(t0, OpClock::now());  // Note [The op clock]
   stats_.op_seconds += cost;
   return cost;
 }
@@ -876,12 +877,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   // filled in place (copying them in after the kernel cost two heap blocks per op).
   c10::intrusive_ptr<Recipe> recipe;
   Slots own_slots;
-  ListSizes own_list_sizes;
   if (traits.written.empty()) recipe = c10::make_intrusive<Recipe>(op);
   Slots& slots = recipe ? recipe->slots : own_slots;
   // Per argument, sized only when a tensor-list argument comes: fill_stack and
-  // mutation.cpp read it only for slots in lists.
-  ListSizes& list_sizes = recipe ? recipe->list_sizes : own_list_sizes;
+  // mutation.cpp read it only for slots in lists. A recipe takes it below.
+  ListSizes list_sizes;
   std::vector<at::Tensor>& vals = borrowed.v->vals;
   cells.reserve(nargs);
   vals.reserve(nargs);
@@ -963,6 +963,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     }
   }
 
+  if (recipe && !list_sizes.empty()) recipe->extra().list_sizes = std::move(list_sizes);
+
   // Note [Recording steps for lookahead] (step_plan.h): lookahead blocks only.
   StepOpScope step_op(step_.get(), pool_, op, static_cast<int64_t>(vals.size() + nested_cells.size()),
                       cells, stats_.op_seconds);
@@ -986,7 +988,11 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   }
 
   // Note [Writes into what recipes read in C++] (hidden_writes.h): running stats.
-  const auto stat_copies = take_hidden_writes(traits, stack, first, cells, vals, slots);
+  // Only ops with running stats have them; calling for every op cost ~60 instructions.
+  std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> stat_copies;
+  if (traits.running_mean >= 0) {
+    stat_copies = take_hidden_writes(traits, stack, first, cells, vals, slots);
+  }
 
   // 2. Make room before running, so the budget holds: for the outputs, the
   // kernel's scratch (Note [Measured op scratch] in dtr/scratch.py) and the
@@ -1036,8 +1042,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   recipe->grad_enabled = c10::GradMode::is_enabled();
   if (traits.seeded) {
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
-    recipe->rng = capture_rng(gen, device);
-    if (rng_bytes) count_plain(recipe->rng->state);
+    const RNGState& rng = recipe->extra().rng.emplace(capture_rng(gen, device));
+    if (rng_bytes) count_plain(rng.state);
   }
 
   // 3. Run; the first run of an (op, input metadata) measures its scratch.
@@ -1050,7 +1056,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
         if (retry) {
           stack->resize(first);
           fill_stack(*recipe, vals, *stack);
-          if (recipe->rng) reset_rng(*recipe->rng);
+          if (recipe->rng()) reset_rng(*recipe->rng());
         }
         ScratchWindow window(measure);
         cost = run_timed(op, stack);
@@ -1176,7 +1182,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   recipe->out_bytes = new_bytes;
   if (memory && new_bytes != planned) memory->out_bytes.store(new_bytes, std::memory_order_relaxed);
   note_peak();
-  write_back(stat_copies);
+  if (!stat_copies.empty()) write_back(stat_copies);
   if (evict_all_) {
     unlock_all(locked);
     evict_everything();

@@ -223,7 +223,7 @@ class Runtime : public c10::intrusive_ptr_target {
   std::optional<DeviceMeter> device_meter_;  // set: the device's allocator counts
   Stats stats_;
   // Plain storages counted, by address; weak so that their death shows.
-  bookkeeping::Map<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
+  bookkeeping::FlatMap<const c10::StorageImpl*, std::pair<c10::weak_intrusive_ptr<c10::StorageImpl>, int64_t>>
       plain_;
   size_t plain_sweep_at_ = 1024;
   // Recomputed storages no wrapper refers to (see Note [Eager eviction] in dtr/runtime.py).

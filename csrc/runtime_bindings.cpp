@@ -4,11 +4,15 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include <chrono>
+#include <thread>
+
 #include "bookkeeping_memory.h"
 #include "capture.h"
 #include "errors.h"
 #include "escapes.h"
 #include "fallback.h"
+#include "op_clock.h"
 #include "python_policy.h"
 #include "runtime.h"
 #include "runtime_bindings.h"
@@ -163,6 +167,29 @@ void bind_runtime(py::module_& m) {
     return py::cast(w->cell()->storage->runtime);
   });
   m.def("register_new_ops", &register_new_ops);
+  // For tests: the layout flags a TensorImpl answers with (a wrapper's must be its value's).
+  m.def("_layout_flags", [](const at::Tensor& t) {
+    const c10::TensorImpl* i = t.unsafeGetTensorImpl();
+    return py::make_tuple(i->is_contiguous(at::MemoryFormat::Contiguous),
+                          i->is_contiguous(at::MemoryFormat::ChannelsLast),
+                          i->is_contiguous(at::MemoryFormat::ChannelsLast3d),
+                          i->is_strides_like(at::MemoryFormat::ChannelsLast),
+                          i->is_strides_like(at::MemoryFormat::ChannelsLast3d),
+                          i->is_non_overlapping_and_dense(), i->numel());
+  });
+  // Note [The op clock]: for tests, the op clock's and steady_clock's seconds over one sleep.
+  m.def("_op_clock_check", [](double sleep_seconds) {
+    const OpClock::Ticks t0 = OpClock::now();
+    const auto s0 = std::chrono::steady_clock::now();
+    {
+      py::gil_scoped_release nogil;
+      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_seconds));
+    }
+    const OpClock::Ticks t1 = OpClock::now();
+    const auto s1 = std::chrono::steady_clock::now();
+    return py::make_tuple(OpClock::uses_tsc(), OpClock::seconds(t0, t1),
+                          std::chrono::duration<double>(s1 - s0).count());
+  });
   m.def("live_objects", [] {
     py::dict d;  // Note [Live object counts]
     d["cells"] = live_count(Counted::kCell);

@@ -19,13 +19,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/stack.h>
+#include <c10/util/flat_hash_map.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <unordered_map>
 #include <vector>
 
 namespace dtr {
@@ -60,8 +60,9 @@ struct ThreadState {
   std::vector<c10::intrusive_ptr<Cell>> dying_cells;
   bool draining = false;
   // Note [Per-thread copies of the op-memory table] in op_memory.cpp, and op_traits.cpp's.
-  std::unordered_map<uint64_t, OpMemory*> seen_op_memory;
-  std::unordered_map<const void*, const OpTraits*> seen_op_traits;
+  // Note [Per-op hash tables] in bookkeeping_memory.h.
+  ska::flat_hash_map<uint64_t, OpMemory*> seen_op_memory;
+  ska::flat_hash_map<const void*, const OpTraits*> seen_op_traits;
   // Written by this thread only (atomically in the exited state); a count may
   // go below zero here when another thread made what this one freed.
   std::array<std::atomic<int64_t>, kCountedKinds> live{};

@@ -43,6 +43,51 @@ def test_outputs_are_wrappers_with_plain_metadata_and_plain_grads():
         assert p.grad is not None and not dtr.is_dtr_tensor(p.grad)
 
 
+_LAYOUTS = {
+    "contiguous": lambda x2, x4, x5: x2 * 1,
+    "transposed view": lambda x2, x4, x5: (x2 * 1).t(),
+    "strided view": lambda x2, x4, x5: (x2 * 1)[:, ::2],
+    "offset view": lambda x2, x4, x5: (x2 * 1)[1:, 2:],
+    "unsqueezed": lambda x2, x4, x5: (x2 * 1).unsqueeze(1),
+    "expanded (overlapping)": lambda x2, x4, x5: (x2[0] * 1).expand(3, 5),
+    "empty": lambda x2, x4, x5: (x2 * 1)[:0],
+    "scalar": lambda x2, x4, x5: x2.sum(),
+    "channels_last": lambda x2, x4, x5: (x4 * 1).contiguous(memory_format=torch.channels_last),
+    "channels_last permuted": lambda x2, x4, x5: (x4 * 1).permute(0, 2, 3, 1),
+    "channels_last_3d": lambda x2, x4, x5: (x5 * 1).contiguous(memory_format=torch.channels_last_3d),
+    "5d sliced": lambda x2, x4, x5: (x5 * 1)[:, :, ::2],
+    "size-1 channels": lambda x2, x4, x5: (x4[:, :1] * 1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_wrappers_report_the_layout_flags_eager_tensors_do(layout):
+    # Code above dtr (autograd, composite ops, suggest_memory_format) reads the wrapper's flags.
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 5, requires_grad=True), torch.randn(2, 3, 4, 5, requires_grad=True),
+              torch.randn(2, 3, 4, 5, 2, requires_grad=True))
+    make = _LAYOUTS[layout]
+    eager = make(*inputs)
+    with dtr.budget(None, runtime="cpp"):
+        w = make(*inputs)
+        assert dtr.is_dtr_tensor(w)
+        assert w.shape == eager.shape and w.stride() == eager.stride()
+        assert w.storage_offset() == eager.storage_offset()
+        assert _ext._C._layout_flags(w) == _ext._C._layout_flags(eager)
+        for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+            assert w.is_contiguous(memory_format=fmt) == eager.is_contiguous(memory_format=fmt)
+
+
+def test_the_op_clock_measures_seconds():
+    # Note [The op clock]: ticks of the time-stamp counter, converted with a measured rate,
+    # agree with steady_clock over a sleep (both see the same wall time, whatever the load).
+    # The clocks are read one after the other, so a thread descheduled between the two reads
+    # (a loaded machine) skews one attempt: the best of five must agree within 2%.
+    attempts = [_ext._C._op_clock_check(0.05) for _ in range(5)]
+    assert all(steady >= 0.05 and op_clock >= 0 for _, op_clock, steady in attempts)
+    assert min(abs(op_clock - steady) / steady for _, op_clock, steady in attempts) <= 0.02, attempts
+
+
 def test_plain_only_ops_under_no_grad_stay_plain():
     p = torch.randn(4, requires_grad=True)
     with dtr.budget(None, runtime="cpp"):
