@@ -742,11 +742,16 @@ int64_t Runtime::meta_output_bytes(const c10::OperatorHandle& op, const OpTraits
   return total;
 }
 
-double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack,
+                          const KernelRun* run) {
   const OpClock::Ticks t0 = OpClock::now();
   {
     BelowDTRGuard below;
-    op.callBoxed(stack);
+    if (run != nullptr) {
+      (*run)(stack);
+    } else {
+      op.callBoxed(stack);
+    }
   }
   const double cost = OpClock::seconds(t0, OpClock::now());  // Note [The op clock]
   stats_.op_seconds += cost;
@@ -850,8 +855,10 @@ struct Runtime::BorrowedOpVectors {
 };
 
 void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
-                       torch::jit::Stack* stack, c10::ArrayRef<HeldArgument> held) {
-  TORCH_INTERNAL_ASSERT(held.empty() || (traits.written.empty() && !traits.unsupported),
+                       torch::jit::Stack* stack, c10::ArrayRef<HeldArgument> held,
+                       const KernelRun* run) {
+  TORCH_INTERNAL_ASSERT((held.empty() && run == nullptr) ||
+                            (traits.written.empty() && !traits.unsupported),
                         "dtr: ", traits.name, " came unboxed but is not functional");
   Lock g(mu_);
   drain_pending();
@@ -1059,7 +1066,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
           if (recipe->rng()) reset_rng(*recipe->rng());
         }
         ScratchWindow window(measure);
-        cost = run_timed(op, stack);
+        cost = run_timed(op, stack, run);
         seen = window.close();
       },
       traits.name, need);

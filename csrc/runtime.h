@@ -50,6 +50,11 @@ struct HeldArgument {
   bool held() const { return tensor != nullptr || list.has_value(); }
 };
 
+// Runs an op's kernel on the arguments at the end of the stack, replacing
+// them with its results, as op.callBoxed does (Note [Unboxed kernel runs] in
+// unboxed_kernels.cpp).
+using KernelRun = c10::function_ref<void(torch::jit::Stack*)>;
+
 class Runtime : public c10::intrusive_ptr_target {
  public:
   // `scorer`: the policy's, for Policy::Python (Note [Policies written in Python] in pool.h).
@@ -63,9 +68,10 @@ class Runtime : public c10::intrusive_ptr_target {
   // The same, with the op's traits (op_traits(op)) already looked up. With
   // `held` (one entry per argument), the tensor and tensor-list arguments held
   // there are the caller's and their stack slots are empty (Note [Unboxed
-  // kernels] in unboxed_kernels.cpp); only functional ops come so.
+  // kernels] in unboxed_kernels.cpp); only functional ops come so. With
+  // `run`, the kernel runs through it instead of op.callBoxed.
   void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack,
-                c10::ArrayRef<HeldArgument> held = {});
+                c10::ArrayRef<HeldArgument> held = {}, const KernelRun* run = nullptr);
 
   // The value of `cell` as a plain tensor; its storage is never evicted again.
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
@@ -151,7 +157,8 @@ class Runtime : public c10::intrusive_ptr_target {
                             const torch::jit::Stack& stack, size_t first);
   void make_room(int64_t need, const std::string& opname, int64_t working);
   // 3. run
-  double run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+  double run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stack,
+                   const KernelRun* run = nullptr);
   // Runs attempt(false); if the allocator runs out of memory, evicts and runs
   // attempt(true) until it fits (Note [Out of memory in C++]).
   void run_evicting_on_oom(c10::function_ref<void(bool retry)> attempt, const std::string& opname,

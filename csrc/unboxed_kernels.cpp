@@ -55,6 +55,7 @@
 
 #include <array>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "capture.h"
@@ -133,7 +134,15 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
       std::array<HeldArgument, sizeof...(Args)> held{};
       size_t i = 0;
       (push(stack, held, i++, args), ...);
-      rt->dispatch(op_, traits_, &stack, held);
+      if constexpr (kRunsUnboxed) {
+        auto run_unboxed = [&](torch::jit::Stack* s) {
+          call_on_values(*s, std::index_sequence_for<Args...>{}, args...);
+        };
+        const KernelRun run(run_unboxed);
+        rt->dispatch(op_, traits_, &stack, held, &run);
+      } else {
+        rt->dispatch(op_, traits_, &stack, held);
+      }
       TORCH_INTERNAL_ASSERT(stack.size() == 1, "dtr: ", traits_.name, " left ", stack.size(),
                             " results");
       if constexpr (std::is_same_v<Return, at::Tensor>) {
@@ -145,6 +154,35 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
   }
 
  private:
+  // Note [Unboxed kernel runs]
+  // The runtime runs the op's kernel on the values of its inputs. Through
+  // op.callBoxed, the kernel's boxed wrapper converts every argument back from
+  // its IValue (a view's sizes into a new vector of SymInts) and its result
+  // into one. An unboxed kernel instead passes the runtime a KernelRun that
+  // calls the op's typed handle, below dtr as callBoxed would run: the tensors
+  // are the values the runtime put on the stack (it may put them there again,
+  // on a retry after running out of memory), every other argument is the
+  // caller's own. Signatures with a tensor list keep callBoxed: a list's values
+  // are a c10::List on the stack, which would need a copy to become an ArrayRef.
+  static constexpr bool kRunsUnboxed = !(is_tensor_list_arg<Args> || ...);
+
+  template <size_t... I>
+  void call_on_values(torch::jit::Stack& s, std::index_sequence<I...>, Args... args) {
+    const size_t first = s.size() - sizeof...(Args);
+    Return out = typed_.call(value_or_own<Args>(s[first + I], args)...);
+    torch::jit::drop(s, sizeof...(Args));
+    s.emplace_back(std::move(out));
+  }
+
+  template <class A>
+  static decltype(auto) value_or_own(const c10::IValue& slot, const A& own) {
+    if constexpr (is_tensor_arg<A>) {
+      return slot.toTensor();
+    } else {
+      return (own);
+    }
+  }
+
   // The runtime of the first dtr tensor among the arguments, as the fallback's.
   template <class A>
   static void note_owner(Runtime*& owner, const A& a) {

@@ -12,6 +12,7 @@ import gc
 import io
 import pickle
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +87,37 @@ def test_the_op_clock_measures_seconds():
     attempts = [_ext._C._op_clock_check(0.05) for _ in range(5)]
     assert all(steady >= 0.05 and op_clock >= 0 for _, op_clock, steady in attempts)
     assert min(abs(op_clock - steady) / steady for _, op_clock, steady in attempts) <= 0.02, attempts
+
+
+def test_an_unboxed_kernel_run_that_runs_out_of_memory_is_retried_on_the_same_values():
+    # Note [Unboxed kernel runs]: neg has an unboxed kernel, which runs the op through its typed
+    # handle; after an out-of-memory error the runtime puts the values back on the stack and
+    # runs it again. The CPU kernel is replaced, for this test only, by one that fails twice.
+    calls = {"fail": 0, "runs": 0}
+
+    def flaky_neg(x):
+        calls["runs"] += 1
+        if calls["fail"] > 0:
+            calls["fail"] -= 1
+            raise torch.OutOfMemoryError("out of memory (simulated by the test)")
+        return torch.ops.aten.mul.Scalar(x, -1)
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            lib.impl("neg", flaky_neg, "CPU")
+        x = torch.randn(1 << 16)
+        with dtr.budget(None, runtime="cpp") as s:
+            ys = [x * float(i) for i in range(4)]
+            calls["fail"] = 2
+            z = torch.neg(ys[1])
+            total = sum(ys) + z
+        assert calls["runs"] == 3 and s.stats.oom_retries == 2 and s.stats.evictions >= 2
+        assert torch.equal(dtr.unwrap(total), sum(x * float(i) for i in range(4)) + (x * 1.0) * -1)
+    finally:
+        lib._destroy()
+    assert torch.equal(torch.neg(x), x * -1)
 
 
 def test_plain_only_ops_under_no_grad_stay_plain():
