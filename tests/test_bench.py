@@ -168,3 +168,25 @@ def test_instruction_count_without_valgrind_says_what_to_install(monkeypatch):
     monkeypatch.setattr(ic.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         ic.main(["--out", os.devnull])
+
+
+def test_ab_overhead_compares_two_builds_round_by_round(tmp_path):
+    # This checkout against itself: both rows, every round, and measured numbers in each.
+    out = tmp_path / "ab.md"
+    p = subprocess.run([sys.executable, "-m", "bench.ab_overhead", "--baseline", ROOT, "--rounds", "2",
+                        "--reps", "1", "--steps", "1", "--out", str(out)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    text = out.read_text()
+    summary = [line for line in text.splitlines() if line.startswith(("| this checkout", "| baseline"))]
+    rounds = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(summary) == 2 and len(rounds) == 4
+    for row in rounds:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and cells[4].endswith("x") and float(cells[4][:-1]) > 0
+
+
+def test_ab_overhead_refuses_a_baseline_that_is_not_a_checkout(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench.ab_overhead", "--baseline", str(tmp_path)], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "no dtr package there" in p.stderr
