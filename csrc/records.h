@@ -107,7 +107,8 @@ struct Slot {
   int16_t arg;  // schemas have a handful of arguments
   Kind kind;
 };
-static_assert(sizeof(Slot) == 8, "three slots fit in a recipe's inline list (Note [Inline lists in records])");
+static_assert(sizeof(Slot) == 8,
+              "three slots fit in a recipe's inline list (Note [Inline lists in records])");
 // Note [Inline lists in records]
 // A recipe's arguments, slots, inputs and outputs, and a storage's cells, are
 // held inline up to the sizes most ops need (four arguments: addmm has five,
