@@ -95,9 +95,8 @@ using Vector = std::vector<T, Allocator<T>>;
 // The tables an op looks up (plain tensors counted and read by recipes, the
 // op-memory and op-traits copies, the pool's ids) are open-addressed with
 // power-of-two sizes and Fibonacci hashing: one multiply where
-// std::unordered_map divides by a prime and follows a node pointer, which cost
-// about 60 instructions and a cache miss per lookup. Rehashing moves the
-// values, so only for values nothing points into.
+// std::unordered_map divides by a prime and follows a node pointer. Rehashing
+// moves the values, so only for values nothing points into.
 template <class K, class V>
 using FlatMap = ska::flat_hash_map<K, V, std::hash<K>, std::equal_to<K>, Allocator<std::pair<K, V>>>;
 

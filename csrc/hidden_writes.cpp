@@ -103,8 +103,9 @@ std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> Runtime::take_hidde
     const OpTraits& traits, torch::jit::Stack* stack, size_t first,
     std::vector<c10::intrusive_ptr<Cell>>& cells, std::vector<at::Tensor>& vals,
     const Slots& slots) {
+  // Called only for ops with running stats (dispatch checks first: it is on every op's path).
+  TORCH_INTERNAL_ASSERT(traits.running_mean >= 0);
   std::vector<std::pair<c10::intrusive_ptr<Cell>, at::Tensor>> copies;
-  if (traits.running_mean < 0) return copies;
   if (traits.training >= 0) {
     const c10::IValue& tr = (*stack)[first + traits.training];
     if (tr.isBool() && !tr.toBool()) return copies;

@@ -1,9 +1,10 @@
-// The clock that times every op (its cost, DTR's compute term).
+// The clock that times every op (its cost, DTR's compute term), and the
+// runtime's victim searches and recomputations (Stats).
 //
 // Note [The op clock]
-// Each op is timed, twice read per op. steady_clock::now() is a vDSO call of
-// about 20 ns (60-70 ns per op on our machines, with the conversions about 3%
-// of what the runtime adds to an op). Where the CPU's time-stamp counter runs
+// Each op is timed: two clock reads per op. steady_clock::now() is a vDSO
+// call of about 20 ns (with the conversions, 60-70 ns per op on our machines,
+// about 3% of what the runtime adds to an op). Where the CPU's time-stamp counter runs
 // at a constant rate in every power state and on every core (an "invariant
 // TSC": x86-64, CPUID leaf 0x80000007, EDX bit 8), reading it takes a few
 // cycles; its ticks are turned into seconds by a rate measured once against
@@ -52,6 +53,8 @@ inline double seconds(Ticks start, Ticks end) {
   const double period = op_clock_detail::tsc_period;
   return ticks * (period > 0.0 ? period : 1e-9);
 }
+
+inline double seconds_since(Ticks start) { return seconds(start, now()); }
 
 // Whether now() reads the time-stamp counter (for tests and the docs).
 inline bool uses_tsc() { return op_clock_detail::tsc_period > 0.0; }

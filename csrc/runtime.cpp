@@ -4,7 +4,6 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/GradMode.h>
 
-#include <chrono>
 #include <unordered_set>
 
 #include "capture.h"
@@ -27,10 +26,6 @@ namespace {
 // See Note [Tiny values] in dtr/runtime.py.
 constexpr int64_t kMinEvictableBytes = 32;
 
-double now_seconds() {
-  using clock = std::chrono::steady_clock;
-  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
-}
 
 inline uint64_t mix(uint64_t h, uint64_t v) {
   v *= 0x9E3779B97F4A7C15ULL;
@@ -364,11 +359,11 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
   if (!limit_) return;
   const int64_t limit = *limit_;
   if (tracked() + need <= limit) return;
-  const double t0 = now_seconds();
+  const OpClock::Ticks t0 = OpClock::now();
   struct AddTime {
     Stats& s;
-    double t0;
-    ~AddTime() { s.search_seconds += now_seconds() - t0; }
+    OpClock::Ticks t0;
+    ~AddTime() { s.search_seconds += OpClock::seconds_since(t0); }
   } add_time{stats_, t0};
   while (tracked() + need > limit) {
     const Entry* victim = pool_.choose_victim(clock_);
@@ -433,7 +428,7 @@ struct Runtime::Frame {
 void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
   if (target->value.defined()) return;
   const bool outermost = depth_ == 0;
-  const double t0 = outermost ? now_seconds() : 0.0;
+  const OpClock::Ticks t0 = outermost ? OpClock::now() : 0;
   ++depth_;
   std::vector<Frame> frames;
   frames.push_back(Frame{target});
@@ -476,11 +471,11 @@ void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
   } catch (...) {
     for (auto& f : frames) unlock_all(f.locked);
     --depth_;
-    if (outermost) stats_.remat_seconds += now_seconds() - t0;
+    if (outermost) stats_.remat_seconds += OpClock::seconds_since(t0);
     throw;
   }
   --depth_;
-  if (outermost) stats_.remat_seconds += now_seconds() - t0;
+  if (outermost) stats_.remat_seconds += OpClock::seconds_since(t0);
 }
 
 at::Tensor plain_value(const RecipeInput& in, const OpTraits& traits) {
@@ -578,7 +573,7 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   }
   for (StorageRecord* rec : stolen) evict(*rec, /*counted=*/false);
   std::vector<at::Tensor> outs;
-  const double t0 = now_seconds();
+  const OpClock::Ticks t0 = OpClock::now();
   if (r.mutation().empty()) {
     torch::jit::Stack stack;
     run_evicting_on_oom(
@@ -600,7 +595,7 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   }
   auto& by_op = stats_.remat_by_op[traits.name];
   by_op.first += 1;
-  by_op.second += now_seconds() - t0;
+  by_op.second += OpClock::seconds_since(t0);
   // A recompute is an access like any other (see dtr/runtime.py's _recompute).
   clock_ += r.cost;
   for (int64_t sid : locked) pool_.touch(sid, clock_);
@@ -753,7 +748,7 @@ double Runtime::run_timed(const c10::OperatorHandle& op, torch::jit::Stack* stac
       op.callBoxed(stack);
     }
   }
-  const double cost = OpClock::seconds(t0, OpClock::now());  // Note [The op clock]
+  const double cost = OpClock::seconds_since(t0);  // Note [The op clock]
   stats_.op_seconds += cost;
   return cost;
 }
