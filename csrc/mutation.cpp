@@ -284,8 +284,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
         in.cell = call.cells[i];
         parents.push_back(&call.cells[i]->storage->entry);
       } else {
-        in.plain = call.vals[i];
-        if (call.vals[i].defined()) in.version = call.vals[i]._version();
+        record_plain_input(in, call.vals[i]);
         readers_.add(recipe, i);
       }
     }

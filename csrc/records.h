@@ -124,7 +124,10 @@ struct RecipeInput {
   c10::intrusive_ptr<Cell> cell;  // a dtr value, or (when null)
   at::Tensor plain;               // a tensor made outside the runtime
   uint32_t version = 0;           // plain's version when recorded (torch counts in 32 bits)
-  bool scratch = false;           // pass a copy (Note [Hidden running-stat updates])
+  // Pass a copy: of a running stat the op writes (Note [Hidden running-stat
+  // updates]), or of the recipe's own copy of an inference tensor (Note
+  // [Inference tensors as recipe inputs] in runtime.cpp).
+  bool scratch = false;
 };
 
 // One argument an in-place op writes (Note [In-place ops in the C++ runtime]):

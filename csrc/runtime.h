@@ -147,6 +147,8 @@ class Runtime : public c10::intrusive_ptr_target {
   at::Tensor input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,
                          std::vector<int64_t>& locked);
   void count_plain(const at::Tensor& t);
+  // A plain input into its recipe (Note [Inference tensors as recipe inputs]).
+  void record_plain_input(RecipeInput& in, at::Tensor t);
   void materialize(const c10::intrusive_ptr<Cell>& cell);
   // 2. room
   // From the op-memory table (op_memory.h), which `*memory` is set to (null when an

@@ -2,6 +2,8 @@
 
 #include "runtime.h"
 
+#include <c10/core/AutogradState.h>
+
 namespace dtr {
 namespace {
 
@@ -89,8 +91,46 @@ void DTRTensorImpl::release_resources() {
   c10::TensorImpl::release_resources();
 }
 
+// Note [Wrappers share their value's version counter]
+// TensorImpl's constructor gives every tensor made outside inference mode a
+// version counter of its own: a heap block made and freed per op, about a
+// twentieth of what the runtime added to an op. A new wrapper instead shares
+// the counter of the value it wraps, which the kernel has just made (at 0,
+// like a fresh eager output) and which nothing else bumps: kernels run on
+// values below ADInplaceOrView (BelowDTRGuard), so only writes through the
+// wrapper move it. An escaped value (dtr.unwrap) written in place bumps its
+// wrapper too, as a write through eager's .detach() does. A view's counter is
+// replaced by its base's above dtr (autograd's as_view), as in eager. The
+// constructor runs with the inference flag set so that it makes no counter,
+// and the key set it would have made outside inference mode is then restored
+// by the constructor's own rule (c10/core/TensorImpl.cpp).
+c10::intrusive_ptr<DTRTensorImpl> DTRTensorImpl::make(c10::intrusive_ptr<Cell> cell,
+                                                      const at::Tensor& value) {
+  c10::AutogradState& state = c10::AutogradState::get_tls_state();
+  if (state.get_inference_mode()) {  // an inference tensor, as eager's output would be
+    return c10::make_intrusive<DTRTensorImpl>(std::move(cell), value);
+  }
+  const c10::DispatchKeySet ks = wrapper_keys(value);
+  c10::intrusive_ptr<DTRTensorImpl> impl;
+  {
+    struct InferenceFlag {
+      c10::AutogradState& state;
+      explicit InferenceFlag(c10::AutogradState& s) : state(s) { state.set_inference_mode(true); }
+      ~InferenceFlag() { state.set_inference_mode(false); }
+    } flag(state);
+    impl = c10::make_intrusive<DTRTensorImpl>(ks, value.dtype(), value.device(), std::move(cell));
+  }
+  const c10::BackendComponent k = ks.highestBackendKey();
+  impl->key_set_ = ((ks | c10::getAutocastRelatedKeySetFromBackend(k)) - c10::python_ks) |
+                   c10::getAutogradRelatedKeySetFromBackend(k);
+  const c10::VariableVersion& counter = value.unsafeGetTensorImpl()->version_counter();
+  impl->version_counter_ = counter.enabled() ? counter : c10::VariableVersion(/*version=*/0);
+  impl->sync_metadata(value);
+  return impl;
+}
+
 at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value) {
-  auto impl = c10::make_intrusive<DTRTensorImpl>(std::move(cell), value);
+  c10::intrusive_ptr<DTRTensorImpl> impl = DTRTensorImpl::make(std::move(cell), value);
   impl->attach();
   return at::Tensor(std::move(impl));
 }

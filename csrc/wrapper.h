@@ -37,6 +37,11 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
   DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10::Device device,
                 c10::intrusive_ptr<Cell> cell);
 
+  // A wrapper of `value` sharing its version counter (Note [Wrappers share
+  // their value's version counter] in wrapper.cpp).
+  static c10::intrusive_ptr<DTRTensorImpl> make(c10::intrusive_ptr<Cell> cell,
+                                                const at::Tensor& value);
+
   const c10::intrusive_ptr<Cell>& cell() const { return cell_; }
   // Points this wrapper at another cell (in-place ops rebind every alias).
   void rebind(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);

@@ -97,9 +97,11 @@ class PlainInput:
 
     def __init__(self, tensor: torch.Tensor, scratch: bool = False):
         self.tensor = tensor
-        self.version = tensor._version
         # A scratch input is only written by the op (BatchNorm's running stats in
-        # training): recompute passes a copy so the real one is not updated twice.
+        # training), or is the recipe's own copy of an inference tensor (Note
+        # [Inference tensors as recipe inputs] in runtime.py): recompute passes a copy,
+        # and no version is checked (an inference tensor has none).
+        self.version = 0 if scratch else tensor._version
         self.scratch = scratch
 
 

@@ -265,6 +265,23 @@ class Runtime:
         if t > st.peak_bytes:
             st.peak_bytes = t
 
+    def _plain_input(self, t: torch.Tensor) -> PlainInput:
+        # Note [Inference tensors as recipe inputs]
+        # A recipe notices a write into a plain input by its version counter
+        # (StaleInputError) or by the write's own dispatch (self.readers). An inference
+        # tensor has no counter, and a write in inference mode is the user's: such an
+        # input is copied when recorded (as it is, layout and all) and the recipe keeps
+        # the copy, which nothing else can write, as a scratch input. Inputs made in
+        # inference mode are rare where a block records (autograd cannot save them) and
+        # usually small (wrapped numbers). csrc/runtime.cpp does the same.
+        if t.is_inference():
+            copy = _hidden_writes.exact_copy(t) if t.layout is torch.strided else t.clone()
+            self.count_plain(copy)
+            return PlainInput(copy, scratch=True)
+        inp = PlainInput(t)
+        self.readers.add(inp)
+        return inp
+
     def count_plain(self, t: torch.Tensor) -> None:
         """Count a plain tensor's storage while it is alive (see PITFALLS 15), where the runtime
         keeps its own count of the device's memory (models_memory); binds the device."""
@@ -1009,9 +1026,7 @@ class Runtime:
             if c is not None:
                 inputs.append(c)
             else:
-                inp = PlainInput(tensors[i] if type(tensors[i]) is not DTRTensor else v)
-                self.readers.add(inp)
-                inputs.append(inp)
+                inputs.append(self._plain_input(tensors[i] if type(tensors[i]) is not DTRTensor else v))
         if info.running_stats is not None:
             (im, iv), itrain = info.running_stats
             training = True if itrain is None else bool(arg_at(targs, tkwargs, itrain, "training"))
@@ -1121,10 +1136,7 @@ class Runtime:
         # The recipe's inputs: every input as recorded, plus each target's old base.
         inputs = []
         for i, (c, v) in enumerate(zip(cells, vals)):
-            if c is None:
-                c = PlainInput(v)
-                self.readers.add(c)
-            inputs.append(c)
+            inputs.append(self._plain_input(v) if c is None else c)
         mutation = []
         for s, c, base, chain, stolen, _ in targets:
             inputs.append(base)
