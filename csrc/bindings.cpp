@@ -321,7 +321,7 @@ PYBIND11_MODULE(_C, m) {
       .def("lock", py::overload_cast<int64_t>(&dtr::Pool::lock), py::arg("sid"))
       .def("unlock", py::overload_cast<int64_t>(&dtr::Pool::unlock), py::arg("sid"))
       .def("locks", &dtr::Pool::locks, py::arg("sid"))
-      .def("pin", &dtr::Pool::pin, py::arg("sid"))
+      .def("pin", py::overload_cast<int64_t>(&dtr::Pool::pin), py::arg("sid"))
       .def("evicted", py::overload_cast<int64_t>(&dtr::Pool::evicted), py::arg("sid"))
       .def("rematerialized", py::overload_cast<int64_t, double>(&dtr::Pool::rematerialized),
            py::arg("sid"), py::arg("now"))

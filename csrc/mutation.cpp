@@ -142,7 +142,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   };
   std::vector<Target> targets;
   std::unordered_set<int64_t> seen;
-  std::vector<int64_t> locked;
+  LockedStorages locked;
   UnlockOnExit unlock{this, locked};
   bool with_recipe = !traits.collective;
   auto add_target = [&](int32_t input, const c10::intrusive_ptr<Cell>& cell) {
@@ -156,8 +156,8 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     Target tg{input, old, c10::intrusive_ptr<Cell>(), {}, nullptr, at::Tensor()};
     tg.base = base_of(cell, &tg.chain);
     materialize(tg.base);
-    pool_.lock(old->sid);
-    locked.push_back(old->sid);
+    pool_.lock(old->entry);
+    locked.push_back(old);
     // Every alias gets its value now, so that it can be rebound to the written memory.
     for (auto& ref : old->wrappers) {
       auto wimpl = ref.lock();
@@ -387,12 +387,13 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
 }
 
 std::vector<StorageRecord*> Runtime::stealable_bases(const Recipe& r,
-                                                     const std::vector<int64_t>& locked) {
+                                                     const LockedStorages& locked) {
   std::vector<StorageRecord*> out;
   for (const MutationTarget& m : r.mutation()) {
     StorageRecord* rec = r.inputs[m.base].cell->storage.get();
-    const int64_t ours = std::count(locked.begin(), locked.end(), rec->sid);
-    if (!rec->pinned && rec->nwrappers == 0 && rec->resident && pool_.locks(rec->sid) == ours) {
+    const int64_t ours = std::count_if(locked.begin(), locked.end(),
+                                       [&](const auto& l) { return l.get() == rec; });
+    if (!rec->pinned && rec->nwrappers == 0 && rec->resident && rec->entry.locks == ours) {
       out.push_back(rec);
     }
   }

@@ -104,7 +104,6 @@ Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> 
   TORCH_CHECK(search.min_evictable_fraction >= 0.0,
               "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
               search.min_evictable_fraction);
-  index_.reserve(1024);
   cands_.reserve(1024);
 }
 
@@ -124,8 +123,10 @@ void delete_owned_entry(Entry* e) {
 
 Pool::~Pool() {
   if (owned_ == 0) return;  // a runtime's pool: every entry was held, and is gone
-  for (auto& [sid, e] : index_) {
+  for (Entry* e = first_; e != nullptr;) {
+    Entry* next = e->list_next;
     if (e->owned()) delete_owned_entry(e);
+    e = next;
   }
 }
 
@@ -133,25 +134,47 @@ Pool::~Pool() {
 // Lookup
 // ---------------------------------------------------------------------------
 
+// Note [The id index is built when first asked]
+// The C++ runtime reaches its entries through its storage records (Note
+// [Entry handles]) and never by id, unless a policy written in Python, a
+// lookahead step or a test asks. Keeping the id table for every storage cost
+// it a hash insert and erase per op (about 200 instructions, and a cache miss
+// per op in a pool of a large model's size). So the pool keeps every entry on
+// a list (two pointers an entry, O(1) to link and unlink), and builds the id
+// table from it the first time an id is looked up, or an entry added by id;
+// from then on it keeps the table as before.
+void Pool::ensure_index() const {
+  if (indexed_) return;
+  index_.reserve(count_);
+  for (Entry* e = first_; e != nullptr; e = e->list_next) {
+    TORCH_CHECK(index_.emplace(e->sid, e).second, "dtr: internal error: storage id ", e->sid,
+                " added twice");
+  }
+  indexed_ = true;
+}
+
 Entry* Pool::lookup(int64_t sid) {
+  ensure_index();
   auto it = index_.find(sid);
   return it == index_.end() ? nullptr : it->second;
 }
 
 const Entry* Pool::find(int64_t sid) const {
+  ensure_index();
   auto it = index_.find(sid);
   return it == index_.end() ? nullptr : it->second;
 }
 
 std::vector<int64_t> Pool::ids() const {
   std::vector<int64_t> out;
-  out.reserve(index_.size());
-  for (const auto& kv : index_) out.push_back(kv.first);
+  out.reserve(count_);
+  for (const Entry* e = first_; e != nullptr; e = e->list_next) out.push_back(e->sid);
   std::sort(out.begin(), out.end());
   return out;
 }
 
 Entry& Pool::get(int64_t sid, const char* what) {
+  ensure_index();
   auto it = index_.find(sid);
   TORCH_CHECK(it != index_.end(), "dtr: internal error: ", what, " of unknown storage id ", sid,
               " (it was never added to the pool or was already removed)");
@@ -252,8 +275,15 @@ void Pool::count_as_evicted_neighbour(Entry& e, int32_t delta) {
 
 void Pool::insert(Entry& e, int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
   TORCH_CHECK(nbytes >= 0, "dtr: storage ", sid, " added with negative size ", nbytes);
-  TORCH_CHECK(index_.emplace(sid, &e).second, "dtr: internal error: storage id ", sid,
-              " added twice");
+  if (indexed_) {
+    TORCH_CHECK(index_.emplace(sid, &e).second, "dtr: internal error: storage id ", sid,
+                " added twice");
+  }
+  e.list_prev = last_;
+  e.list_next = nullptr;
+  (last_ != nullptr ? last_->list_next : first_) = &e;
+  last_ = &e;
+  ++count_;
   e.sid = sid;
   e.nbytes = nbytes;
   e.cost = cost;
@@ -273,6 +303,7 @@ void Pool::link_parent(Entry& e, Entry* pe) {
 }
 
 Entry& Pool::insert_owned(int64_t sid, int64_t nbytes, double cost, double now, bool evictable) {
+  ensure_index();  // the id API: ids are the caller's, so they are checked for repeats
   Entry* e = new_owned_entry();
   try {
     insert(*e, sid, nbytes, cost, now, evictable);
@@ -323,7 +354,11 @@ void Pool::remove(Entry& e) {
   if (!e.resident) count_as_evicted_neighbour(e, -1);
   for (Entry* p : e.parents) erase_first(p->children, &e);
   for (Entry* c : e.children) erase_first(c->parents, &e);
-  index_.erase(e.sid);
+  if (indexed_) index_.erase(e.sid);
+  (e.list_prev != nullptr ? e.list_prev->list_next : first_) = e.list_next;
+  (e.list_next != nullptr ? e.list_next->list_prev : last_) = e.list_prev;
+  e.list_prev = e.list_next = nullptr;
+  --count_;
   if (e.owned()) {
     --owned_;
     delete_owned_entry(&e);
@@ -366,10 +401,12 @@ double Pool::last_access(int64_t sid) const {
 }
 
 void Pool::pin(int64_t sid) {
-  Entry* e = lookup(sid);
-  if (e == nullptr) return;
-  e->evictable = false;
-  drop_candidate(*e);
+  if (Entry* e = lookup(sid)) pin(*e);
+}
+
+void Pool::pin(Entry& e) {
+  e.evictable = false;
+  drop_candidate(e);
 }
 
 void Pool::evicted(int64_t sid) {
@@ -800,6 +837,15 @@ void Pool::check_invariants() {
   TORCH_INTERNAL_ASSERT(bytes == candidate_bytes_, "candidate bytes ", candidate_bytes_, " != ", bytes);
   std::vector<uint32_t> refs(nodes_.size(), 0);
   size_t ncands = 0;
+  ensure_index();
+  TORCH_INTERNAL_ASSERT(index_.size() == count_, "index holds ", index_.size(), " of ", count_);
+  size_t listed = 0;
+  for (const Entry* e = first_; e != nullptr; e = e->list_next) {
+    TORCH_INTERNAL_ASSERT(e->list_next == nullptr ? last_ == e : e->list_next->list_prev == e);
+    TORCH_INTERNAL_ASSERT(lookup(e->sid) == e, "entry ", e->sid, " not indexed");
+    ++listed;
+  }
+  TORCH_INTERNAL_ASSERT(listed == count_, "entry list holds ", listed, " of ", count_);
   for (auto& [sid, held] : index_) {
     Entry& e = *held;
     TORCH_INTERNAL_ASSERT(sid == e.sid);

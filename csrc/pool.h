@@ -161,6 +161,10 @@ struct alignas(64) Entry {
   // reads what `owner` points to.
   void* owner = nullptr;
   bool owned() const { return owner == nullptr; }
+  // Every entry of the pool, in insertion order (Note [The id index is built
+  // when first asked]).
+  Entry* list_prev = nullptr;
+  Entry* list_next = nullptr;
 };
 
 class Pool {
@@ -207,6 +211,7 @@ class Pool {
   double cost(int64_t sid) const;
   double last_access(int64_t sid) const;
   void pin(int64_t sid);
+  void pin(Entry& e);
   void evicted(int64_t sid);
   void evicted(Entry& e);
   void rematerialized(int64_t sid, double now);
@@ -225,7 +230,7 @@ class Pool {
   std::vector<int64_t> unlocked_candidates() const;
 
   // -- introspection -----------------------------------------------------
-  size_t size() const { return index_.size(); }
+  size_t size() const { return count_; }
   size_t num_candidates() const { return cands_.size(); }
   int64_t candidate_bytes() const { return candidate_bytes_; }
   Policy policy() const { return policy_; }
@@ -244,6 +249,8 @@ class Pool {
   size_t live_nodes() const { return nodes_.size() - free_nodes_.size(); }
   // Whether evicted storages are grouped in classes (Note [dtr_eq's union-find]).
   bool tracks_classes() const { return tracks_classes_; }
+  // Whether the id table has been built (Note [The id index is built when first asked]).
+  bool indexed() const { return indexed_; }
   // Checks every invariant (TORCH_INTERNAL_ASSERT); for tests.
   void check_invariants();
   double score(Entry& e, double now);
@@ -257,6 +264,8 @@ class Pool {
 
   Entry& get(int64_t sid, const char* what);
   Entry* lookup(int64_t sid);
+  // Note [The id index is built when first asked] (pool.cpp).
+  void ensure_index() const;
   void insert(Entry& e, int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
   Entry& insert_owned(int64_t sid, int64_t nbytes, double cost, double now, bool evictable);
   void link_parent(Entry& e, Entry* pe);
@@ -292,10 +301,15 @@ class Pool {
   bool tracks_classes_;
   SearchOptions search_;
   SplitMix64 rng_;
-  // Every entry by id, owned or held (Note [Entry handles]); entries never
-  // move, so the table holds pointers. Note [Bookkeeping memory].
-  bookkeeping::FlatMap<int64_t, Entry*> index_;
-  size_t owned_ = 0;  // entries in index_ the pool made (and frees)
+  // Every entry by id, owned or held (Note [Entry handles]), once asked for
+  // (Note [The id index is built when first asked]); entries never move, so
+  // the table holds pointers. Note [Bookkeeping memory].
+  mutable bookkeeping::FlatMap<int64_t, Entry*> index_;
+  mutable bool indexed_ = false;
+  Entry* first_ = nullptr;  // the entry list (Entry::list_next)
+  Entry* last_ = nullptr;
+  size_t count_ = 0;
+  size_t owned_ = 0;  // entries the pool made (and frees)
   std::vector<Entry*> cands_;  // resident, evictable, nbytes > 0 (locked ones are skipped)
   int64_t candidate_bytes_ = 0;
   std::vector<Node> nodes_;

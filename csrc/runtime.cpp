@@ -406,15 +406,13 @@ void Runtime::make_room(int64_t need, const std::string& opname, int64_t working
   }
 }
 
-void Runtime::unlock_all(std::vector<int64_t>& locked) {
-  for (int64_t sid : locked) {
-    const Entry* e = pool_.find(sid);
-    // A storage can die while locked (an in-place op rebinds its last wrapper):
-    // its pool entry went with it.
-    if (e == nullptr) continue;
-    StorageRecord& rec = record_of(*e);
-    pool_.unlock(rec.entry);
-    if (rec.banish_pending) maybe_banish(rec);
+void Runtime::unlock_all(LockedStorages& locked) {
+  // Each is held here, so its entry is still in the pool, even where an
+  // in-place op has rebound the storage's last wrapper meanwhile. The storages
+  // only `locked` kept go (storage_died) when it is cleared.
+  for (const auto& rec : locked) {
+    pool_.unlock(rec->entry);
+    if (rec->banish_pending) maybe_banish(*rec);
   }
   locked.clear();
 }
@@ -428,7 +426,7 @@ void Runtime::unlock_all(std::vector<int64_t>& locked) {
 struct Runtime::Frame {
   c10::intrusive_ptr<Cell> cell;
   size_t next = 0;
-  std::vector<int64_t> locked;
+  LockedStorages locked;
 };
 
 void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
@@ -461,7 +459,7 @@ void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
             break;
           }
           pool_.lock(in.cell->storage->entry);
-          frames[top].locked.push_back(in.cell->storage->sid);
+          frames[top].locked.push_back(in.cell->storage);
         }
         frames[top].next += 1;
       }
@@ -552,7 +550,7 @@ void fill_stack(const Recipe& r, const std::vector<at::Tensor>& vals, torch::jit
   for (auto& a : args) stack.push_back(std::move(a));
 }
 
-void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
+void Runtime::recompute(Recipe& r, LockedStorages& locked) {
   const OpTraits& traits = op_traits(r.op);
   std::vector<at::Tensor> vals;
   vals.reserve(r.inputs.size());
@@ -604,14 +602,14 @@ void Runtime::recompute(Recipe& r, std::vector<int64_t>& locked) {
   by_op.second += OpClock::seconds_since(t0);
   // A recompute is an access like any other (see dtr/runtime.py's _recompute).
   clock_ += r.cost;
-  for (int64_t sid : locked) pool_.touch(sid, clock_);
+  for (const auto& rec : locked) pool_.touch(rec->entry, clock_);
   for (size_t k = 0; k < r.outputs.size() && k < outs.size(); ++k) {
     auto cell = r.outputs[k].lock();
     if (!cell || cell->value.defined() || !outs[k].defined()) continue;
     StorageRecord& rec = *cell->storage;
     if (cell->view_src >= 0 && !rec.resident) continue;
     set_value(*cell, outs[k]);
-    pool_.touch(rec.sid, clock_);
+    pool_.touch(rec.entry, clock_);
     if (rec.nwrappers == 0 && cell->view_src < 0) {
       kept_.emplace_back(c10::intrusive_ptr<StorageRecord>::reclaim_copy(&rec));
     }
@@ -631,7 +629,7 @@ at::Tensor Runtime::escape(const c10::intrusive_ptr<Cell>& cell) {
   if (!rec.escaped) {
     if (!rec.pinned) {
       rec.pinned = true;
-      pool_.pin(rec.sid);
+      pool_.pin(rec.entry);
     }
     rec.escaped = true;
     pool_bytes_ -= rec.nbytes;
@@ -671,9 +669,14 @@ void Runtime::record_plain_input(RecipeInput& in, at::Tensor t) {
 
 void Runtime::evict_everything() {
   Lock g(mu_);
-  for (int64_t sid : pool_.unlocked_candidates()) {
-    const Entry* e = pool_.find(sid);
-    if (e != nullptr && record_of(*e).resident) evict(record_of(*e), /*counted=*/true);
+  // Evicting drops candidates from the pool's array: a copy is walked. No
+  // storage dies meanwhile (evict frees values, whose memory holds no record).
+  std::vector<Entry*> unlocked;
+  for (Entry* e : pool_.candidates()) {
+    if (e->locks == 0) unlocked.push_back(e);
+  }
+  for (Entry* e : unlocked) {
+    if (record_of(*e).resident) evict(record_of(*e), /*counted=*/true);
   }
 }
 
@@ -682,7 +685,7 @@ void Runtime::evict_everything() {
 // ---------------------------------------------------------------------------
 
 at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,
-                                std::vector<int64_t>& locked) {
+                                LockedStorages& locked) {
   DTRTensorImpl* w = t.defined() ? dtr_impl(t) : nullptr;
   if (w == nullptr) {
     if (t.defined()) {
@@ -700,7 +703,7 @@ at::Tensor Runtime::input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* c
   }
   materialize(cell);
   pool_.lock(cell->storage->entry);
-  locked.push_back(cell->storage->sid);
+  locked.push_back(cell->storage);
   *cell_out = cell;
   return cell->value;
 }
@@ -899,7 +902,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   std::vector<std::pair<int32_t, c10::intrusive_ptr<Cell>>> nested_cells;
   BorrowedOpVectors borrowed(this);
   std::vector<c10::intrusive_ptr<Cell>>& cells = borrowed.v->cells;
-  std::vector<int64_t>& locked = borrowed.v->locked;
+  LockedStorages& locked = borrowed.v->locked;
   // The wrappers themselves, for what an in-place op returns.
   std::vector<c10::IValue> original;
   if (!traits.written.empty() || traits.unsupported) {

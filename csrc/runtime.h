@@ -36,6 +36,7 @@
 #include "records.h"
 #include "stats.h"
 #include "step_plan.h"
+#include "thread_state.h"
 
 namespace dtr {
 
@@ -121,6 +122,12 @@ class Runtime : public c10::intrusive_ptr_target {
   // The pool's thrash-guard trips alone (what a block's exit reads to decide whether to warn).
   int64_t thrash_guard_trips();
   const Pool& pool() const { return pool_; }
+  // Calls f(pool) under the runtime's lock (for tests).
+  template <class F>
+  auto with_pool(F f) {
+    Lock g(mu_);
+    return f(pool_);
+  }
 
   // Note [Recording steps for lookahead] (csrc/step_plan.cpp): the block of a
   // lookahead runtime opened, following `plan` (the previous step's, or null),
@@ -139,13 +146,13 @@ class Runtime : public c10::intrusive_ptr_target {
   // Unlocks the storages an op locked, however it ends.
   struct UnlockOnExit {
     Runtime* rt;
-    std::vector<int64_t>& locked;
+    LockedStorages& locked;
     ~UnlockOnExit() { rt->unlock_all(locked); }
   };
 
   // 1. inputs
   at::Tensor input_value(const at::Tensor& t, c10::intrusive_ptr<Cell>* cell_out,
-                         std::vector<int64_t>& locked);
+                         LockedStorages& locked);
   void count_plain(const at::Tensor& t);
   // A plain input into its recipe (Note [Inference tensors as recipe inputs]).
   void record_plain_input(RecipeInput& in, at::Tensor t);
@@ -166,7 +173,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void run_evicting_on_oom(c10::function_ref<void(bool retry)> attempt, const std::string& opname,
                            int64_t need);
   bool evict_bytes(int64_t bytes);
-  void recompute(Recipe& recipe, std::vector<int64_t>& locked);
+  void recompute(Recipe& recipe, LockedStorages& locked);
   // 4. record
   c10::intrusive_ptr<StorageRecord> new_storage(int64_t nbytes, double cost, bool pinned,
                                                 c10::ArrayRef<Entry*> parents);
@@ -186,7 +193,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& traits,
                          torch::jit::Stack* stack, size_t first, const MutationCall& call);
   std::vector<StorageRecord*> stealable_bases(const Recipe& recipe,
-                                              const std::vector<int64_t>& locked);
+                                              const LockedStorages& locked);
   std::vector<at::Tensor> run_mutation_recipe(const Recipe& recipe, std::vector<at::Tensor> vals);
   // csrc/metadata_ops.cpp (Note [In-place metadata ops in the C++ runtime]): an op
   // tagged inplace_view, resize_ or set_ with a dtr tensor among its inputs.
@@ -207,7 +214,7 @@ class Runtime : public c10::intrusive_ptr_target {
 
   void evict(StorageRecord& rec, bool counted);
   void maybe_banish(StorageRecord& rec);
-  void unlock_all(std::vector<int64_t>& locked);
+  void unlock_all(LockedStorages& locked);
   void drain_pending();
   void release_locked(c10::intrusive_ptr<Cell> cell);
   void note_peak(int64_t reserved = 0);

@@ -123,6 +123,10 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("plain_bytes", [](Runtime& rt) { return no_gil([&] { return rt.plain_bytes(); }); })
       .def("evict_to", [](Runtime& rt, int64_t limit) { return no_gil([&] { return rt.evict_to(limit); }); })
       .def("pool_size", [](Runtime& rt) { return rt.pool().size(); })
+      // For tests: whether the pool has built its id table, and its invariants
+      // (which build it). Note [The id index is built when first asked].
+      .def("_pool_indexed", [](Runtime& rt) { return no_gil([&] { return rt.with_pool([](Pool& p) { return p.indexed(); }); }); })
+      .def("_check_pool", [](Runtime& rt) { no_gil([&] { rt.with_pool([](Pool& p) { p.check_invariants(); return true; }); }); })
       .def("begin_step", [](Runtime& rt, std::optional<c10::intrusive_ptr<StepPlan>> plan,
                             double recompute_limit) {
         no_gil([&] { rt.begin_step(plan ? *plan : c10::intrusive_ptr<StepPlan>(), recompute_limit); });

@@ -34,12 +34,17 @@ class Runtime;
 struct Cell;
 struct OpMemory;
 struct OpTraits;
+struct StorageRecord;
+
+// The storages an op (or a recompute) holds locked, held strongly so that one
+// whose last cell goes during the op is still there to unlock.
+using LockedStorages = std::vector<c10::intrusive_ptr<StorageRecord>>;
 
 // What one Runtime::dispatch fills (Note [Per-op vectors reused] in runtime.cpp).
 struct OpVectors {
   std::vector<c10::intrusive_ptr<Cell>> cells;  // per input; null for plain ones
   std::vector<at::Tensor> vals;
-  std::vector<int64_t> locked;
+  LockedStorages locked;
 };
 
 // The records whose live objects are counted (Note [Live object counts]).

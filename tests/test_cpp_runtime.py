@@ -1276,3 +1276,35 @@ def test_step_recording_is_refused_where_it_does_not_apply():
     plan = la.end_step()
     assert plan.num_ops == 0 and plan.num_storages == 0 and "0 ops" in repr(plan)
     assert la.end_step() is None
+
+
+def test_a_native_policy_never_builds_the_pool_id_table():
+    # Note [The id index is built when first asked]: the runtime reaches its pool entries
+    # through its storage records; building the id table would cost every op a hash insert
+    # and erase. A step that evicts and recomputes, in-place ops and an escape included,
+    # must not build it, and the pool's invariants (checked after, which builds it) hold.
+    torch.manual_seed(0)
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(32, 32)
+    ref = None
+    for runtime in ("eager", "cpp"):
+        ctx = (dtr.budget(budget_above(10 * 32 * 32 * 4), runtime="cpp", policy="msps_sqrt")
+               if runtime == "cpp" else contextlib.nullcontext())
+        with ctx as s:
+            y = x
+            for _ in range(12):
+                y = y @ w
+                y.mul_(0.5)
+                y = torch.tanh(y)
+            loss = y.sum()
+            loss.backward()
+            value = loss.item()
+            if runtime == "cpp":
+                assert s.stats.evictions > 0 and s.stats.rematerializations > 0
+                assert not s.runtime._rt._pool_indexed()
+                s.runtime._rt._check_pool()
+                assert s.runtime._rt._pool_indexed()
+        grad, w.grad = w.grad.clone(), None
+        if ref is None:
+            ref = (value, grad)
+    assert value == ref[0] and torch.equal(grad, ref[1])
