@@ -93,8 +93,8 @@ void DTRTensorImpl::release_resources() {
 
 // Note [Wrappers share their value's version counter]
 // TensorImpl's constructor gives every tensor made outside inference mode a
-// version counter of its own: a heap block made and freed per op, about a
-// twentieth of what the runtime added to an op. A new wrapper instead shares
+// version counter of its own: a heap block made and freed per op, through
+// glibc's malloc (docs/performance.md, tenth session). A new wrapper instead shares
 // the counter of the value it wraps, which the kernel has just made (at 0,
 // like a fresh eager output) and which nothing else bumps: kernels run on
 // values below ADInplaceOrView (BelowDTRGuard), so only writes through the
