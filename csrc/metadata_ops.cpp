@@ -154,7 +154,7 @@ void Runtime::dispatch_metadata_op(const c10::OperatorHandle& op, const OpTraits
   auto cell = c10::make_intrusive<Cell>(recipe, 0, /*view_src=*/0, parent->storage);
   cell->value = w;
   recipe->outputs.emplace_back(cell);
-  parent->storage->cells.emplace_back(cell);
+  parent->storage->add_cell(cell);
 
   // Eager returns the tensor the op was called on, now with the new metadata.
   const at::Tensor& self = original[0].toTensor();

@@ -298,7 +298,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
                              recipe ? c10::ArrayRef<Entry*>(parents) : c10::ArrayRef<Entry*>());
     auto nbase = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(k), -1, fresh);
     nbase->value = tg.base->value;
-    fresh->cells.emplace_back(nbase);
+    fresh->add_cell(nbase);
     if (recipe) {
       recipe->outputs.emplace_back(nbase);
       recipe->inputs.push_back(RecipeInput{tg.base, at::Tensor(), 0, false});
@@ -315,7 +315,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
         if (!nc) {
           nc = c10::make_intrusive<Cell>(c10::intrusive_ptr<Recipe>(), 0, -1, fresh);
           nc->value = cell->value;
-          fresh->cells.emplace_back(nc);
+          fresh->add_cell(nc);
         }
         return nc;
       }
@@ -328,7 +328,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
         Cell* c = *it;
         auto nc = view_over(*c, moved.at(c->view_parent()), fresh);
         nc->value = c->value;
-        fresh->cells.emplace_back(nc);
+        fresh->add_cell(nc);
         moved[c] = std::move(nc);
       }
       return moved.at(cell.get());

@@ -1,6 +1,8 @@
 // Lifetimes of cells, recipes and storage records (csrc/records.h).
 #include "records.h"
 
+#include <algorithm>
+
 #include "runtime.h"
 #include "thread_state.h"
 
@@ -16,6 +18,22 @@ StorageRecord::StorageRecord(c10::intrusive_ptr<Runtime> rt, int64_t sid, int64_
     : runtime(std::move(rt)), sid(sid), nbytes(nbytes), pinned(pinned) {}
 
 StorageRecord::~StorageRecord() { release_resources(); }
+
+// Note [Dead view cells]
+// A storage's cell list is weak, and only eviction empties it. A view taken
+// and dropped (`v = y[0]` in a loop) leaves an expired entry, and a weak
+// reference keeps its cell's block allocated (an intrusive_ptr's object is
+// freed with its last weak reference): 200,000 views of one value kept
+// 200,000 cells in one block's bookkeeping memory, which no budget counts.
+// Expired entries are pruned when the list reaches twice its length after the
+// last pruning (at least 8), so an append costs O(1) amortized.
+void StorageRecord::add_cell(const c10::intrusive_ptr<Cell>& cell) {
+  cells.emplace_back(cell);
+  if (cells.size() < prune_cells_at) return;
+  cells.erase(std::remove_if(cells.begin(), cells.end(), [](const auto& w) { return w.expired(); }),
+              cells.end());
+  prune_cells_at = std::max<uint32_t>(8, 2 * static_cast<uint32_t>(cells.size()));
+}
 
 void StorageRecord::release_resources() {
   if (!runtime) return;

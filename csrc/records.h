@@ -77,6 +77,8 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRec
   ~StorageRecord() override;
   // Tells the runtime this storage is gone (Note [Weak references keep members alive]).
   void release_resources() override;
+  // A cell that now holds a value in this storage (Note [Dead view cells]).
+  void add_cell(const c10::intrusive_ptr<Cell>& cell);
 
   c10::intrusive_ptr<Runtime> runtime;
   int64_t sid;
@@ -88,8 +90,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRec
   bool resident = true;
   bool escaped = false;      // handed out as a plain tensor: counted as plain memory
   bool banish_pending = false;
+  uint32_t prune_cells_at = 8;  // Note [Dead view cells] in records.cpp
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
-  // Cells that hold a value now (dropped on eviction).
+  // Cells that hold a value now (dropped on eviction); added through add_cell.
   c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 2> cells;
   // Wrappers whose cell lives here (rebound by in-place ops). Not inline: an
   // inline wrapper list was the suspect left when a heap corruption at exit

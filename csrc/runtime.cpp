@@ -352,7 +352,7 @@ void Runtime::evict(StorageRecord& rec, bool counted) {
 void Runtime::set_value(Cell& cell, at::Tensor value) {
   cell.value = std::move(value);
   StorageRecord& rec = *cell.storage;
-  rec.cells.emplace_back(c10::intrusive_ptr<Cell>::reclaim_copy(&cell));
+  rec.add_cell(c10::intrusive_ptr<Cell>::reclaim_copy(&cell));
   if (!rec.resident) {
     rec.resident = true;
     pool_.rematerialized(rec.entry, clock_);
@@ -1178,7 +1178,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       auto cell = c10::make_intrusive<Cell>(recipe, static_cast<int32_t>(index),
                                             static_cast<int32_t>(j), base->storage);
       cell->value = std::move(o);
-      base->storage->cells.emplace_back(cell);
+      base->storage->add_cell(cell);
       pool_.add_cost(base->storage->entry, cost);
       recipe->outputs.emplace_back(cell);
       const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
@@ -1197,7 +1197,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     auto cell = c10::make_intrusive<Cell>(traits.collective ? c10::intrusive_ptr<Recipe>() : recipe,
                                           static_cast<int32_t>(index), -1, std::move(rec));
     cell->value = std::move(o);
-    cell->storage->cells.emplace_back(cell);
+    cell->storage->add_cell(cell);
     recipe->outputs.emplace_back(cell);
     const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
     return make_wrapper(std::move(cell), value);

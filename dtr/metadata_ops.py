@@ -131,7 +131,7 @@ def run(rt, func, info, args, kwargs):
                         [parent], None, 0.0, is_view=True)
         cell = Cell(w, recipe, 0, parent.storage)
         recipe.outputs.append(weakref.ref(cell))
-        parent.storage.cells.append(weakref.ref(cell))
+        parent.storage.add_cell(cell)
         _mark_stale_views(target)
         target._rebind(cell)
     return target

@@ -164,6 +164,7 @@ class StorageRecord:
         "nbytes",
         "runtime",
         "cells",
+        "prune_cells_at",
         "resident",
         "pinned",
         "escaped",
@@ -177,13 +178,28 @@ class StorageRecord:
         self.runtime = runtime
         self.sid = sid
         self.nbytes = nbytes
-        self.cells: List[weakref.ref] = []  # cells currently holding a value
+        self.cells: List[weakref.ref] = []  # cells currently holding a value; see add_cell
+        self.prune_cells_at = 8
         self.resident = True
         self.pinned = pinned  # never evicted (no recipe, or escaped)
         self.escaped = False  # handed out as a plain tensor; counted as plain memory
         self.nwrappers = 0
         self.wrappers: List[weakref.ref] = []
         self.banish_pending = False  # its last wrapper died while it was locked
+
+    def add_cell(self, cell) -> None:
+        """A cell that now holds a value in this storage.
+
+        Note [Dead view cells]
+        Only eviction empties ``cells``. A view taken and dropped (``v = y[0]`` in a
+        loop) leaves a dead weak reference, which stays allocated while it is listed;
+        dead ones are dropped when the list reaches twice its length after the last
+        pruning (at least 8): O(1) amortized. csrc/records.cpp does the same."""
+        cells = self.cells
+        cells.append(weakref.ref(cell))
+        if len(cells) >= self.prune_cells_at:
+            cells[:] = [r for r in cells if r() is not None]
+            self.prune_cells_at = max(8, 2 * len(cells))
 
     def __del__(self):
         rt = self.runtime

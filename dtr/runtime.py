@@ -460,7 +460,7 @@ class Runtime:
     def _set_value(self, cell: Cell, value: torch.Tensor) -> None:
         cell.value = value
         rec = cell.storage
-        rec.cells.append(weakref.ref(cell))
+        rec.add_cell(cell)
         if not rec.resident:
             rec.resident = True
             self.pool.rematerialized(rec.sid, self.clock)
@@ -1066,7 +1066,7 @@ class Runtime:
                 vrec.targs, vrec.tkwargs = _move_slot_first(targs, tkwargs, src)
                 cell = Cell(o, vrec, 0, parent.storage)
                 vrec.outputs.append(weakref.ref(cell))
-                parent.storage.cells.append(weakref.ref(cell))
+                parent.storage.add_cell(cell)
                 self.pool.add_cost(parent.storage.sid, cost)
                 results.append(DTRTensor._from_cell(cell, o))
                 recipe.outputs.append(None)
@@ -1079,7 +1079,7 @@ class Runtime:
             else:
                 rec = self._new_storage(nb, cost, False, parents)
                 cell = Cell(o, recipe, k, rec)
-            rec.cells.append(weakref.ref(cell))
+            rec.add_cell(cell)
             recipe.outputs.append(weakref.ref(cell))
             results.append(DTRTensor._from_cell(cell, o))
         recipe.out_bytes = new_bytes
@@ -1168,7 +1168,7 @@ class Runtime:
 
     def _set_value_fresh(self, cell: Cell, value: torch.Tensor) -> None:
         cell.value = value
-        cell.storage.cells.append(weakref.ref(cell))
+        cell.storage.add_cell(cell)
 
     def _rebind(self, old: StorageRecord, old_base: Cell, new_base: Cell, new: StorageRecord) -> None:
         memo = {id(old_base): new_base}

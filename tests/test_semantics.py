@@ -357,3 +357,29 @@ def test_outputs_made_in_inference_mode_are_inference_tensors_as_in_eager():
         ref._version
     with pytest.raises(RuntimeError, match="Inference tensors do not track version counter"):
         z._version
+
+
+def _cells_listed(t):
+    # How many cells the storage of `t` lists (Note [Dead view cells]), in either runtime.
+    from dtr import _ext
+    if type(t) is torch.Tensor:  # a C++ wrapper: its runtime counts every cell block
+        return _ext._C.live_objects()["cells"]
+    return len(t._cell.storage.cells)
+
+
+def test_views_taken_and_dropped_do_not_pile_up_in_their_storage():
+    # Note [Dead view cells]: only eviction emptied a storage's cell list, so each view
+    # taken and dropped in a loop stayed listed (in C++ with its cell's block) for the
+    # rest of the block. The list is pruned as it grows.
+    x = torch.randn(16, 16, requires_grad=True)
+    with dtr.budget(None):
+        y = x * 2
+        first = y[0]
+        before = _cells_listed(y)
+        for i in range(5000):
+            v = y[i % 16]
+        del v
+        after = _cells_listed(y)
+        assert after - before < 64, (before, after)
+        assert torch.equal(dtr.unwrap(first), (x * 2)[0].detach())
+        assert torch.equal(dtr.unwrap(y[3]), (x * 2)[3].detach())
