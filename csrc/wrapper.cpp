@@ -21,11 +21,6 @@ DTRTensorImpl::DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10
   set_storage_access_should_throw();
 }
 
-DTRTensorImpl::DTRTensorImpl(c10::intrusive_ptr<Cell> cell, const at::Tensor& value)
-    : DTRTensorImpl(wrapper_keys(value), value.dtype(), value.device(), std::move(cell)) {
-  sync_metadata(value);
-}
-
 void DTRTensorImpl::sync_metadata(const at::Tensor& value) {
   set_sizes_and_strides(value.sizes(), value.strides(), value.storage_offset());
 }
@@ -107,24 +102,25 @@ void DTRTensorImpl::release_resources() {
 c10::intrusive_ptr<DTRTensorImpl> DTRTensorImpl::make(c10::intrusive_ptr<Cell> cell,
                                                       const at::Tensor& value) {
   c10::AutogradState& state = c10::AutogradState::get_tls_state();
-  if (state.get_inference_mode()) {  // an inference tensor, as eager's output would be
-    return c10::make_intrusive<DTRTensorImpl>(std::move(cell), value);
-  }
   const c10::DispatchKeySet ks = wrapper_keys(value);
   c10::intrusive_ptr<DTRTensorImpl> impl;
-  {
-    struct InferenceFlag {
-      c10::AutogradState& state;
-      explicit InferenceFlag(c10::AutogradState& s) : state(s) { state.set_inference_mode(true); }
-      ~InferenceFlag() { state.set_inference_mode(false); }
-    } flag(state);
+  if (state.get_inference_mode()) {  // an inference tensor, as eager's output would be
     impl = c10::make_intrusive<DTRTensorImpl>(ks, value.dtype(), value.device(), std::move(cell));
+  } else {
+    {
+      struct InferenceFlag {
+        c10::AutogradState& state;
+        explicit InferenceFlag(c10::AutogradState& s) : state(s) { state.set_inference_mode(true); }
+        ~InferenceFlag() { state.set_inference_mode(false); }
+      } flag(state);
+      impl = c10::make_intrusive<DTRTensorImpl>(ks, value.dtype(), value.device(), std::move(cell));
+    }
+    const c10::BackendComponent k = ks.highestBackendKey();
+    impl->key_set_ = ((ks | c10::getAutocastRelatedKeySetFromBackend(k)) - c10::python_ks) |
+                     c10::getAutogradRelatedKeySetFromBackend(k);
+    const c10::VariableVersion& counter = value.unsafeGetTensorImpl()->version_counter();
+    impl->version_counter_ = counter.enabled() ? counter : c10::VariableVersion(/*version=*/0);
   }
-  const c10::BackendComponent k = ks.highestBackendKey();
-  impl->key_set_ = ((ks | c10::getAutocastRelatedKeySetFromBackend(k)) - c10::python_ks) |
-                   c10::getAutogradRelatedKeySetFromBackend(k);
-  const c10::VariableVersion& counter = value.unsafeGetTensorImpl()->version_counter();
-  impl->version_counter_ = counter.enabled() ? counter : c10::VariableVersion(/*version=*/0);
   impl->sync_metadata(value);
   return impl;
 }

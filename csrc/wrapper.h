@@ -33,7 +33,6 @@ constexpr c10::BackendComponent kDTRBackend = c10::BackendComponent::PrivateUse3
 // Allocated from bookkeeping memory (Note [Bookkeeping memory]).
 class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
  public:
-  DTRTensorImpl(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
   DTRTensorImpl(c10::DispatchKeySet ks, caffe2::TypeMeta dtype, c10::Device device,
                 c10::intrusive_ptr<Cell> cell);
 
