@@ -18,7 +18,7 @@ if sources and os.environ.get("DTR_NO_EXTENSION") != "1":
         CppExtension(
             "dtr._C",
             sources,
-            extra_compile_args=["-O3", "-std=c++20"],
+            extra_compile_args=["-O3", "-std=c++20", "-fvisibility=hidden", "-fno-semantic-interposition", "-fno-plt"],
         )
     )
     cmdclass["build_ext"] = BuildExtension

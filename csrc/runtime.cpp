@@ -285,6 +285,13 @@ void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
   release_locked(std::move(cell));
 }
 
+bool Runtime::only_wrapper_sees(const Cell& cell) {
+  Lock g(mu_);
+  const StorageRecord& rec = *cell.storage;
+  // A release still pending (Note [Deferred releases]) only overcounts: no harm.
+  return !closed_ && rec.nwrappers == 1 && !rec.escaped;
+}
+
 void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {
   StorageRecord& rec = *cell->storage;
   rec.nwrappers -= 1;

@@ -112,6 +112,10 @@ class Runtime : public c10::intrusive_ptr_target {
   // The block ended: from now on keep nothing no wrapper refers to.
   void close();
   bool closed() const { return closed_; }
+  // Whether the one wrapper of `cell`'s storage is all that can see it: no
+  // other wrapper, nothing escaped, the block still open (Note [Gradients
+  // accumulate in place] in wrapper.cpp).
+  bool only_wrapper_sees(const Cell& cell);
   bool has_live_values();
 
   std::optional<int64_t> limit();

@@ -3,6 +3,8 @@
 #include "runtime.h"
 
 #include <c10/core/AutogradState.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 namespace dtr {
 namespace {
@@ -84,6 +86,48 @@ void DTRTensorImpl::release_resources() {
     rt->wrapper_released(std::move(cell_));
   }
   c10::TensorImpl::release_resources();
+}
+
+// Note [Gradients accumulate in place]
+// Autograd sums the gradients a tensor gets from several uses in its input
+// buffer (torch/csrc/autograd/input_buffer.cpp), in place into one of them
+// when that one is all that can see its memory: a plain tensor whose last
+// reference the buffer holds, and whose storage's too. A wrapper has no
+// storage, so every sum was out of place, a new tensor each time. For a
+// weight used at every node of a TreeLSTM (393 KiB of gradient, about a
+// hundred uses a step) that is a fresh block of memory written per use, which
+// eager writes into the gradient it has just read: the cache misses of those
+// writes were a quarter of what dtr added to the TreeLSTM's step
+// (docs/performance.md, eleventh session). So a wrapper reports a storage of
+// its own, empty and held by it alone, exactly where the buffer would add in
+// place and dtr agrees: inside a backward pass, with grad mode off (the only
+// case where the buffer writes), while the block is open, and when it is the
+// one wrapper of its value's storage and the value was never handed out
+// plain (Runtime::only_wrapper_sees). The buffer's own test (its reference
+// is the last) does the rest. The add_ then runs as any in-place op on a dtr
+// tensor. Everywhere else storage access still throws. The empty storage is
+// also storage_, so that raw data access, which reads storage_ directly after
+// asking has_storage(), fails with torch's error instead of reading null.
+bool DTRTensorImpl::accumulates_in_place() const {
+  return cell_ && !c10::GradMode::is_enabled() &&
+         torch::autograd::get_current_graph_task_id() >= 0 &&
+         cell_->storage->runtime->only_wrapper_sees(*cell_);
+}
+
+bool DTRTensorImpl::has_storage() const {
+  if (!accumulates_in_place()) return false;
+  if (!storage_) {
+    auto* self = const_cast<DTRTensorImpl*>(this);
+    self->storage_ = c10::Storage(c10::Storage::use_byte_size_t(), 0,
+                                  c10::DataPtr(nullptr, device()), /*allocator=*/nullptr,
+                                  /*resizable=*/false);
+  }
+  return true;
+}
+
+const c10::Storage& DTRTensorImpl::storage() const {
+  if (!has_storage()) return c10::TensorImpl::storage();  // throws "Cannot access storage"
+  return storage_;
 }
 
 // Note [Wrappers share their value's version counter]

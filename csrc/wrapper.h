@@ -10,7 +10,9 @@
 // with its ordinary kernels. The device reported is the value's own (a
 // PrivateUse device aborts in autograd's InputMetadata). Storage access throws;
 // the torch.Tensor methods that read raw memory escape the value first (Note
-// [Escapes of C++ wrappers] in escapes.h), other readers need dtr.unwrap.
+// [Escapes of C++ wrappers] in escapes.h), other readers need dtr.unwrap. The
+// one exception is autograd's gradient buffer (Note [Gradients accumulate in
+// place] in wrapper.cpp).
 // Shallow copies (autograd's SavedVariable, detach) share the cell and count
 // as wrappers of its storage.
 #pragma once
@@ -55,6 +57,10 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
       bool allow_tensor_metadata_change) const override;
   void shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) override;
   void release_resources() override;
+  // A storage of its own only where autograd may add a gradient into it in
+  // place (Note [Gradients accumulate in place] in wrapper.cpp); else none.
+  bool has_storage() const override;
+  const c10::Storage& storage() const override;
 
  private:
   const char* tensorimpl_type_name() const override { return "DTRTensorImpl"; }
@@ -63,6 +69,7 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
   friend at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
   // Counts this wrapper in its storage record.
   void attach();
+  bool accumulates_in_place() const;
 
   c10::intrusive_ptr<Cell> cell_;
 };

@@ -191,3 +191,39 @@ def test_ab_overhead_refuses_a_baseline_that_is_not_a_checkout(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bench.ab_overhead", "--baseline", str(tmp_path)], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "no dtr package there" in p.stderr
+
+
+def test_cache_misses_worker_runs_the_treelstm_and_reports_its_ops():
+    # The program bench.cache_misses runs under cachegrind; it divides by the ops it prints.
+    for runtime in ("eager", "cpp"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cache_misses.py"), "--worker",
+                            runtime, "0", ROOT], cwd="/", env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        ops = int(p.stdout.split("dtr ops per step:")[1])
+        assert (ops > 1000) == (runtime == "cpp"), p.stdout
+
+
+def test_cache_misses_reads_cg_annotate():
+    from bench import cache_misses as cm
+
+    text = """\
+--------------------------------------------------------------------------------
+Ir                 I1mr              ILmr            DLmr             DLmw              file:function
+--------------------------------------------------------------------------------
+10,000 (100.0%)    900 (100.0%)      50 (100.0%)     70 (100.0%)      40 (100.0%)       PROGRAM TOTALS
+ 1,200 (12.0%)      80 ( 8.9%)        .               3 ( 4.3%)        .                /w/csrc/runtime.cpp:dtr::Runtime::dispatch(int)
+   300 ( 3.0%)      10 ( 1.1%)        1 ( 2.0%)       .               36 (90.0%)        ???:add_kernel
+"""
+    costs = cm.parse_costs(text)
+    assert costs[""] == [10000, 900, 50, 70, 40]
+    assert costs["dtr::Runtime::dispatch(int)"] == [1200, 80, 0, 3, 0]
+    assert costs["add_kernel"] == [300, 10, 1, 0, 36]
+
+
+def test_cache_misses_without_valgrind_says_what_to_install(monkeypatch):
+    from bench import cache_misses as cm
+
+    monkeypatch.setattr(cm.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs valgrind"):
+        cm.main(["--out", os.devnull])

@@ -1308,3 +1308,35 @@ def test_a_native_policy_never_builds_the_pool_id_table():
         if ref is None:
             ref = (value, grad)
     assert value == ref[0] and torch.equal(grad, ref[1])
+
+
+def test_gradients_of_a_weight_used_many_times_add_up_in_place_as_in_eager():
+    # Note [Gradients accumulate in place]: autograd's input buffer sums a weight's
+    # gradients in place where only it can see the sum. A wrapper had no storage, so each
+    # sum was a new tensor: the allocator's peak (the profiler's) was one gradient above
+    # eager's. Now it is eager's, and outside a backward pass a wrapper still has none.
+    from dtr.measure import peak_memory
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 256, requires_grad=True)  # 256 KiB of gradient
+    xs = [torch.randn(4, 256) for _ in range(8)]
+
+    def step():
+        (sum((torch.tanh(x * 1.0) @ w).sum() for x in xs)).backward()
+
+    def in_block():
+        with dtr.budget(None, runtime="cpp"):
+            step()
+
+    step()
+    ref, w.grad = w.grad, None
+    _, eager_peak = peak_memory(step)
+    w.grad = None
+    _, cpp_peak = peak_memory(in_block)
+    assert torch.equal(w.grad, ref)
+    gradient = w.numel() * w.element_size()
+    assert cpp_peak < eager_peak + gradient // 4, (cpp_peak, eager_peak)
+    with dtr.budget(None, runtime="cpp"):
+        y = torch.tanh(xs[0] * 1.0)
+        with torch.no_grad():
+            assert not torch._C._has_storage(y)

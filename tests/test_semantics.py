@@ -383,3 +383,41 @@ def test_views_taken_and_dropped_do_not_pile_up_in_their_storage():
         assert after - before < 64, (before, after)
         assert torch.equal(dtr.unwrap(first), (x * 2)[0].detach())
         assert torch.equal(dtr.unwrap(y[3]), (x * 2)[3].detach())
+
+
+@pytest.mark.parametrize("harsh", [False, True], ids=["no_limit", "evict_everything"])
+def test_gradients_summed_over_many_uses_match_eager(harsh):
+    # Note [Gradients accumulate in place]: autograd sums a tensor's gradients in its
+    # input buffer, in place where nothing else can see the sum. Uses whose gradients
+    # alias each other (x + x; unbind of one gradient into two uses; a view of a
+    # gradient another use also gets) must still be summed out of place, as in eager.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 32)
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(4, 32, requires_grad=True)
+
+    def f():
+        h = torch.tanh(x * 1.5)
+        for _ in range(6):  # the Linear's weight and bias, and h, used again and again
+            h = torch.tanh(lin(h)) + h
+        s = torch.stack([h, h]).sum(0)  # one gradient unbound into two uses of h
+        y = s + s  # the same gradient twice
+        z = (y @ w) + (y @ w.t())  # w's gradients: one plain, one a view (t)
+        return (z * z).sum() + y.sum()
+
+    params = [x, w, lin.weight, lin.bias]
+    ref = torch.autograd.grad(f(), params)
+    with (evict_everything() if harsh else dtr.budget(None)):
+        loss = f()
+        got = torch.autograd.grad(loss, params)
+    for g, r in zip(got, ref):
+        assert is_plain(g) or dtr.is_dtr_tensor(g)
+        assert torch.equal(dtr.unwrap(g), r)
+    # .backward() into .grad, twice (the second adds into the first).
+    for p in params:
+        p.grad = None
+    with (evict_everything() if harsh else dtr.budget(None)):
+        f().backward()
+        f().backward()
+    for p, r in zip(params, ref):
+        assert torch.equal(p.grad, r + r)
