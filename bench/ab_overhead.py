@@ -2,6 +2,7 @@
 
     python -m bench.ab_overhead --baseline ../old-checkout     # writes bench/results/ab_overhead.md
     python -m bench.ab_overhead --baseline ../old --rounds 5 --out /tmp/ab.md
+    python -m bench.ab_overhead --baseline ../old --size full --steps 15 --out /tmp/ab_full.md
 
 A shared machine's speed drifts by tens of percent within minutes: more than a
 change of a few percent, so two runs of bench.runtime_overhead made one after the
@@ -9,8 +10,9 @@ other do not compare. Here each round runs each build in a fresh process, the
 builds alternating, and each process times eager and the C++ runtime interleaved:
 - the microseconds the C++ runtime adds per op to a chain of 3,000 16x16 adds (one
   input requiring grad), the median of --reps chains each;
-- one TreeLSTM training step (bench.models' quick size, this checkout's model code
-  for both builds), as a multiple of eager's, the median of --steps steps each.
+- one TreeLSTM training step (bench.models' --size, quick by default; this
+  checkout's model code for both builds), as a multiple of eager's, the median of
+  --steps steps each.
 The report gives every round, and per build the best and the median over rounds.
 The other checkout needs its extension built (``python setup.py build_ext --inplace``).
 """
@@ -28,7 +30,8 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs in a fresh process: dtr from `tree`, the model from this checkout's bench/models.py.
 _WORKER = r"""
 import contextlib, importlib.util, json, statistics, sys, time
-tree, models_path, reps, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tree, models_path, reps, steps, size = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                        sys.argv[5])
 sys.path.insert(0, tree)
 import torch
 import dtr
@@ -66,7 +69,7 @@ def chain(ctx, n=3000):
 
 
 e, c = interleaved(chain, reps)
-model, batch_fn = models.build("treelstm", "quick")
+model, batch_fn = models.build("treelstm", size)
 model.train()
 batch = batch_fn(1)
 
@@ -85,10 +88,10 @@ print(json.dumps({"added_us": (c - e) / 3000 * 1e6, "eager_us": e / 3000 * 1e6,
 """
 
 
-def _measure(tree: str, reps: int, steps: int) -> dict:
+def _measure(tree: str, reps: int, steps: int, size: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _WORKER, tree, os.path.join(HERE, "bench", "models.py"), str(reps),
-         str(steps)],
+         str(steps), size],
         check=True, capture_output=True, text=True, cwd=tree,
         env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,6 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=15, help="chains per process")
     p.add_argument("--steps", type=int, default=30, help="TreeLSTM steps per process")
+    p.add_argument("--size", choices=["quick", "full"], default="quick", help="the TreeLSTM's size")
     p.add_argument("--out", default=os.path.join(HERE, "bench", "results", "ab_overhead.md"))
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -111,7 +115,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(list(trees)))
         for name in order:
-            m = _measure(trees[name], args.reps, args.steps)
+            m = _measure(trees[name], args.reps, args.steps, args.size)
             results[name].append(m)
             m["added_share"] = m["added_us"] / m["eager_us"]
             rows.append(f"| {r + 1} | {name} | {m['eager_us']:.2f} | {m['added_us']:.2f} | "
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
              f"`{trees['baseline']}`. Each round runs each build in a fresh process (the builds "
              "alternating), which times eager and the C++ runtime interleaved at an unlimited "
              f"budget: a chain of 3,000 16x16 adds (median of {args.reps} chains) and a TreeLSTM "
-             f"step, quick size (median of {args.steps} steps). One torch thread.", "",
+             f"step, {args.size} size (median of {args.steps} steps). One torch thread.", "",
              "The added time is also given as a multiple of eager's add in the same process, which "
              "follows the machine's speed between rounds less than the time itself.", "",
              "| build | us added per op, best / median of rounds | the same / eager's add | "
