@@ -286,7 +286,11 @@ void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
 }
 
 bool Runtime::only_wrapper_sees(const Cell& cell) {
-  Lock g(mu_);
+  // Asked from autograd (and any caller of has_storage), which may hold the GIL
+  // that an op holding the lock waits for (Note [Deferred releases]): never wait.
+  // Not knowing is "no", which only costs the sum a new tensor.
+  std::unique_lock<std::recursive_mutex> g(mu_, std::try_to_lock);
+  if (!g.owns_lock()) return false;
   const StorageRecord& rec = *cell.storage;
   // A release still pending (Note [Deferred releases]) only overcounts: no harm.
   return !closed_ && rec.nwrappers == 1 && !rec.escaped;
