@@ -47,7 +47,7 @@ void PlainReaders::add(const c10::intrusive_ptr<Recipe>& recipe, size_t input) {
   if (key == nullptr) return;
   if (by_storage_.size() >= sweep_at_) {
     for (auto it = by_storage_.begin(); it != by_storage_.end();) {
-      Readers& r = it->second;
+      auto& r = it->second.list;
       r.erase(std::remove_if(r.begin(), r.end(), [](const auto& e) { return e.first.expired(); }),
               r.end());
       it = r.empty() ? by_storage_.erase(it) : std::next(it);
@@ -55,12 +55,14 @@ void PlainReaders::add(const c10::intrusive_ptr<Recipe>& recipe, size_t input) {
     sweep_at_ = std::max<size_t>(1024, 2 * by_storage_.size());
   }
   Readers& readers = by_storage_[key];
-  readers.emplace_back(recipe, input);
-  const size_t n = readers.size();
-  if (n >= 64 && (n & (n - 1)) == 0) {  // prune at powers of two
-    readers.erase(std::remove_if(readers.begin(), readers.end(),
-                                 [](const auto& r) { return r.first.expired(); }),
-                  readers.end());
+  readers.list.emplace_back(recipe, input);
+  // Pruning at fixed lengths (powers of two) cost a whole pass per append when
+  // the live readers sat one below such a length and one died per append.
+  if (readers.list.size() >= readers.prune_at) {
+    auto& r = readers.list;
+    r.erase(std::remove_if(r.begin(), r.end(), [](const auto& e) { return e.first.expired(); }),
+            r.end());
+    readers.prune_at = std::max<size_t>(64, 2 * r.size());
   }
 }
 
@@ -70,7 +72,7 @@ void PlainReaders::before_write(const at::Tensor& t,
   if (key == nullptr) return;
   auto it = by_storage_.find(key);
   if (it == by_storage_.end()) return;
-  Readers readers = std::move(it->second);
+  auto readers = std::move(it->second.list);
   by_storage_.erase(it);
   std::unordered_map<const c10::TensorImpl*, at::Tensor> copies;
   for (auto& [ref, index] : readers) {

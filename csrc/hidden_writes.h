@@ -44,7 +44,12 @@ class PlainReaders {
   void before_write(const at::Tensor& t, c10::function_ref<void(const at::Tensor&)> count);
 
  private:
-  using Readers = bookkeeping::Vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>>;
+  struct Readers {
+    bookkeeping::Vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>> list;
+    // Pruned of dead recipes when the list reaches this length, then set to
+    // twice what is left (Note [Dead view cells] in records.cpp has the same rule).
+    size_t prune_at = 64;
+  };
   bookkeeping::FlatMap<const c10::StorageImpl*, Readers> by_storage_;
   // Keys of storages no live recipe reads any more are dropped by a sweep once
   // the table doubles (a block reading a fresh plain tensor each step).

@@ -95,10 +95,10 @@ void DTRTensorImpl::release_resources() {
 // reference the buffer holds, and whose storage's too. A wrapper has no
 // storage, so every sum was out of place, a new tensor each time. For a
 // weight used at every node of a TreeLSTM (393 KiB of gradient, about a
-// hundred uses a step) that is a fresh block of memory written per use, which
-// eager writes into the gradient it has just read: the cache misses of those
-// writes were a quarter of what dtr added to the TreeLSTM's step
-// (docs/performance.md, eleventh session). So a wrapper reports a storage of
+// hundred uses a step) that is a fresh block of memory written per use, where
+// eager writes into the gradient it has just read: 116 of the 128 last-level
+// write misses dtr added per op to the TreeLSTM's step (bench.cache_misses,
+// docs/performance.md, eleventh session). So a wrapper reports a storage of
 // its own, empty and held by it alone, exactly where the buffer would add in
 // place and dtr agrees: inside a backward pass, with grad mode off (the only
 // case where the buffer writes), while the block is open, and when it is the
