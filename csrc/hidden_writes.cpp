@@ -11,6 +11,7 @@
 #include "op_traits.h"
 #include "runtime.h"
 #include "wrapper.h"
+#include "weak_lists.h"
 
 namespace dtr {
 namespace {
@@ -22,6 +23,11 @@ const c10::StorageImpl* key_of(const at::Tensor& t) {
   }
   const c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
   return st->data() != nullptr ? st : nullptr;
+}
+
+// A reader entry (recipe, input) whose recipe has died.
+bool reader_gone(const std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>& e) {
+  return e.first.expired();
 }
 
 }  // namespace
@@ -48,22 +54,14 @@ void PlainReaders::add(const c10::intrusive_ptr<Recipe>& recipe, size_t input) {
   if (by_storage_.size() >= sweep_at_) {
     for (auto it = by_storage_.begin(); it != by_storage_.end();) {
       auto& r = it->second.list;
-      r.erase(std::remove_if(r.begin(), r.end(), [](const auto& e) { return e.first.expired(); }),
-              r.end());
+      erase_expired(r, reader_gone);
       it = r.empty() ? by_storage_.erase(it) : std::next(it);
     }
     sweep_at_ = std::max<size_t>(1024, 2 * by_storage_.size());
   }
   Readers& readers = by_storage_[key];
   readers.list.emplace_back(recipe, input);
-  // Pruning at fixed lengths (powers of two) cost a whole pass per append when
-  // the live readers sat one below such a length and one died per append.
-  if (readers.list.size() >= readers.prune_at) {
-    auto& r = readers.list;
-    r.erase(std::remove_if(r.begin(), r.end(), [](const auto& e) { return e.first.expired(); }),
-            r.end());
-    readers.prune_at = std::max<size_t>(64, 2 * r.size());
-  }
+  prune_when_doubled(readers.list, readers.prune_at, size_t{64}, reader_gone);
 }
 
 void PlainReaders::before_write(const at::Tensor& t,

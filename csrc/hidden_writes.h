@@ -46,9 +46,7 @@ class PlainReaders {
  private:
   struct Readers {
     bookkeeping::Vector<std::pair<c10::weak_intrusive_ptr<Recipe>, size_t>> list;
-    // Pruned of dead recipes when the list reaches this length, then set to
-    // twice what is left (Note [Dead view cells] in records.cpp has the same rule).
-    size_t prune_at = 64;
+    size_t prune_at = 64;  // Note [Pruning weak lists] (weak_lists.h)
   };
   bookkeeping::FlatMap<const c10::StorageImpl*, Readers> by_storage_;
   // Keys of storages no live recipe reads any more are dropped by a sweep once

@@ -1,10 +1,9 @@
 // Lifetimes of cells, recipes and storage records (csrc/records.h).
 #include "records.h"
 
-#include <algorithm>
-
 #include "runtime.h"
 #include "thread_state.h"
+#include "weak_lists.h"
 
 namespace dtr {
 
@@ -25,14 +24,11 @@ StorageRecord::~StorageRecord() { release_resources(); }
 // reference keeps its cell's block allocated (an intrusive_ptr's object is
 // freed with its last weak reference): 200,000 views of one value kept
 // 200,000 cells in one block's bookkeeping memory, which no budget counts.
-// Expired entries are pruned when the list reaches twice its length after the
-// last pruning (at least 8), so an append costs O(1) amortized.
+// Expired entries are pruned by the rule of Note [Pruning weak lists] (at
+// least 8 entries), so an append costs O(1) amortized.
 void StorageRecord::add_cell(const c10::intrusive_ptr<Cell>& cell) {
   cells.emplace_back(cell);
-  if (cells.size() < prune_cells_at) return;
-  cells.erase(std::remove_if(cells.begin(), cells.end(), [](const auto& w) { return w.expired(); }),
-              cells.end());
-  prune_cells_at = std::max<uint32_t>(8, 2 * static_cast<uint32_t>(cells.size()));
+  prune_when_doubled(cells, prune_cells_at, uint32_t{8});
 }
 
 void StorageRecord::release_resources() {

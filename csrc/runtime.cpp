@@ -15,6 +15,7 @@
 #include "op_memory.h"
 #include "op_traits.h"
 #include "scratch.h"
+#include "weak_lists.h"
 #include "tensor_walk.h"
 #include "recipe_stack.h"
 #include "sparse.h"
@@ -303,8 +304,7 @@ void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {
     rec.wrappers.clear();
     maybe_banish(rec);
   } else if (rec.wrappers.size() > 2 * static_cast<size_t>(rec.nwrappers) + 8) {
-    auto& w = rec.wrappers;
-    w.erase(std::remove_if(w.begin(), w.end(), [](const auto& p) { return p.expired(); }), w.end());
+    erase_expired(rec.wrappers);  // Note [Pruning weak lists]
   }
   // `cell` (and what only it kept alive) is released here, under the lock.
 }
