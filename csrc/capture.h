@@ -36,21 +36,39 @@ BlockToken suspend_block();
 // given as the keys before, at its end. c10's ForceDispatchKeyGuard reads the
 // thread's keys itself, and the guards below read them first to compute the
 // new ones: a call into libc10 and a TLS lookup saved per kernel run.
+//
+// Note [Writing the thread's keys in place]
+// Where c10 exports the thread's key sets as a thread_local (every platform
+// but MSVC and mobile, LocalDispatchKeySet.h), the guard writes them there
+// itself, through one address it looks up once: what
+// _force_tls_local_dispatch_key_set does, without a call into libc10 and a
+// TLS lookup each way (two of both per kernel run, about 50 instructions).
 class KeySetsGuard {
  public:
   KeySetsGuard(c10::impl::LocalDispatchKeySet before, c10::DispatchKeySet included,
                c10::DispatchKeySet excluded)
       : before_(before) {
-    c10::impl::LocalDispatchKeySet now = before;
-    now.included_ = included;
-    now.excluded_ = excluded;
-    c10::impl::_force_tls_local_dispatch_key_set(now);
+    set(included, excluded);
   }
-  ~KeySetsGuard() { c10::impl::_force_tls_local_dispatch_key_set(before_); }
+  ~KeySetsGuard() { set(before_.included_, before_.excluded_); }
   KeySetsGuard(const KeySetsGuard&) = delete;
   KeySetsGuard& operator=(const KeySetsGuard&) = delete;
 
  private:
+#if defined(_MSC_VER) || defined(C10_ANDROID) || defined(C10_IPHONE)
+  void set(c10::DispatchKeySet included, c10::DispatchKeySet excluded) {
+    c10::impl::LocalDispatchKeySet now = before_;
+    now.included_ = included;
+    now.excluded_ = excluded;
+    c10::impl::_force_tls_local_dispatch_key_set(now);
+  }
+#else
+  void set(c10::DispatchKeySet included, c10::DispatchKeySet excluded) {
+    keys_->set_included(included);
+    keys_->set_excluded(excluded);
+  }
+  c10::impl::PODLocalDispatchKeySet* keys_ = &c10::impl::raw_local_dispatch_key_set;
+#endif
   c10::impl::LocalDispatchKeySet before_;
 };
 

@@ -39,9 +39,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <algorithm>
-#include <unordered_map>
-#include <unordered_set>
 
 #include "capture.h"
 #include "errors.h"
@@ -51,6 +51,7 @@
 #include "rng.h"
 #include "runtime.h"
 #include "scratch.h"
+#include "small_map.h"
 #include "tensor_walk.h"
 #include "wrapper.h"
 
@@ -140,14 +141,15 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     const c10::StorageImpl* memory;  // the base value's storage before the op
     at::Tensor base_copy;            // pinned way, for an old storage that keeps its value
   };
-  std::vector<Target> targets;
-  std::unordered_set<int64_t> seen;
+  // Note [Maps of one op] (small_map.h).
+  c10::SmallVector<Target, 2> targets;
+  SmallMap<int64_t, bool> seen;
   LockedStorages locked;
   UnlockOnExit unlock{this, locked};
   bool with_recipe = !traits.collective;
   auto add_target = [&](int32_t input, const c10::intrusive_ptr<Cell>& cell) {
     c10::intrusive_ptr<StorageRecord> old = cell->storage;
-    if (!seen.insert(old->sid).second) {
+    if (!seen.insert(old->sid, true)) {
       throw DTRError(DTRError::kUnsupportedOp,
                      "dtr: " + traits.name +
                          " writes to two views of the same storage at once; dtr cannot preserve "
@@ -307,7 +309,12 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
       recipe->out_bytes += nb;
     }
     // The cell of the new storage matching each cell of the old one.
-    std::unordered_map<const Cell*, c10::intrusive_ptr<Cell>> moved;
+    SmallMap<const Cell*, c10::intrusive_ptr<Cell>> moved;
+    auto moved_at = [&](const Cell* c) -> const c10::intrusive_ptr<Cell>& {
+      const c10::intrusive_ptr<Cell>* nc = moved.find(c);
+      TORCH_INTERNAL_ASSERT(nc != nullptr, "dtr: a view's parent was not rebound before the view");
+      return *nc;
+    };
     moved[tg.base.get()] = nbase;
     auto translate = [&](const c10::intrusive_ptr<Cell>& cell) -> c10::intrusive_ptr<Cell> {
       if (!recipe) {  // the pinned way: a cell with no recipe holding the written memory
@@ -319,21 +326,21 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
         }
         return nc;
       }
-      std::vector<Cell*> path;  // iteratively: view chains can be long
-      for (Cell* c = cell.get(); !moved.count(c); c = c->view_parent()) {
+      c10::SmallVector<Cell*, 4> path;  // iteratively: view chains can be long
+      for (Cell* c = cell.get(); !moved.contains(c); c = c->view_parent()) {
         TORCH_INTERNAL_ASSERT(c != nullptr, "dtr: an alias of an in-place op's target is not a view of its base");
         path.push_back(c);
       }
       for (auto it = path.rbegin(); it != path.rend(); ++it) {
         Cell* c = *it;
-        auto nc = view_over(*c, moved.at(c->view_parent()), fresh);
+        auto nc = view_over(*c, moved_at(c->view_parent()), fresh);
         nc->value = c->value;
         fresh->add_cell(nc);
         moved[c] = std::move(nc);
       }
-      return moved.at(cell.get());
+      return moved_at(cell.get());
     };
-    std::vector<std::pair<c10::intrusive_ptr<c10::TensorImpl>, c10::intrusive_ptr<Cell>>> rebinds;
+    c10::SmallVector<std::pair<c10::intrusive_ptr<c10::TensorImpl>, c10::intrusive_ptr<Cell>>, 2> rebinds;
     for (auto& ref : old.wrappers) {
       auto wimpl = ref.lock();
       if (!wimpl) continue;
@@ -357,7 +364,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     }
   }
   // Return what eager returns: the written arguments themselves.
-  std::unordered_map<const c10::TensorImpl*, at::Tensor> by_inner;
+  SmallMap<const c10::TensorImpl*, at::Tensor> by_inner;
   for (const c10::IValue& a : call.original_args) {
     for_each_tensor(a, [&](const at::Tensor& t) {
       if (DTRTensorImpl* impl = t.defined() ? dtr_impl(t) : nullptr) {
@@ -367,10 +374,10 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   }
   auto back = [&](const at::Tensor& o) -> at::Tensor {
     if (!o.defined()) return o;
-    auto it = by_inner.find(o.unsafeGetTensorImpl());
-    if (it == by_inner.end()) return o;
-    dtr_impl(it->second)->sync_metadata(o);
-    return it->second;
+    const at::Tensor* wrapper = by_inner.find(o.unsafeGetTensorImpl());
+    if (wrapper == nullptr) return o;
+    dtr_impl(*wrapper)->sync_metadata(o);
+    return *wrapper;
   };
   for (size_t i = first; i < stack->size(); ++i) {
     c10::IValue& r = (*stack)[i];

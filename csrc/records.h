@@ -93,7 +93,7 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRec
   uint32_t prune_cells_at = 8;  // Note [Dead view cells] in records.cpp
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction); added through add_cell.
-  c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 2> cells;
+  c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 4> cells;
   // Wrappers whose cell lives here (rebound by in-place ops). Not inline: an
   // inline wrapper list was the suspect left when a heap corruption at exit
   // went away (docs/performance.md, The C++ runtime).
@@ -114,12 +114,15 @@ static_assert(sizeof(Slot) == 8,
               "three slots fit in a recipe's inline list (Note [Inline lists in records])");
 // Note [Inline lists in records]
 // A recipe's arguments, slots, inputs and outputs, and a storage's cells, are
-// held inline up to the sizes most ops need (four arguments: addmm has five,
-// add and most unary and reduction ops fewer; three inputs: linear, conv;
-// three outputs: batch and layer norm; two cells). As heap vectors they were four of the
-// eleven bookkeeping blocks an op allocated, each a take and a give back and
-// most a lock (the thread cache refills in address order only). Longer lists
-// (cat of many tensors) go to the heap.
+// held inline up to the sizes most ops need (five arguments: addmm, add and
+// most unary and reduction ops fewer; three inputs: linear, conv; three
+// outputs: batch and layer norm; four cells: a value and the three chunks a
+// gate layer splits it into). As heap vectors they were four of the eleven
+// bookkeeping blocks an op allocated, each a take and a give back and most a
+// lock (the thread cache refills in address order only). Longer lists (cat of
+// many tensors) go to the heap, which is glibc's: with four arguments, every
+// addmm's recipe, and with two cells about a quarter of the TreeLSTM's storages,
+// allocated there, about 300 instructions each.
 using Slots = c10::SmallVector<Slot, 3>;
 using ListSizes = bookkeeping::Vector<int32_t>;
 
@@ -157,7 +160,7 @@ struct RecipeExtras : bookkeeping::Object {
 // How to recompute one op call.
 struct Recipe : c10::intrusive_ptr_target, LiveCount<Counted::kRecipe>, bookkeeping::Object {
   c10::OperatorHandle op;
-  c10::SmallVector<c10::IValue, 4> args;  // the argument stack, tensors replaced by None
+  c10::SmallVector<c10::IValue, 5> args;  // the argument stack, tensors replaced by None
   Slots slots;                       // one per input, in order
   c10::SmallVector<RecipeInput, 3> inputs;  // Note [Inline lists in records]
   c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 3> outputs;  // per flat tensor output

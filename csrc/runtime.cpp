@@ -914,10 +914,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   BorrowedOpVectors borrowed(this);
   std::vector<c10::intrusive_ptr<Cell>>& cells = borrowed.v->cells;
   LockedStorages& locked = borrowed.v->locked;
-  // The wrappers themselves, for what an in-place op returns.
-  std::vector<c10::IValue> original;
+  // The wrappers themselves, for what an in-place op returns. Optional: an
+  // empty std::vector<c10::IValue> still costs every op a call to libtorch's
+  // out-of-line destructor.
+  std::optional<std::vector<c10::IValue>> original;
   if (!traits.written.empty() || traits.unsupported) {
-    original.assign(stack->begin() + first, stack->end());
+    original.emplace(stack->begin() + first, stack->end());
   }
   // A functional op's recipe is made now and its slots and list sizes are
   // filled in place (copying them in after the kernel cost two heap blocks per op).
@@ -929,8 +931,12 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   // mutation.cpp read it only for slots in lists. A recipe takes it below.
   ListSizes list_sizes;
   std::vector<at::Tensor>& vals = borrowed.v->vals;
-  cells.reserve(nargs);
-  vals.reserve(nargs);
+  // Borrowed vectors have kept their capacity: checked here, since
+  // std::vector<at::Tensor>::reserve is libtorch's own copy, called out of line.
+  if (vals.capacity() < nargs || cells.capacity() < nargs) {
+    cells.reserve(nargs);
+    vals.reserve(nargs);
+  }
   slots.reserve(nargs);
   bool any_dtr = false;
   for (size_t i = 0; i < nargs; ++i) {
@@ -1016,7 +1022,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
                       cells, stats_.op_seconds);
 
   if (traits.unsupported && any_dtr) {
-    dispatch_metadata_op(op, traits, stack, first, original, cells, slots);
+    dispatch_metadata_op(op, traits, stack, first, *original, cells, slots);
     if (evict_all_) {
       unlock_all(locked);
       evict_everything();
@@ -1025,7 +1031,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   }
   if (!traits.written.empty()) {
     dispatch_mutation(op, traits, stack, first,
-                      MutationCall{original, cells, vals, slots, list_sizes, nested_cells});
+                      MutationCall{*original, cells, vals, slots, list_sizes, nested_cells});
     if (evict_all_) {
       unlock_all(locked);
       evict_everything();

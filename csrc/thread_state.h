@@ -60,7 +60,7 @@ struct ThreadState {
   const bool exited;  // the shared state of threads whose own state is gone
   Runtime* active_runtime = nullptr;  // the dtr block open on this thread (capture.h)
   std::vector<std::unique_ptr<OpVectors>> spare_op_vectors;  // runtime.cpp
-  std::vector<torch::jit::Stack> spare_stacks;               // unboxed_kernels.cpp
+  std::vector<std::unique_ptr<torch::jit::Stack>> spare_stacks;  // unboxed_kernels.cpp
   // Note [Iterative teardown] in records.h.
   std::vector<c10::intrusive_ptr<Cell>> dying_cells;
   bool draining = false;

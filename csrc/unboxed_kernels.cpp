@@ -87,19 +87,23 @@ inline std::optional<at::TensorList> held_list(const at::ITensorListRef& list) {
 
 // A Stack for one op, kept by the thread (thread_state.h) with its capacity
 // for the next op (a heap block per op otherwise). One per nesting level: a
-// Python policy called while an op makes room may run ops of its own.
+// Python policy called while an op makes room may run ops of its own. The
+// thread keeps them by pointer: moving a Stack in and out of the spare list
+// cost two calls a op to libtorch's out-of-line vector destructor.
 struct BorrowedStack {
-  torch::jit::Stack stack;
-  ThreadState& thread = thread_state();
-  BorrowedStack() {
-    if (!thread.exited && !thread.spare_stacks.empty()) {
-      stack = std::move(thread.spare_stacks.back());
-      thread.spare_stacks.pop_back();
-    }
-  }
+  ThreadState& thread = thread_state();  // before `owned`, which is taken from it
+  std::unique_ptr<torch::jit::Stack> owned;
+  torch::jit::Stack& stack;
+  BorrowedStack() : owned(take(thread)), stack(*owned) {}
   ~BorrowedStack() {
     stack.clear();
-    if (!thread.exited) thread.spare_stacks.push_back(std::move(stack));
+    if (!thread.exited) thread.spare_stacks.push_back(std::move(owned));
+  }
+  static std::unique_ptr<torch::jit::Stack> take(ThreadState& thread) {
+    if (thread.exited || thread.spare_stacks.empty()) return std::make_unique<torch::jit::Stack>();
+    std::unique_ptr<torch::jit::Stack> s = std::move(thread.spare_stacks.back());
+    thread.spare_stacks.pop_back();
+    return s;
   }
   BorrowedStack(const BorrowedStack&) = delete;
   BorrowedStack& operator=(const BorrowedStack&) = delete;

@@ -105,6 +105,31 @@ def test_foreach_in_place_on_dtr_tensors():
             assert torch.equal(dtr.unwrap(w), (x + 2 * y) * 3.0)
 
 
+def test_in_place_ops_over_many_tensors_and_many_views_of_one():
+    # Note [Maps of one op] (csrc/small_map.h): an in-place op's maps index themselves past 16
+    # entries; here 40 written tensors, and 40 live views of one written storage to rebind.
+    xs = [torch.randn(3) for _ in range(40)]
+    ys = [torch.randn(3) for _ in range(40)]
+    base = torch.randn(40, 3)
+    with evict_everything():
+        ws = [x * 1 for x in xs]
+        torch._foreach_add_(ws, ys, alpha=2)
+        b = base * 1
+        rows = [b[i] for i in range(40)]
+        b.mul_(3.0)
+        rows[7].add_(1.0)
+        got_ws = [dtr.unwrap(w) for w in ws]
+        got_rows = [dtr.unwrap(r) for r in rows]
+        got_b = dtr.unwrap(b)
+    want_b = base * 3.0
+    want_b[7] += 1.0
+    assert torch.equal(got_b, want_b)
+    for i, r in enumerate(got_rows):
+        assert torch.equal(r, want_b[i])
+    for w, x, y in zip(got_ws, xs, ys):
+        assert torch.equal(w, x + 2 * y)
+
+
 def test_batchnorm_running_stats_updated_once():
     torch.manual_seed(0)
     bn_ref = torch.nn.BatchNorm1d(6)
