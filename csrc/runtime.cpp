@@ -440,7 +440,7 @@ struct Runtime::Frame {
   LockedStorages locked;
 };
 
-void Runtime::materialize(const c10::intrusive_ptr<Cell>& target) {
+void Runtime::recompute_value(const c10::intrusive_ptr<Cell>& target) {
   if (target->value.defined()) return;
   const bool outermost = depth_ == 0;
   const OpClock::Ticks t0 = outermost ? OpClock::now() : 0;

@@ -160,7 +160,12 @@ class Runtime : public c10::intrusive_ptr_target {
   void count_plain(const at::Tensor& t);
   // A plain input into its recipe (Note [Inference tensors as recipe inputs]).
   void record_plain_input(RecipeInput& in, at::Tensor t);
-  void materialize(const c10::intrusive_ptr<Cell>& cell);
+  // Makes `cell` resident, recomputing what it needs. Inline: nearly every
+  // input already is, and the call cost every op's inputs about 30 instructions.
+  void materialize(const c10::intrusive_ptr<Cell>& cell) {
+    if (!cell->value.defined()) recompute_value(cell);
+  }
+  void recompute_value(const c10::intrusive_ptr<Cell>& cell);
   // 2. room
   // From the op-memory table (op_memory.h), which `*memory` is set to (null when an
   // argument cannot be hashed); on first sight by running the op on meta tensors.

@@ -174,7 +174,8 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
   void call_on_values(torch::jit::Stack& s, std::index_sequence<I...>, Args... args) {
     const size_t first = s.size() - sizeof...(Args);
     Return out = typed_.call(value_or_own<Args>(s[first + I], args)...);
-    torch::jit::drop(s, sizeof...(Args));
+    // Popped one by one: torch::jit::drop's erase is libtorch's out-of-line copy.
+    for (size_t k = 0; k < sizeof...(Args); ++k) s.pop_back();
     s.emplace_back(std::move(out));
   }
 
