@@ -118,21 +118,29 @@ namespace {
 // instructions for the list's first 8 KiB on a TreeLSTM step, 18 per op. A
 // dying pool leaves its list's memory for the next pool instead, which then
 // starts with the capacity the last step reached.
-std::mutex spare_mu;
-std::vector<Entry*>* spare_candidates = nullptr;  // never freed: pools die until exit
+struct SpareCandidates {
+  std::mutex mu;
+  std::vector<Entry*> list;
+};
+
+SpareCandidates& spare_candidates() {
+  static auto* spare = new SpareCandidates();  // never destroyed: pools die until exit
+  return *spare;
+}
 
 }  // namespace
 
 void Pool::take_spare_candidates(std::vector<Entry*>& out) {
-  std::lock_guard<std::mutex> g(spare_mu);
-  if (spare_candidates != nullptr) out.swap(*spare_candidates);
+  SpareCandidates& spare = spare_candidates();
+  std::lock_guard<std::mutex> g(spare.mu);
+  out.swap(spare.list);
 }
 
 void Pool::give_back_candidates(std::vector<Entry*>& list) {
   list.clear();
-  std::lock_guard<std::mutex> g(spare_mu);
-  if (spare_candidates == nullptr) spare_candidates = new std::vector<Entry*>();
-  if (list.capacity() > spare_candidates->capacity()) list.swap(*spare_candidates);
+  SpareCandidates& spare = spare_candidates();
+  std::lock_guard<std::mutex> g(spare.mu);
+  if (list.capacity() > spare.list.capacity()) list.swap(spare.list);
 }
 
 namespace {
