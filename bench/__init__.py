@@ -2,6 +2,22 @@
 import os
 
 
+def checkouts(root: str, baseline) -> list:
+    """[(label, path)]: the checkout at ``root``, and ``baseline`` (another checkout) when given."""
+    trees = [("this checkout", root)]
+    if baseline:
+        trees.append(("baseline " + os.path.abspath(baseline), os.path.abspath(baseline)))
+    return trees
+
+
+def require_tools(command: str, *tools: str) -> None:
+    """Exit with what to install when one of ``tools`` (valgrind's) is not on PATH."""
+    import shutil
+
+    if any(shutil.which(t) is None for t in tools):
+        raise SystemExit(f"{command} needs {' and '.join(tools)} on PATH (apt install valgrind)")
+
+
 def write_report(path: str, text: str) -> None:
     """Write a benchmark's Markdown report to ``path`` (making its folder) and print it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

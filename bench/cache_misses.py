@@ -25,7 +25,6 @@ import collections
 import concurrent.futures
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import tempfile
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"
+
+from bench import checkouts, require_tools, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARM_UP = 2
@@ -127,11 +128,8 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
-    if shutil.which("valgrind") is None or shutil.which("cg_annotate") is None:
-        raise SystemExit("bench.cache_misses needs valgrind and cg_annotate on PATH (apt install valgrind)")
-    trees = [("this checkout", ROOT)]
-    if args.baseline:
-        trees.append(("baseline " + os.path.abspath(args.baseline), os.path.abspath(args.baseline)))
+    require_tools("bench.cache_misses", "valgrind", "cg_annotate")
+    trees = checkouts(ROOT, args.baseline)
     lines = ["# Cache misses added per dtr op (cachegrind, TreeLSTM full, no limit)", "",
              f"Command: `python -m bench.cache_misses {' '.join(argv or sys.argv[1:])}`; simulated "
              "caches: L1 instruction and data 32 KiB, last level 512 KiB; 3 steps minus 1 step, "
@@ -157,10 +155,7 @@ def main(argv=None) -> None:
             print(f"{label}: {ops} ops; added per op: " +
                   ", ".join(f"{ev} {(cpp[''][i] - eager[''][i]) / ops:,.0f}" for i, ev in enumerate(EVENTS)),
                   flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

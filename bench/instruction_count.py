@@ -23,7 +23,6 @@ import collections
 import gc
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ if __package__ in (None, ""):
 
 CHAIN = 3000
 WARM_UP = 3
+from bench import checkouts, require_tools, write_report  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -125,12 +126,8 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
-    if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
-        raise SystemExit("bench.instruction_count needs valgrind and callgrind_annotate on PATH "
-                         "(apt install valgrind)")
-    trees = [("this checkout", ROOT)]
-    if args.baseline:
-        trees.append(("baseline " + os.path.abspath(args.baseline), os.path.abspath(args.baseline)))
+    require_tools("bench.instruction_count", "valgrind", "callgrind_annotate")
+    trees = checkouts(ROOT, args.baseline)
     lines = ["# Instructions added per op (callgrind)", "",
              f"Command: `python -m bench.instruction_count {' '.join(argv or sys.argv[1:])}`; "
              f"a chain of {CHAIN:,} 16x16 adds, one input requiring grad; instructions of 5 chains "
@@ -151,10 +148,7 @@ def main(argv=None) -> None:
                 detail += [f"| {v:,.0f} | `{k}` |" for v, k in grown]
                 print(f"{label}: {rt} {total:,.0f} per op, eager {eager:,.0f}", flush=True)
             lines += detail + [""]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -94,20 +94,6 @@ Policy policy_from_name(const std::string& name) {
               valid, " (use the Python pool for other policies: make_pool(..., impl='python'))");
 }
 
-Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer)
-    : policy_(policy),
-      tracks_classes_(policy == Policy::DtrEq || policy == Policy::Python),
-      search_(search),
-      rng_(search.seed),
-      scorer_(std::move(scorer)) {
-  TORCH_INTERNAL_ASSERT((policy == Policy::Python) == (scorer_ != nullptr),
-                        "dtr: a Python policy needs its scorer, and only it has one");
-  TORCH_CHECK(search.min_evictable_fraction >= 0.0,
-              "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
-              search.min_evictable_fraction);
-  take_spare_candidates(cands_);
-}
-
 namespace {
 
 // Note [The candidate list outlives its pool]
@@ -128,19 +114,33 @@ SpareCandidates& spare_candidates() {
   return *spare;
 }
 
-}  // namespace
-
-void Pool::take_spare_candidates(std::vector<Entry*>& out) {
+void take_spare_candidates(std::vector<Entry*>& out) {
   SpareCandidates& spare = spare_candidates();
   std::lock_guard<std::mutex> g(spare.mu);
   out.swap(spare.list);
 }
 
-void Pool::give_back_candidates(std::vector<Entry*>& list) {
+void give_back_candidates(std::vector<Entry*>& list) {
   list.clear();
   SpareCandidates& spare = spare_candidates();
   std::lock_guard<std::mutex> g(spare.mu);
   if (list.capacity() > spare.list.capacity()) list.swap(spare.list);
+}
+
+}  // namespace
+
+Pool::Pool(Policy policy, SearchOptions search, std::shared_ptr<ExternalScorer> scorer)
+    : policy_(policy),
+      tracks_classes_(policy == Policy::DtrEq || policy == Policy::Python),
+      search_(search),
+      rng_(search.seed),
+      scorer_(std::move(scorer)) {
+  TORCH_INTERNAL_ASSERT((policy == Policy::Python) == (scorer_ != nullptr),
+                        "dtr: a Python policy needs its scorer, and only it has one");
+  TORCH_CHECK(search.min_evictable_fraction >= 0.0,
+              "dtr: SearchOptions.min_evictable_fraction must be >= 0, got ",
+              search.min_evictable_fraction);
+  take_spare_candidates(cands_);
 }
 
 namespace {

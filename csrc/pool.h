@@ -310,10 +310,9 @@ class Pool {
   Entry* last_ = nullptr;
   size_t count_ = 0;
   size_t owned_ = 0;  // entries the pool made (and frees)
-  std::vector<Entry*> cands_;  // resident, evictable, nbytes > 0 (locked ones are skipped)
-  // Note [The candidate list outlives its pool] in pool.cpp.
-  static void take_spare_candidates(std::vector<Entry*>& out);
-  static void give_back_candidates(std::vector<Entry*>& list);
+  // Resident, evictable, nbytes > 0 (locked ones are skipped). Its memory passes to
+  // the next pool (Note [The candidate list outlives its pool] in pool.cpp).
+  std::vector<Entry*> cands_;
   int64_t candidate_bytes_ = 0;
   std::vector<Node> nodes_;
   std::vector<uint32_t> free_nodes_;

@@ -441,7 +441,6 @@ struct Runtime::Frame {
 };
 
 void Runtime::recompute_value(const c10::intrusive_ptr<Cell>& target) {
-  if (target->value.defined()) return;
   const bool outermost = depth_ == 0;
   const OpClock::Ticks t0 = outermost ? OpClock::now() : 0;
   ++depth_;

@@ -165,6 +165,7 @@ class Runtime : public c10::intrusive_ptr_target {
   void materialize(const c10::intrusive_ptr<Cell>& cell) {
     if (!cell->value.defined()) recompute_value(cell);
   }
+  // Only for an evicted cell (materialize checks).
   void recompute_value(const c10::intrusive_ptr<Cell>& cell);
   // 2. room
   // From the op-memory table (op_memory.h), which `*memory` is set to (null when an

@@ -53,8 +53,6 @@ class SmallMap {
     return true;
   }
 
-  size_t size() const { return items_.size(); }
-
  private:
   static constexpr size_t kLinear = 16;
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -165,7 +166,7 @@ Ir                   file:function
 def test_instruction_count_without_valgrind_says_what_to_install(monkeypatch):
     from bench import instruction_count as ic
 
-    monkeypatch.setattr(ic.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         ic.main(["--out", os.devnull])
 
@@ -224,6 +225,6 @@ Ir                 I1mr              ILmr            DLmr             DLmw      
 def test_cache_misses_without_valgrind_says_what_to_install(monkeypatch):
     from bench import cache_misses as cm
 
-    monkeypatch.setattr(cm.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         cm.main(["--out", os.devnull])
