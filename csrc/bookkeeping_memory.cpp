@@ -292,21 +292,13 @@ ThreadCache* usable_cache() {
   return tc->state == ThreadCache::kActive ? tc : nullptr;
 }
 
-}  // namespace
-
-void* allocate(size_t bytes) {
-  if (bytes > kLargestBlock) return ::operator new(bytes);
-  const size_t index = class_of(bytes);
-  ThreadCache* tc = t_cache;
-  if (tc != nullptr) {
-    if (FreeBlock* b = tc->head[index]) {  // only an active cache holds blocks
-      tc->head[index] = b->next;
-      prefetch_next(b->next);
-      tc->count[index] -= 1;
-      return b;
-    }
-  }
-  tc = usable_cache();
+// Note [Allocation fast paths]
+// Nearly every allocation and free is served by the thread's cache. With the
+// refill and the locked paths inlined, each call saved and restored six
+// registers for them (about 35 instructions a call against 12, five calls an
+// op each way), so they live out of line.
+[[gnu::noinline]] void* allocate_slow(size_t index) {
+  ThreadCache* tc = usable_cache();
   SizeClass& c = classes()[index];
   std::lock_guard<std::mutex> guard(c.mu);
   void* p = take_block(c, index);
@@ -324,13 +316,7 @@ void* allocate(size_t bytes) {
   return p;
 }
 
-void deallocate(void* p, size_t bytes) noexcept {
-  if (p == nullptr) return;
-  if (bytes > kLargestBlock) {
-    ::operator delete(p);
-    return;
-  }
-  const size_t index = (slab_of(p)->block_bytes / kGranule) - 1;
+[[gnu::noinline]] void deallocate_slow(void* p, size_t index) noexcept {
   if (ThreadCache* tc = usable_cache()) {
     auto* b = static_cast<FreeBlock*>(p);
     b->next = tc->head[index];
@@ -342,6 +328,41 @@ void deallocate(void* p, size_t bytes) noexcept {
   SizeClass& c = classes()[index];
   std::lock_guard<std::mutex> guard(c.mu);
   return_block(c, p);
+}
+
+}  // namespace
+
+void* allocate(size_t bytes) {
+  if (bytes > kLargestBlock) [[unlikely]] return ::operator new(bytes);
+  const size_t index = class_of(bytes);
+  if (ThreadCache* tc = t_cache) [[likely]] {
+    if (FreeBlock* b = tc->head[index]) [[likely]] {  // only an active cache holds blocks
+      tc->head[index] = b->next;
+      prefetch_next(b->next);
+      tc->count[index] -= 1;
+      return b;
+    }
+  }
+  return allocate_slow(index);
+}
+
+void deallocate(void* p, size_t bytes) noexcept {
+  if (p == nullptr) return;
+  if (bytes > kLargestBlock) [[unlikely]] {
+    ::operator delete(p);
+    return;
+  }
+  const size_t index = (slab_of(p)->block_bytes / kGranule) - 1;
+  ThreadCache* tc = t_cache;
+  if (tc != nullptr && tc->state == ThreadCache::kActive &&
+      tc->count[index] < kCachedBlocks[index]) [[likely]] {
+    auto* b = static_cast<FreeBlock*>(p);
+    b->next = tc->head[index];
+    tc->head[index] = b;
+    tc->count[index] += 1;
+    return;
+  }
+  deallocate_slow(p, index);
 }
 
 size_t mapped_slabs() {

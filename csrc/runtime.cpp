@@ -290,7 +290,7 @@ bool Runtime::only_wrapper_sees(const Cell& cell) {
   // Asked from autograd (and any caller of has_storage), which may hold the GIL
   // that an op holding the lock waits for (Note [Deferred releases]): never wait.
   // Not knowing is "no", which only costs the sum a new tensor.
-  std::unique_lock<std::recursive_mutex> g(mu_, std::try_to_lock);
+  Lock g(mu_, std::try_to_lock);
   if (!g.owns_lock()) return false;
   const StorageRecord& rec = *cell.storage;
   // A release still pending (Note [Deferred releases]) only overcounts: no harm.

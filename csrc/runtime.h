@@ -34,6 +34,7 @@
 #include "hidden_writes.h"
 #include "pool.h"
 #include "records.h"
+#include "recursive_lock.h"
 #include "stats.h"
 #include "step_plan.h"
 #include "thread_state.h"
@@ -144,7 +145,7 @@ class Runtime : public c10::intrusive_ptr_target {
   int64_t known_next_uses();
 
  private:
-  using Lock = std::unique_lock<std::recursive_mutex>;
+  using Lock = std::unique_lock<RecursiveLock>;
   struct Frame;
   struct BorrowedOpVectors;  // Note [Per-op vectors reused] in runtime.cpp
   // Unlocks the storages an op locked, however it ends.
@@ -236,7 +237,7 @@ class Runtime : public c10::intrusive_ptr_target {
     return *static_cast<StorageRecord*>(e.owner);
   }
 
-  std::recursive_mutex mu_;
+  RecursiveLock mu_;  // Note [The runtime's lock]
   Pool pool_;
   std::optional<int64_t> limit_;
   bool evict_all_;

@@ -4,8 +4,10 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 #include "bookkeeping_memory.h"
 #include "capture.h"
@@ -14,6 +16,7 @@
 #include "fallback.h"
 #include "op_clock.h"
 #include "python_policy.h"
+#include "recursive_lock.h"
 #include "runtime.h"
 #include "runtime_bindings.h"
 #include "sparse.h"
@@ -193,6 +196,38 @@ void bind_runtime(py::module_& m) {
     const auto s1 = std::chrono::steady_clock::now();
     return py::make_tuple(OpClock::uses_tsc(), OpClock::seconds(t0, t1),
                           std::chrono::duration<double>(s1 - s0).count());
+  });
+  // Note [The runtime's lock]: for tests, `threads` threads each take a lock
+  // `rounds` times (each time twice over, as a recompute inside an op does, and
+  // half the time by try_lock) and bump a plain counter under it; a lost update
+  // shows the lock let two in at once.
+  m.def("_recursive_lock_check", [](int threads, int rounds) {
+    RecursiveLock lock;
+    int64_t counter = 0;
+    std::atomic<int64_t> refused{0};
+    {
+      py::gil_scoped_release nogil;
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&] {
+          for (int r = 0; r < rounds; ++r) {
+            std::unique_lock<RecursiveLock> outer(lock, std::defer_lock);
+            if (r % 2 == 0) {
+              outer.lock();
+            } else if (!outer.try_lock()) {
+              refused.fetch_add(1, std::memory_order_relaxed);
+              outer.lock();
+            }
+            std::unique_lock<RecursiveLock> inner(lock);  // taken again by its holder
+            const int64_t seen = counter;
+            if (r % 64 == 0) std::this_thread::yield();  // let others find it held
+            counter = seen + 1;
+          }
+        });
+      }
+      for (auto& th : pool) th.join();
+    }
+    return py::make_tuple(counter, refused.load());
   });
   m.def("live_objects", [] {
     py::dict d;  // Note [Live object counts]

@@ -89,6 +89,16 @@ def test_the_op_clock_measures_seconds():
     assert min(abs(op_clock - steady) / steady for _, op_clock, steady in attempts) <= 0.02, attempts
 
 
+def test_the_runtime_lock_lets_one_thread_in_at_a_time_and_its_holder_in_again():
+    # Note [The runtime's lock]: four threads each take the lock 20,000 times, twice over
+    # each time, and bump a plain counter under it (yielding now and then while holding it,
+    # so that others find it held and wait): any update lost shows two holders at once.
+    # Some try_locks must have been refused, or the waiting path was never taken.
+    counter, refused = _ext._C._recursive_lock_check(4, 20_000)
+    assert counter == 4 * 20_000
+    assert refused > 0
+
+
 def test_an_unboxed_kernel_run_that_runs_out_of_memory_is_retried_on_the_same_values():
     # Note [Unboxed kernel runs]: neg has an unboxed kernel, which runs the op through its typed
     # handle; after an out-of-memory error the runtime puts the values back on the stack and
