@@ -2,6 +2,7 @@
 
 #include <ATen/core/enum_tag.h>
 
+#include <algorithm>
 #include <mutex>
 #include <unordered_map>
 
@@ -53,6 +54,35 @@ constexpr CollectiveWrite kC10dWrites[] = {
     {"alltoall_base_", "output"},
 };
 
+// Whether an argument of this type can hold a tensor: anything but numbers,
+// strings, devices and the like, and optionals and lists of those.
+bool may_hold_tensor(const c10::TypePtr& type) {
+  switch (type->kind()) {
+    case c10::TypeKind::IntType:
+    case c10::TypeKind::FloatType:
+    case c10::TypeKind::ComplexType:
+    case c10::TypeKind::BoolType:
+    case c10::TypeKind::NumberType:
+    case c10::TypeKind::StringType:
+    case c10::TypeKind::SymIntType:
+    case c10::TypeKind::SymFloatType:
+    case c10::TypeKind::SymBoolType:
+    case c10::TypeKind::DeviceObjType:
+    case c10::TypeKind::LayoutType:
+    case c10::TypeKind::ScalarTypeType:
+    case c10::TypeKind::MemoryFormatType:
+    case c10::TypeKind::GeneratorType:
+    case c10::TypeKind::NoneType:
+      return false;
+    case c10::TypeKind::OptionalType:
+    case c10::TypeKind::ListType:
+      return std::any_of(type->containedTypes().begin(), type->containedTypes().end(),
+                         [](const c10::TypePtr& t) { return may_hold_tensor(t); });
+    default:
+      return true;
+  }
+}
+
 OpTraits compute(const c10::OperatorHandle& op) {
   const c10::FunctionSchema& schema = op.schema();
   OpTraits t;
@@ -73,6 +103,7 @@ OpTraits compute(const c10::OperatorHandle& op) {
     if (ai != nullptr && ai->isWrite()) t.written.push_back(static_cast<int>(i));
     if (args[i].name() == "generator") t.generator = static_cast<int>(i);
     if (args[i].name() == "device") t.device_args.push_back(static_cast<int>(i));
+    if (i < 64 && !may_hold_tensor(args[i].type())) t.tensor_args &= ~(uint64_t{1} << i);
   }
   t.seeded = op.hasTag(at::Tag::nondeterministic_seeded);
   t.workspace = workspace_estimate_for(base);

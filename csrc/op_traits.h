@@ -36,6 +36,12 @@ struct OpTraits {
   std::vector<int> device_args;
   // Its kernel's scratch before the first measurement (Note [Op workspace]).
   WorkspaceEstimate workspace;
+  // Bit i: argument i's type can hold a tensor (Tensor, Tensor?, lists of
+  // them, Any); arguments past the 64th always count. The per-op loop over
+  // arguments skips the others (ints, scalars, sizes) without testing their
+  // IValue's tag three times over.
+  uint64_t tensor_args = ~uint64_t{0};
+  bool may_hold_tensor(size_t i) const { return i >= 64 || ((tensor_args >> i) & 1) != 0; }
 };
 
 // Cached per operator; thread-safe.

@@ -939,6 +939,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   slots.reserve(nargs);
   bool any_dtr = false;
   for (size_t i = 0; i < nargs; ++i) {
+    if (!traits.may_hold_tensor(i)) continue;
     c10::IValue& iv = (*stack)[first + i];
     auto take = [&](const at::Tensor& t, Slot slot) -> at::Tensor {
       c10::intrusive_ptr<Cell> cell;
