@@ -63,15 +63,15 @@ void exit_block(const BlockToken& token) {
   c10::impl::_force_tls_local_dispatch_key_set(local);
 }
 
-BelowDTRGuard::BelowDTRGuard() : BelowDTRGuard(c10::impl::tls_local_dispatch_key_set()) {}
+BelowDTRGuard::BelowDTRGuard() {
+  const c10::impl::LocalDispatchKeySet& local = guard_.before();
+  guard_.set(without_dtr(local.included_),
+             local.excluded_ | c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+}
 
-BelowDTRGuard::BelowDTRGuard(c10::impl::LocalDispatchKeySet local)
-    : guard_(local, without_dtr(local.included_),
-             local.excluded_ | c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
-
-NoCaptureGuard::NoCaptureGuard() : NoCaptureGuard(c10::impl::tls_local_dispatch_key_set()) {}
-
-NoCaptureGuard::NoCaptureGuard(c10::impl::LocalDispatchKeySet local)
-    : guard_(local, without_dtr(local.included_), local.excluded_) {}
+NoCaptureGuard::NoCaptureGuard() {
+  const c10::impl::LocalDispatchKeySet& local = guard_.before();
+  guard_.set(without_dtr(local.included_), local.excluded_);
+}
 
 }  // namespace dtr

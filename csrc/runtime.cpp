@@ -146,8 +146,11 @@ c10::weak_intrusive_ptr<Cell> no_cell() {
   return c10::weak_intrusive_ptr<Cell>(c10::intrusive_ptr<Cell>());
 }
 
+// unsafe_storage() is storage_ itself, or no storage where reading it would
+// throw, as has_storage() and storage() would tell, without their two
+// out-of-line calls (asked for every input and output of every op).
 const c10::StorageImpl* storage_of(const at::Tensor& t) {
-  return t.defined() && t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+  return t.defined() ? t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() : nullptr;
 }
 
 }  // namespace
@@ -1091,7 +1094,8 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       recipe->args.push_back((*stack)[first + i]);
     }
   }
-  recipe->grad_enabled = c10::GradMode::is_enabled();
+  c10::AutogradState& autograd = c10::AutogradState::get_tls_state();  // grad mode, and for make_wrapper
+  recipe->grad_enabled = autograd.get_grad_mode();
   if (traits.seeded) {
     const c10::IValue* gen = traits.generator >= 0 ? &(*stack)[first + traits.generator] : nullptr;
     const RNGState& rng = recipe->extra().rng.emplace(capture_rng(gen, device));
@@ -1180,7 +1184,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     const auto& inputs = recipe->inputs;
     if (traits.alias_ok && !inputs.empty() && inputs[0].cell) {
       recipe->outputs.push_back(no_cell());
-      return make_wrapper(inputs[0].cell, o);
+      return make_wrapper(inputs[0].cell, o, autograd);
     }
     const c10::StorageImpl* st = storage_of(o);
     auto src = std::find_if(input_storages.begin(), input_storages.end(),
@@ -1199,7 +1203,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
       pool_.add_cost(base->storage->entry, cost);
       recipe->outputs.emplace_back(cell);
       const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
-      return make_wrapper(std::move(cell), value);
+      return make_wrapper(std::move(cell), value, autograd);
     }
     c10::intrusive_ptr<StorageRecord> rec;
     auto same = std::find_if(fresh.begin(), fresh.end(), [&](const auto& p) { return p.first == st; });
@@ -1217,7 +1221,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
     cell->storage->add_cell(cell);
     recipe->outputs.emplace_back(cell);
     const at::Tensor& value = cell->value;  // the wrapper keeps the cell alive
-    return make_wrapper(std::move(cell), value);
+    return make_wrapper(std::move(cell), value, autograd);
   };
   for (size_t i = first; i < stack->size(); ++i) {
     c10::IValue& r = (*stack)[i];

@@ -178,8 +178,8 @@ const c10::Storage& DTRTensorImpl::storage() const {
 // and the key set it would have made outside inference mode is then restored
 // by the constructor's own rule (c10/core/TensorImpl.cpp).
 c10::intrusive_ptr<DTRTensorImpl> DTRTensorImpl::make(c10::intrusive_ptr<Cell> cell,
-                                                      const at::Tensor& value) {
-  c10::AutogradState& state = c10::AutogradState::get_tls_state();
+                                                      const at::Tensor& value,
+                                                      c10::AutogradState& state) {
   const c10::DispatchKeySet ks = wrapper_keys(value);
   c10::intrusive_ptr<DTRTensorImpl> impl;
   if (state.get_inference_mode()) {  // an inference tensor, as eager's output would be
@@ -203,8 +203,9 @@ c10::intrusive_ptr<DTRTensorImpl> DTRTensorImpl::make(c10::intrusive_ptr<Cell> c
   return impl;
 }
 
-at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value) {
-  c10::intrusive_ptr<DTRTensorImpl> impl = DTRTensorImpl::make(std::move(cell), value);
+at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value,
+                        c10::AutogradState& autograd) {
+  c10::intrusive_ptr<DTRTensorImpl> impl = DTRTensorImpl::make(std::move(cell), value, autograd);
   impl->attach();
   return at::Tensor(std::move(impl));
 }

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/AutogradState.h>
 #include <c10/core/TensorImpl.h>
 
 #include <typeinfo>
@@ -40,8 +41,10 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
 
   // A wrapper of `value` sharing its version counter (Note [Wrappers share
   // their value's version counter] in wrapper.cpp).
+  // `autograd` is the thread's AutogradState, which the caller may have at hand.
   static c10::intrusive_ptr<DTRTensorImpl> make(c10::intrusive_ptr<Cell> cell,
-                                                const at::Tensor& value);
+                                                const at::Tensor& value,
+                                                c10::AutogradState& autograd);
 
   const c10::intrusive_ptr<Cell>& cell() const { return cell_; }
   // Points this wrapper at another cell (in-place ops rebind every alias).
@@ -66,7 +69,8 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
   const char* tensorimpl_type_name() const override { return "DTRTensorImpl"; }
   template <typename Version>
   c10::intrusive_ptr<c10::TensorImpl> copy_core(Version&& version, bool allow_change) const;
-  friend at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+  friend at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value,
+                                 c10::AutogradState& autograd);
   // Counts this wrapper in its storage record.
   void attach();
   bool accumulates_in_place() const;
@@ -85,7 +89,13 @@ inline DTRTensorImpl* dtr_impl(const at::TensorBase& t) {
 
 inline bool is_dtr(const at::TensorBase& t) { return t.defined() && dtr_impl(t) != nullptr; }
 
-// A new wrapper of `value`, which lives in `cell`.
-at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value);
+// A new wrapper of `value`, which lives in `cell`. The thread's AutogradState
+// is a call into libc10 and a TLS lookup: an op that has already looked it up
+// passes it.
+at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value,
+                        c10::AutogradState& autograd);
+inline at::Tensor make_wrapper(c10::intrusive_ptr<Cell> cell, const at::Tensor& value) {
+  return make_wrapper(std::move(cell), value, c10::AutogradState::get_tls_state());
+}
 
 }  // namespace dtr
