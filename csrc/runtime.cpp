@@ -146,9 +146,12 @@ c10::weak_intrusive_ptr<Cell> no_cell() {
   return c10::weak_intrusive_ptr<Cell>(c10::intrusive_ptr<Cell>());
 }
 
-// unsafe_storage() is storage_ itself, or no storage where reading it would
-// throw, as has_storage() and storage() would tell, without their two
-// out-of-line calls (asked for every input and output of every op).
+// unsafe_storage() is storage_ itself: empty in the TensorImpls that have no
+// storage to read (sparse, opaque, functorch's batched), with no data in
+// meta and fake ones, which count_plain skips. has_storage() and storage()
+// would tell the same with two out-of-line calls, asked for every input and
+// output of every op. (The one TensorImpl whose has_storage() differs from
+// its storage_ is dtr's own wrapper, which never gets here: its value does.)
 const c10::StorageImpl* storage_of(const at::Tensor& t) {
   return t.defined() ? t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() : nullptr;
 }
