@@ -31,10 +31,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"
 
-CHAIN = 3000
-WARM_UP = 3
 from bench import checkouts, require_tools, write_report  # noqa: E402
 
+CHAIN = 3000
+WARM_UP = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -231,6 +231,13 @@ struct ThreadCache {
   FreeBlock* head[kClasses] = {};
   uint32_t count[kClasses] = {};
   State state = kActive;
+
+  void push(size_t index, void* p) {
+    auto* b = static_cast<FreeBlock*>(p);
+    b->next = head[index];
+    head[index] = b;
+    count[index] += 1;
+  }
 };
 
 // Note [Initial-exec TLS]
@@ -307,10 +314,7 @@ ThreadCache* usable_cache() {
       // Only blocks cut in address order: following a free list is a cache
       // miss per step, paid once per allocation rather than all at once.
       if (c.with_room != nullptr && c.with_room->free != nullptr) break;
-      auto* b = static_cast<FreeBlock*>(take_block(c, index));
-      b->next = tc->head[index];
-      tc->head[index] = b;
-      tc->count[index] += 1;
+      tc->push(index, take_block(c, index));
     }
   }
   return p;
@@ -318,11 +322,9 @@ ThreadCache* usable_cache() {
 
 [[gnu::noinline]] void deallocate_slow(void* p, size_t index) noexcept {
   if (ThreadCache* tc = usable_cache()) {
-    auto* b = static_cast<FreeBlock*>(p);
-    b->next = tc->head[index];
-    tc->head[index] = b;
+    tc->push(index, p);
     const uint32_t most = kCachedBlocks[index];
-    if (++tc->count[index] > most) flush(*tc, index, most / 2);
+    if (tc->count[index] > most) flush(*tc, index, most / 2);
     return;
   }
   SizeClass& c = classes()[index];
@@ -356,10 +358,7 @@ void deallocate(void* p, size_t bytes) noexcept {
   ThreadCache* tc = t_cache;
   if (tc != nullptr && tc->state == ThreadCache::kActive &&
       tc->count[index] < kCachedBlocks[index]) [[likely]] {
-    auto* b = static_cast<FreeBlock*>(p);
-    b->next = tc->head[index];
-    tc->head[index] = b;
-    tc->count[index] += 1;
+    tc->push(index, p);
     return;
   }
   deallocate_slow(p, index);

@@ -56,7 +56,7 @@ constexpr CollectiveWrite kC10dWrites[] = {
 
 // Whether an argument of this type can hold a tensor: anything but numbers,
 // strings, devices and the like, and optionals and lists of those.
-bool may_hold_tensor(const c10::TypePtr& type) {
+bool type_may_hold_tensor(const c10::TypePtr& type) {
   switch (type->kind()) {
     case c10::TypeKind::IntType:
     case c10::TypeKind::FloatType:
@@ -77,7 +77,7 @@ bool may_hold_tensor(const c10::TypePtr& type) {
     case c10::TypeKind::OptionalType:
     case c10::TypeKind::ListType:
       return std::any_of(type->containedTypes().begin(), type->containedTypes().end(),
-                         [](const c10::TypePtr& t) { return may_hold_tensor(t); });
+                         [](const c10::TypePtr& t) { return type_may_hold_tensor(t); });
     default:
       return true;
   }
@@ -103,7 +103,7 @@ OpTraits compute(const c10::OperatorHandle& op) {
     if (ai != nullptr && ai->isWrite()) t.written.push_back(static_cast<int>(i));
     if (args[i].name() == "generator") t.generator = static_cast<int>(i);
     if (args[i].name() == "device") t.device_args.push_back(static_cast<int>(i));
-    if (i < 64 && !may_hold_tensor(args[i].type())) t.tensor_args &= ~(uint64_t{1} << i);
+    if (i < 64 && !type_may_hold_tensor(args[i].type())) t.tensor_args &= ~(uint64_t{1} << i);
   }
   t.seeded = op.hasTag(at::Tag::nondeterministic_seeded);
   t.workspace = workspace_estimate_for(base);

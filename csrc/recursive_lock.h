@@ -27,23 +27,14 @@ class RecursiveLock {
   RecursiveLock& operator=(const RecursiveLock&) = delete;
 
   void lock() {
-    const uintptr_t me = this_thread();
-    if (owner_.load(std::memory_order_relaxed) == me) {
-      depth_ += 1;
-      return;
-    }
-    uint32_t expected = kFree;
-    if (!state_.compare_exchange_strong(expected, kHeld, std::memory_order_acquire,
-                                        std::memory_order_relaxed)) {
+    if (!try_lock()) {
       wait_for_it();
+      own();
     }
-    owner_.store(me, std::memory_order_relaxed);
-    depth_ = 1;
   }
 
   bool try_lock() {
-    const uintptr_t me = this_thread();
-    if (owner_.load(std::memory_order_relaxed) == me) {
+    if (owner_.load(std::memory_order_relaxed) == this_thread()) {
       depth_ += 1;
       return true;
     }
@@ -52,8 +43,7 @@ class RecursiveLock {
                                         std::memory_order_relaxed)) {
       return false;
     }
-    owner_.store(me, std::memory_order_relaxed);
-    depth_ = 1;
+    own();
     return true;
   }
 
@@ -75,6 +65,12 @@ class RecursiveLock {
 #else
     return reinterpret_cast<uintptr_t>(pthread_self());
 #endif
+  }
+
+  // Just taken (state_ says held): records the holder.
+  void own() {
+    owner_.store(this_thread(), std::memory_order_relaxed);
+    depth_ = 1;
   }
 
   void wait_for_it();  // out of line: the contended path
