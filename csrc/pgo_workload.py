@@ -4,8 +4,9 @@
 
 Small models that reach the runtime's common paths: recorded functional ops,
 views, in-place ops, BatchNorm's running statistics, dropout's RNG, tensor
-lists, escapes, and the backward pass; each with no limit and at half its
-peak, where values are evicted and recomputed. A few seconds on one core.
+lists, escapes, and the backward pass; each for a few steps with no limit,
+then at 0.5, 0.7 and 0.9 of its peak, where values are evicted and recomputed
+(and a budget too small raises). A few seconds on one core.
 What it computes is not checked: the test suite does that.
 """
 from __future__ import annotations
