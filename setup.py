@@ -45,8 +45,12 @@ def _pgo_compiler(compiler_so) -> bool:
         return False
 
 
-def _warn(message: str) -> None:
-    print(f"dtr setup.py: {message}", file=sys.stderr, flush=True)
+def _without_profile(what_happened: str, details: str = "") -> bool:
+    """Says why the training run gave no profile; False, for the build to go on without one."""
+    print(f"dtr setup.py: the profile-guided build's training run {what_happened}, so the extension "
+          f"is built without a profile (DTR_PGO=0 skips the run)" + (f":\n{details}" if details else ""),
+          file=sys.stderr, flush=True)
+    return False
 
 
 ext_modules = []
@@ -92,16 +96,11 @@ if sources and os.environ.get("DTR_NO_EXTENSION") != "1":
                                          cwd=tmp, env=dict(os.environ, PYTHONPATH=path), capture_output=True,
                                          text=True, timeout=1800)  # a few seconds; a hang must not hang the build
             except (OSError, subprocess.SubprocessError) as e:
-                _warn(f"the profile-guided build's training run could not run ({e}), so the extension is "
-                      "built without a profile (DTR_PGO=0 skips the run)")
-                return False
+                return _without_profile(f"could not run ({e})")
             if run.returncode != 0:
-                _warn("the profile-guided build's training run failed, so the extension is built without a "
-                      "profile (DTR_PGO=0 skips the run):\n" + run.stderr[-4000:])
-                return False
+                return _without_profile("failed", run.stderr[-4000:])
             if not glob.glob(os.path.join(profile, "**", "*.gcda"), recursive=True):
-                _warn("the training run left no profile; building without one")
-                return False
+                return _without_profile("left no profile")
             return True
 
     ext_modules.append(

@@ -1,16 +1,19 @@
 """setup.py's profile-guided build (Note [Profile-guided build]): its fallbacks.
 
 Building takes minutes, so these call the build command's steps directly, with
-setup() itself stubbed out. That the training run works on the installed build
-is tests/test_cpp_runtime.py's test_the_profile_guided_builds_training_run_runs_on_this_build.
+setup() itself stubbed out; and the training run itself runs on the installed build.
 """
 import os
 import runpy
 import subprocess
+import sys
 import types
 
 import pytest
 import setuptools
+
+import dtr
+from dtr import _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +30,19 @@ def _command(setup_py, built: str):
     command = object.__new__(setup_py["ProfileGuidedBuild"])
     command.get_ext_fullpath = lambda name: built
     return command
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
+def test_the_profile_guided_builds_training_run_runs_on_this_build(tmp_path):
+    # setup.py falls back to a build without a profile, with only a warning, when
+    # the run fails: so the run must keep working as dtr changes.
+    workload = os.path.join(ROOT, "csrc", "pgo_workload.py")
+    package = os.path.dirname(os.path.abspath(dtr.__file__))
+    run = subprocess.run([sys.executable, workload, package], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # It refuses to profile a dtr imported from anywhere but the build it was given.
+    wrong = subprocess.run([sys.executable, workload, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0 and "not from" in wrong.stderr
 
 
 def test_only_gcc_10_or_newer_builds_with_a_profile(setup_py, tmp_path):

@@ -10,10 +10,7 @@ import copy
 import ctypes
 import gc
 import io
-import os
 import pickle
-import subprocess
-import sys
 import threading
 import warnings
 
@@ -1354,16 +1351,3 @@ def test_gradients_of_a_weight_used_many_times_add_up_in_place_as_in_eager():
         with torch.no_grad():
             assert not torch._C._has_storage(y)
 
-
-def test_the_profile_guided_builds_training_run_runs_on_this_build(tmp_path):
-    # setup.py builds the extension on a profile of csrc/pgo_workload.py (Note
-    # [Profile-guided build]) and falls back to a build without one, with only a
-    # warning, when the run fails: so the run must keep working as dtr changes.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workload = os.path.join(root, "csrc", "pgo_workload.py")
-    package = os.path.dirname(os.path.abspath(dtr.__file__))
-    run = subprocess.run([sys.executable, workload, package], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    # It refuses to profile a dtr imported from anywhere but the build it was given.
-    wrong = subprocess.run([sys.executable, workload, str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert wrong.returncode != 0 and "not from" in wrong.stderr
