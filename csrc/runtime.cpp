@@ -590,6 +590,7 @@ void Runtime::recompute(Recipe& r, LockedStorages& locked) {
   for (const StorageRecord* rec : stolen) need -= rec->nbytes;
   if (need > 0) {
     make_room(need, traits.name + " (recomputing an evicted value)", need + locked_bytes);
+    note_peak(need);  // the reservation is the peak, as for an op's first run
   }
   for (StorageRecord* rec : stolen) evict(*rec, /*counted=*/false);
   std::vector<at::Tensor> outs;

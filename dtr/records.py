@@ -149,7 +149,7 @@ class Recipe:
         self.is_view = is_view
         self.out_index = out_index
         self.mutation = mutation
-        # The runtime's (op, input shapes) key, under which its scratch is measured.
+        # The runtime's (op, input shapes and strides) key, under which its scratch is measured.
         self.size_key = None
 
     def __repr__(self) -> str:

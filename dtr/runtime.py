@@ -629,6 +629,7 @@ class Runtime:
             if need:
                 working = need + sum(rec.nbytes for rec in locked)
                 self.make_room(need, f"{recipe.func} (recomputing an evicted value)", working)
+                self._note_peak(need)  # the reservation is the peak, as for an op's first run
             for rec in stolen:  # Note [Stealing on recompute]: its memory moves to the new value
                 self._evict(rec, counted=False)
             t0 = perf_counter()
@@ -1330,9 +1331,21 @@ def _replay_chain(chain, base: torch.Tensor) -> torch.Tensor:
 
 
 def _size_key(func, targs, tkwargs, vals):
+    # Note [Strides in the size key]
+    # Strides are part of the key, as in the C++ runtime's argument hash: a
+    # kernel copies a non-contiguous input to a contiguous one as scratch
+    # (native_layer_norm_backward's dY.contiguous()), so one (op, shapes) can
+    # need more scratch in one layout than in another. Keyed by shapes alone, a
+    # transformer's two LayerNorms shared the scratch measured on the one whose
+    # gradient is contiguous, and the other's backward passed the budget by the
+    # copy (3 KiB) when it ran at the peak.
     parts = [func]
     for v in vals:
-        parts.append((tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else None)
+        if isinstance(v, torch.Tensor):
+            strides = tuple(v.stride()) if v.layout is torch.strided else None
+            parts.append((tuple(v.shape), strides, v.dtype, v.device.type))
+        else:
+            parts.append(None)
     for a in targs:
         parts.append(_hashable(a))
     for k, v in tkwargs.items():

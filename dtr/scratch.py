@@ -6,7 +6,8 @@ allocate memory no tensor ever shows: oneDNN's RNN and convolution scratch,
 reordered weights, softmax and matmul temporaries. Room must be made for it
 before the op runs, or the allocator's peak passes the budget by it (an LSTM
 did by 26%). On CPU, with the C++ extension built, the runtime measures each op
-the first time it runs on given input shapes, with a window on the counting
+the first time it runs on given input shapes and strides (Note [Strides in
+the size key] in runtime.py), with a window on the counting
 CPU allocator installed at import (csrc/alloc_meter.cpp, Note [Metering
 windows]): scratch = the peak allocated above the op's start minus what is
 still allocated at its end. Later runs of that
@@ -31,7 +32,7 @@ from .ops import OpInfo, workspace_bytes
 
 __all__ = ["enable", "planned", "should_measure", "begin", "cancel", "record", "measured"]
 
-# (op, input shapes, arguments) -> largest scratch bytes measured; shares its key
+# (op, input shapes and strides, arguments) -> largest scratch bytes measured; shares its key
 # (and its clearing) with the runtime's output-size cache.
 MEASURED: Dict[tuple, int] = {}
 
