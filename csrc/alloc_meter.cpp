@@ -67,9 +67,12 @@ void counted_delete(void* data) {
   c10::free_cpu(base);
 }
 
+thread_local AllocationHookSetting t_hook;
+
 struct CountingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n == 0) return {nullptr, nullptr, &counted_delete, kCPU};
+    if (t_hook.hook != nullptr) t_hook.hook(t_hook.context, static_cast<int64_t>(n));
     void* base = c10::alloc_cpu(n + kHeader);  // throws c10::Error when out of memory
     Header* h = static_cast<Header*>(base);
     h->nbytes = static_cast<int64_t>(n);
@@ -106,6 +109,12 @@ int g_window_depth = 0;  // guarded by g_window
 thread_local std::vector<int64_t> t_enclosing_peaks;
 
 }  // namespace
+
+AllocationHookSetting set_allocation_hook(AllocationHookSetting setting) {
+  AllocationHookSetting previous = t_hook;
+  t_hook = setting;
+  return previous;
+}
 
 bool install() {
   std::lock_guard<std::mutex> guard(g_install_mu);

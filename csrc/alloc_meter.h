@@ -32,6 +32,17 @@ int64_t current_bytes();
 // (their frees neither); false when install() did not succeed.
 bool set_counting(bool on);
 
+// Called on the allocating thread before each allocation the counting
+// allocator makes while it is set there (Note [Room for allocations outside
+// ops] in plain_ops.cpp); it may throw, and then nothing is allocated.
+using AllocationHook = void (*)(void* context, int64_t nbytes);
+struct AllocationHookSetting {
+  AllocationHook hook = nullptr;
+  void* context = nullptr;
+};
+// Sets this thread's hook; returns the one it replaces.
+AllocationHookSetting set_allocation_hook(AllocationHookSetting setting);
+
 // Opens a measuring window (Note [Metering windows]): the peak is reset to the
 // current bytes, which are returned; -1 when a window is open on another
 // thread, and then there is nothing to end. Windows nest on one thread: end()

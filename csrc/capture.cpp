@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "runtime.h"
 #include "thread_state.h"
 #include "wrapper.h"
 
@@ -32,10 +33,15 @@ Runtime* active_runtime() {
   return s != nullptr ? s->active_runtime : nullptr;
 }
 
+bool captured_now() {
+  return (c10::impl::tls_local_dispatch_key_set().included_.raw_repr() & kDTRBits) == kDTRBits;
+}
+
 BlockToken enter_block(Runtime* rt) {
   ThreadState& s = block_state();
   BlockToken token;
   token.previous = s.active_runtime;
+  token.previous_hook = meter::set_allocation_hook({&Runtime::before_allocation, rt});
   auto local = c10::impl::tls_local_dispatch_key_set();
   token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
   local.included_ = with_dtr(local.included_);
@@ -48,6 +54,7 @@ BlockToken suspend_block() {
   ThreadState& s = block_state();
   BlockToken token;
   token.previous = s.active_runtime;
+  token.previous_hook = meter::set_allocation_hook({});
   auto local = c10::impl::tls_local_dispatch_key_set();
   token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
   local.included_ = without_dtr(local.included_);
@@ -58,6 +65,7 @@ BlockToken suspend_block() {
 
 void exit_block(const BlockToken& token) {
   block_state().active_runtime = token.previous;
+  meter::set_allocation_hook(token.previous_hook);
   auto local = c10::impl::tls_local_dispatch_key_set();
   local.included_ = token.was_included ? with_dtr(local.included_) : without_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);

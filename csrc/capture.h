@@ -6,13 +6,17 @@
 // thread, kDTRKey is in that thread's TLS include set, so every op there
 // reaches the fallback, which decides (Note [What gets wrapped] in
 // dtr/runtime.py). Factories are not captured (BackendSelect redispatches
-// with an explicit key set), which is what PITFALLS 10 wants. The include
+// with an explicit key set), which is what PITFALLS 10 wants; room is made
+// for what they allocate on CPU through the counting allocator's hook (Note
+// [Room for allocations outside ops] in plain_ops.cpp). The include
 // bit is set and cleared on the raw key set: removing a backend key with
 // DispatchKeySet subtraction keeps its backend bit, and a stray PrivateUse
 // bit sends every later CPU op to a backend that does not exist.
 #pragma once
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include "alloc_meter.h"
 
 namespace dtr {
 
@@ -24,7 +28,11 @@ Runtime* active_runtime();
 struct BlockToken {
   Runtime* previous = nullptr;
   bool was_included = false;
+  meter::AllocationHookSetting previous_hook;  // Note [Room for allocations outside ops]
 };
+// Whether ops on this thread reach dtr now: a block is open and no kernel of
+// dtr's own is running (BelowDTRGuard, NoCaptureGuard take kDTRKey out).
+bool captured_now();
 BlockToken enter_block(Runtime* rt);
 void exit_block(const BlockToken& token);
 // Takes this thread out of its block until exit_block(token): no op is

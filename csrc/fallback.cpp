@@ -93,6 +93,10 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::St
         // no_grad (an optimizer's step) a write is the user's, as in Python.
         if (!traits.written.empty()) active->before_plain_writes(traits, *stack, first);
       }
+      if (active != nullptr && active->allocates_plain(traits)) {
+        active->run_plain(op, traits, stack);  // Note [Room for plain ops]
+        return;
+      }
       BelowDTRGuard below;
       op.callBoxed(stack);
       return;

@@ -47,6 +47,9 @@ class RecursiveLock {
     return true;
   }
 
+  // Whether the calling thread holds it.
+  bool held_here() const { return owner_.load(std::memory_order_relaxed) == this_thread(); }
+
   void unlock() {
     if (--depth_ > 0) return;
     owner_.store(0, std::memory_order_relaxed);

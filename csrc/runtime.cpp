@@ -160,7 +160,10 @@ const c10::StorageImpl* storage_of(const at::Tensor& t) {
 
 Runtime::Runtime(std::optional<int64_t> limit, Policy policy, SearchOptions search, bool evict_all,
                  std::shared_ptr<ExternalScorer> scorer)
-    : pool_(policy, search, std::move(scorer)), limit_(limit), evict_all_(evict_all) {}
+    : pool_(policy, search, std::move(scorer)),
+      limit_(limit),
+      limited_(limit.has_value()),
+      evict_all_(evict_all) {}
 
 Runtime::~Runtime() = default;
 
@@ -172,6 +175,7 @@ std::optional<int64_t> Runtime::limit() {
 void Runtime::set_limit(std::optional<int64_t> limit) {
   Lock g(mu_);
   limit_ = limit;
+  limited_.store(limit.has_value(), std::memory_order_relaxed);
 }
 
 Stats Runtime::stats() {

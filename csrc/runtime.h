@@ -75,6 +75,16 @@ class Runtime : public c10::intrusive_ptr_target {
   void dispatch(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack,
                 c10::ArrayRef<HeldArgument> held = {}, const KernelRun* run = nullptr);
 
+  // Note [Room for plain ops] (plain_ops.cpp): whether a plain-only op that
+  // runs plain must have room made for what it allocates (a limit is set and
+  // it allocates), and running it so.
+  bool allocates_plain(const OpTraits& traits);
+  void run_plain(const c10::OperatorHandle& op, const OpTraits& traits, torch::jit::Stack* stack);
+  // The counting CPU allocator's hook on a thread with this runtime's block
+  // open (`runtime`): room for an allocation no op of dtr's reserved
+  // (Note [Room for allocations outside ops], plain_ops.cpp).
+  static void before_allocation(void* runtime, int64_t nbytes);
+
   // The value of `cell` as a plain tensor; its storage is never evicted again.
   at::Tensor escape(const c10::intrusive_ptr<Cell>& cell);
   // A wrapper of `cell` died or was rebound (see Note [Deferred releases]).
@@ -240,6 +250,9 @@ class Runtime : public c10::intrusive_ptr_target {
   RecursiveLock mu_;  // Note [The runtime's lock]
   Pool pool_;
   std::optional<int64_t> limit_;
+  // Whether limit_ is set, read without the lock by allocates_plain: an
+  // unlimited block's plain ops take no lock.
+  std::atomic<bool> limited_;
   bool evict_all_;
   bool closed_ = false;
   double clock_ = 0.0;

@@ -129,6 +129,16 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
       Runtime* rt = runtime_taking_op(owner, active, traits_);
       if (rt == nullptr) {
         if (active != nullptr && c10::GradMode::is_enabled()) (hook_if_plain_leaf(args), ...);
+        if (active != nullptr && active->allocates_plain(traits_)) {
+          // Note [Room for plain ops] (plain_ops.cpp), through the boxed path.
+          torch::jit::Stack stack = c10::impl::boxArgs<Args...>(args...);
+          active->run_plain(op_, traits_, &stack);
+          if constexpr (std::is_same_v<Return, at::Tensor>) {
+            return std::move(stack[0]).toTensor();
+          } else {
+            return std::move(stack[0]).toTensorVector();
+          }
+        }
         BelowDTRGuard below;
         return typed_.call(args...);
       }

@@ -49,7 +49,7 @@ class DTRMode(TorchDispatchMode):
             return NotImplemented
         has_dtr, has_tensor = _has_dtr_or_tensor(args, kwargs)
         if not has_dtr and (not has_tensor or not torch.is_grad_enabled()):
-            # Factories, and plain-only ops under no_grad (optimizers): see
-            # Note [What gets wrapped] in runtime.py.
-            return func(*args, **(kwargs or {}))
+            # Factories, and plain-only ops under no_grad (optimizers, backward
+            # formulas): see Note [What gets wrapped] in runtime.py.
+            return self.runtime.run_plain(func, args, kwargs or {})
         return self.runtime.dispatch(func, args, kwargs or {})

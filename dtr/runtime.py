@@ -795,6 +795,46 @@ class Runtime:
             return self._dispatch_step(func, info, args, kwargs, targs, tkwargs, tensors)
         return self._route(func, info, args, kwargs, targs, tkwargs, tensors)
 
+    def run_plain(self, func, args, kwargs):
+        """Run an op with only plain arguments that stays plain (Note [What gets wrapped]).
+
+        With a limit, room is made first for what it allocates, as for a dtr op (Note [Room
+        for plain ops] in csrc/plain_ops.cpp): a backward formula's factory (max(dim)'s
+        zeros) allocated outside the budget before.
+        """
+        if self.limit is None:
+            return func(*args, **kwargs)
+        info = op_info(func)
+        if not info.returns_tensor or info.mutated or info.is_view or info.alias_ok:
+            return func(*args, **kwargs)
+        with self.lock:
+            targs, tkwargs, vals = flatten_args(args, kwargs)
+            need, size_key = self._output_bytes(func, info, targs, tkwargs, vals,
+                                                [None] * len(vals), [])
+            need = need or 0
+            scratch = _scratch.planned(info, size_key, need, vals)
+            if need + scratch:
+                self.make_room(need + scratch, info.name, need + scratch)
+                self._note_peak(need + scratch)
+            device = _device_of(vals)
+            if device is None and kwargs.get("device") is not None:
+                device = torch.device(kwargs["device"])
+            measure = _scratch.should_measure(size_key, device)
+            start = _scratch.begin(device) if measure else None
+            try:
+                out = func(*args, **kwargs)
+            except BaseException:
+                if measure:
+                    _scratch.cancel(device, start)
+                raise
+            if measure:
+                _scratch.record(size_key, device, start)
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    self.count_plain(o)
+            self._note_peak()
+            return out
+
     def _dispatch_step(self, func, info, args, kwargs, targs, tkwargs, tensors):
         # Note [Recording steps for lookahead] in csrc/step_plan.h: op k, the storages it
         # reads (taken before it runs: an in-place op rebinds its wrappers).
@@ -883,7 +923,7 @@ class Runtime:
             # 4. Run.
             if mutated_slots and any(cells[i] is not None for i in mutated_slots):
                 return self._run_mutation(func, info, targs, tkwargs, vals, cells, tensors,
-                                          mutated_slots)
+                                          mutated_slots, size_key)
             out = self._run_functional(func, info, targs, tkwargs, vals, cells, tensors,
                                        mutated_slots, size_key, need)
             for s, updated in stat_copies:
@@ -926,11 +966,18 @@ class Runtime:
             return 0, None
         if info.is_view or info.alias_ok:
             return 0, None
+        key = _size_key(func, targs, tkwargs, vals)
         if mutated_slots:
             # In place: no new storage, except the copy taken of an unevictable target.
+            # The key is for its scratch (div_ by a Python number wraps it in a tensor),
+            # measured as a functional op's is (csrc/mutation.cpp's Note [Room for an
+            # in-place op]).
+            try:
+                hash(key)
+            except TypeError:  # unhashable argument
+                key = None
             return sum(cells[i].storage.nbytes for i in mutated_slots
-                       if cells[i] is not None and cells[i].storage.pinned), None
-        key = _size_key(func, targs, tkwargs, vals)
+                       if cells[i] is not None and cells[i].storage.pinned), key
         cache = _SIZE_CACHE
         if len(cache) > _SIZE_CACHE_MAX:
             cache.clear()
@@ -1091,7 +1138,8 @@ class Runtime:
             return type(out)(results) if isinstance(out, tuple) else results
         return results[0]
 
-    def _run_mutation(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots):
+    def _run_mutation(self, func, info, targs, tkwargs, vals, cells, tensors, mutated_slots,
+                      size_key):
         # Note [In-place ops]
         # An in-place op on a dtr tensor runs for real on its value, as in eager.
         # The old storage then no longer holds the old value, so it is marked
@@ -1132,7 +1180,7 @@ class Runtime:
             else:
                 base_value = base.value
             targets.append((s, c, base, chain, stolen, base_value))
-        out, rng, cost = self._run_live(func, info, targs, tkwargs, vals, None)
+        out, rng, cost = self._run_live(func, info, targs, tkwargs, vals, size_key)
 
         # The recipe's inputs: every input as recorded, plus each target's old base.
         inputs = []
@@ -1143,6 +1191,7 @@ class Runtime:
             inputs.append(base)
             mutation.append((s, len(inputs) - 1, chain))
         recipe = Recipe(func, targs, tkwargs, inputs, rng, cost, mutation=mutation)
+        recipe.size_key = size_key
         parents = [c.storage.sid for c in cells if c is not None]
         replaced = {}
         for s, c, base, chain, stolen, base_value in targets:

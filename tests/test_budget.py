@@ -327,6 +327,34 @@ def test_the_allocators_peak_is_within_dtrs_peak_under_random_eviction_orders(na
     assert checked >= 6, checked
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_room_is_made_for_a_factory(grad):
+    # Note [Room for plain ops] / [Room for allocations outside ops]: a factory has no
+    # dtr argument (in C++ it never reaches the fallback), yet what it allocates is
+    # bounded by the budget like anything else: here `a` must be evicted to fit it.
+    x = torch.randn(128, 128)  # 64 KiB
+
+    def step():
+        with dtr.budget(budget) as s:
+            a = x[:64] * 2.0  # 32 KiB, evictable: autograd records, though nothing needs grad
+            with torch.set_grad_enabled(grad):
+                z = torch.zeros(128, 128)
+        return s, a, z
+
+    budget = budget_above(80 * 1024)  # room for the zeros (64 KiB) or `a`, not both
+    base = live_bytes()
+    (s, a, z), peak = peak_memory(step)
+    assert not z.any()
+    del z
+    assert torch.equal(dtr.unwrap(a), x[:64] * 2.0)  # recomputed, after the block
+    assert s.stats.evictions >= 1
+    assert base + peak <= s.stats.peak_bytes <= budget, (base, peak, s.stats.peak_bytes, budget)
+    budget = budget_above(48 * 1024)  # room for `a`, never for the zeros
+    with pytest.raises(dtr.BudgetExceededError) as e:
+        step()
+    assert e.value.needed_bytes == 128 * 128 * 4  # the zeros', not `a`'s 32 KiB
+
+
 def test_cuda_sizes_are_counted_as_the_caching_allocator_rounds_them():
     # max_memory_allocated counts 512-byte blocks: a 128-byte bias gradient takes 512.
     from dtr.runtime import allocated_bytes
