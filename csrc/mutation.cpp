@@ -234,10 +234,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
     ScratchWindow window(measure);
     const double cost = run_timed(op, stack);
     scratch_seen = window.close();
-    if (scratch_seen >= 0) {
-      const int64_t before = memory->scratch.load(std::memory_order_relaxed);
-      memory->scratch.store(std::max(before, scratch_seen), std::memory_order_relaxed);
-    }
+    if (scratch_seen >= 0) memory->keep_scratch(scratch_seen);
     return cost;
   };
 

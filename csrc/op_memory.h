@@ -29,6 +29,12 @@ struct OpMemory {
 
   // Keeps the least cost seen (Note [Stable costs]) and returns it.
   double stable_cost(double seen);
+  // Keeps the most scratch seen: a reservation must cover every run measured.
+  void keep_scratch(int64_t seen) {
+    if (seen > scratch.load(std::memory_order_relaxed)) {
+      scratch.store(seen, std::memory_order_relaxed);
+    }
+  }
 };
 
 // The entry for `key`, or null when there is none yet.

@@ -41,8 +41,8 @@
 namespace dtr {
 
 bool Runtime::allocates_plain(const OpTraits& traits) {
-  return limited_.load(std::memory_order_relaxed) && traits.returns_tensor && traits.written.empty() &&
-         !traits.is_view && !traits.alias_ok && !traits.unsupported;
+  return limited_.load(std::memory_order_relaxed) && traits.returns_tensor &&
+         traits.written.empty() && !traits.is_view && !traits.alias_ok && !traits.unsupported;
 }
 
 void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
@@ -56,12 +56,14 @@ void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
   const size_t first = stack->size() - op.schema().arguments().size();
   OpMemory* memory = nullptr;
   const int64_t planned = planned_output_bytes(op, traits, *stack, first, &memory);
-  std::optional<c10::Device> device;
-  for (size_t i = first; i < stack->size() && !device; ++i) {
+  std::vector<at::Tensor> inputs;  // for the estimate of an unmeasured op's scratch
+  for (size_t i = first; i < stack->size(); ++i) {
     for_each_tensor((*stack)[i], [&](const at::Tensor& t) {
-      if (!device && t.defined()) device = t.device();
+      if (t.defined()) inputs.push_back(t);
     });
   }
+  std::optional<c10::Device> device;
+  if (!inputs.empty()) device = inputs[0].device();
   for (int d : traits.device_args) {
     const c10::IValue& v = (*stack)[first + d];
     if (!device && v.isDevice()) device = v.toDevice();
@@ -69,7 +71,9 @@ void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
   const bool cpu = !device || device->is_cpu();
   const int64_t measured_scratch =
       memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
-  const int64_t scratch = measured_scratch >= 0 ? measured_scratch : 0;
+  const int64_t scratch = measured_scratch >= 0
+                              ? measured_scratch
+                              : estimated_scratch(traits.workspace, planned, inputs);
   const int64_t need = planned + scratch;
   if (need > 0) {
     make_room(need, traits.name, need);
@@ -83,10 +87,7 @@ void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
     op.callBoxed(stack);
     seen = window.close();
   }
-  if (seen >= 0) {
-    const int64_t before = memory->scratch.load(std::memory_order_relaxed);
-    memory->scratch.store(std::max(before, seen), std::memory_order_relaxed);
-  }
+  if (seen >= 0) memory->keep_scratch(seen);
   for (size_t i = first; i < stack->size(); ++i) {
     for_each_tensor((*stack)[i], [&](const at::Tensor& t) {
       if (t.defined()) count_plain(t);

@@ -1127,10 +1127,7 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
         seen = window.close();
       },
       traits.name, need);
-  if (seen >= 0) {
-    const int64_t before = memory->scratch.load(std::memory_order_relaxed);
-    memory->scratch.store(std::max(before, seen), std::memory_order_relaxed);
-  }
+  if (seen >= 0) memory->keep_scratch(seen);
   recipe->scratch_bytes = seen >= 0 ? seen : scratch;
   if (memory) cost = memory->stable_cost(cost);  // Note [Stable costs] in dtr/runtime.py
   recipe->cost = cost;
