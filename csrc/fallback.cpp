@@ -70,8 +70,7 @@ Runtime* runtime_of_args(const torch::jit::Stack& stack, size_t first) {
 }
 
 bool wraps_plain_outputs(const OpTraits& traits) {
-  return c10::GradMode::is_enabled() && !traits.is_view && !traits.alias_ok &&
-         traits.written.empty() && traits.returns_tensor && !traits.unsupported;
+  return c10::GradMode::is_enabled() && traits.makes_new_storage() && !traits.unsupported;
 }
 
 void hook_plain_leaves(const torch::jit::Stack& stack, size_t first) {

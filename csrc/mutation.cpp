@@ -213,25 +213,21 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   OpMemory* memory = nullptr;
   planned_output_bytes(op, traits, *stack, first, &memory);  // 0: only the table's entry
   const c10::Device device = call.vals.empty() ? c10::Device(c10::kCPU) : call.vals[0].device();
-  const int64_t measured_scratch =
-      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
-  const int64_t scratch =
-      measured_scratch >= 0 ? measured_scratch : estimated_scratch(traits.workspace, 0, call.vals);
+  const PlannedScratch scratch =
+      planned_scratch(memory, traits.workspace, 0, call.vals, device.is_cpu());
   const bool keeps_rng = traits.seeded && with_recipe && !targets.empty();
   const int64_t rng_bytes = keeps_rng ? rng_state_bytes(device) : 0;
-  if (scratch + rng_bytes > 0) {
+  if (scratch.bytes + rng_bytes > 0) {
     int64_t locked_bytes = 0;
     for (const auto& c : call.cells) {
       if (c) locked_bytes += c->storage->nbytes;
     }
-    make_room(scratch + rng_bytes, traits.name, scratch + rng_bytes + locked_bytes);
-    note_peak(scratch + rng_bytes);
+    make_room(scratch.bytes + rng_bytes, traits.name, scratch.bytes + rng_bytes + locked_bytes);
+    note_peak(scratch.bytes + rng_bytes);
   }
-  const bool measure = memory && measured_scratch < 0 && device.is_cpu() &&
-                       scratch_measuring_enabled();
   int64_t scratch_seen = -1;
   auto run_measured = [&]() -> double {
-    ScratchWindow window(measure);
+    ScratchWindow window(scratch.measure);
     const double cost = run_timed(op, stack);
     scratch_seen = window.close();
     if (scratch_seen >= 0) memory->keep_scratch(scratch_seen);
@@ -261,7 +257,7 @@ void Runtime::dispatch_mutation(const c10::OperatorHandle& op, const OpTraits& t
   }
 
   const double cost = run_measured();
-  if (recipe) recipe->scratch_bytes = scratch_seen >= 0 ? scratch_seen : scratch;
+  if (recipe) recipe->scratch_bytes = scratch_seen >= 0 ? scratch_seen : scratch.bytes;
   clock_ += cost;
   for (const auto& c : call.cells) {
     if (c) pool_.touch(c->storage->entry, clock_);

@@ -42,6 +42,12 @@ struct OpTraits {
   // IValue's tag three times over.
   uint64_t tensor_args = ~uint64_t{0};
   bool may_hold_tensor(size_t i) const { return i >= 64 || ((tensor_args >> i) & 1) != 0; }
+  // Whether its outputs are new storage: it returns a tensor, writes none of
+  // its arguments and neither views nor aliases one (as dtr/runtime.py's
+  // _output_bytes). The others allocate nothing a budget plans for.
+  bool makes_new_storage() const {
+    return returns_tensor && written.empty() && !is_view && !alias_ok;
+  }
 };
 
 // Cached per operator; thread-safe.

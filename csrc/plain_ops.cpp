@@ -41,8 +41,8 @@
 namespace dtr {
 
 bool Runtime::allocates_plain(const OpTraits& traits) {
-  return limited_.load(std::memory_order_relaxed) && traits.returns_tensor &&
-         traits.written.empty() && !traits.is_view && !traits.alias_ok && !traits.unsupported;
+  return limited_.load(std::memory_order_relaxed) && traits.makes_new_storage() &&
+         !traits.unsupported;
 }
 
 void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
@@ -68,21 +68,16 @@ void Runtime::run_plain(const c10::OperatorHandle& op, const OpTraits& traits,
     const c10::IValue& v = (*stack)[first + d];
     if (!device && v.isDevice()) device = v.toDevice();
   }
-  const bool cpu = !device || device->is_cpu();
-  const int64_t measured_scratch =
-      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
-  const int64_t scratch = measured_scratch >= 0
-                              ? measured_scratch
-                              : estimated_scratch(traits.workspace, planned, inputs);
-  const int64_t need = planned + scratch;
+  const PlannedScratch scratch = planned_scratch(memory, traits.workspace, planned, inputs,
+                                                 !device || device->is_cpu());
+  const int64_t need = planned + scratch.bytes;
   if (need > 0) {
     make_room(need, traits.name, need);
     note_peak(need);
   }
-  const bool measure = memory && measured_scratch < 0 && cpu && scratch_measuring_enabled();
   int64_t seen = -1;
   {
-    ScratchWindow window(measure);
+    ScratchWindow window(scratch.measure);
     BelowDTRGuard below;
     op.callBoxed(stack);
     seen = window.close();

@@ -746,9 +746,7 @@ int64_t Runtime::planned_output_bytes(const c10::OperatorHandle& op, const OpTra
   // a view and an in-place op make no new storage (an in-place op's copies of
   // unevictable targets are made room for where they are taken). Their meta
   // kernels would count the input storage a view shares, or fail (equal has none).
-  const bool allocates = traits.returns_tensor && traits.written.empty() && !traits.is_view &&
-                         !traits.alias_ok;
-  const int64_t total = allocates ? meta_output_bytes(op, traits, stack, first) : 0;
+  const int64_t total = traits.makes_new_storage() ? meta_output_bytes(op, traits, stack, first) : 0;
   if (hashable) *memory = add_op_memory(key, total);
   return total;
 }
@@ -1064,15 +1062,13 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   // tensor results allocate nothing and keep no sizes entry (so no measured
   // scratch and no stable cost either), which also spares them the argument hash.
   OpMemory* memory = nullptr;
-  const bool allocates = traits.returns_tensor && !traits.is_view && !traits.alias_ok;
-  const int64_t planned = allocates ? planned_output_bytes(op, traits, *stack, first, &memory) : 0;
+  const int64_t planned =
+      traits.makes_new_storage() ? planned_output_bytes(op, traits, *stack, first, &memory) : 0;
   const c10::Device device = vals.empty() ? c10::Device(c10::kCPU) : vals[0].device();
-  const int64_t measured_scratch =
-      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
-  const int64_t scratch = measured_scratch >= 0 ? measured_scratch
-                                                : estimated_scratch(traits.workspace, planned, vals);
+  const PlannedScratch scratch =
+      planned_scratch(memory, traits.workspace, planned, vals, device.is_cpu());
   const int64_t rng_bytes = traits.seeded ? rng_state_bytes(device) : 0;
-  const int64_t need = planned + scratch + rng_bytes;
+  const int64_t need = planned + scratch.bytes + rng_bytes;
   if (need > 0) {
     int64_t locked_bytes = 0;
     for (const auto& c : cells) {
@@ -1113,8 +1109,6 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
   // 3. Run; the first run of an (op, input metadata) measures its scratch.
   double cost = 0.0;
   int64_t seen = -1;
-  const bool measure = memory && measured_scratch < 0 && device.is_cpu() &&
-                       scratch_measuring_enabled();
   run_evicting_on_oom(
       [&](bool retry) {
         if (retry) {
@@ -1122,13 +1116,13 @@ void Runtime::dispatch(const c10::OperatorHandle& op, const OpTraits& traits,
           fill_stack(*recipe, vals, *stack);
           if (recipe->rng()) reset_rng(*recipe->rng());
         }
-        ScratchWindow window(measure);
+        ScratchWindow window(scratch.measure);
         cost = run_timed(op, stack, run);
         seen = window.close();
       },
       traits.name, need);
   if (seen >= 0) memory->keep_scratch(seen);
-  recipe->scratch_bytes = seen >= 0 ? seen : scratch;
+  recipe->scratch_bytes = seen >= 0 ? seen : scratch.bytes;
   if (memory) cost = memory->stable_cost(cost);  // Note [Stable costs] in dtr/runtime.py
   recipe->cost = cost;
   clock_ += cost;

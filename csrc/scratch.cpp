@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "alloc_meter.h"
+#include "op_memory.h"
 
 namespace dtr {
 
@@ -51,6 +52,16 @@ bool scratch_measuring_enabled() {
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return env_on && meter::installed();
+}
+
+PlannedScratch planned_scratch(const OpMemory* memory, const WorkspaceEstimate& w,
+                               int64_t out_bytes, const std::vector<at::Tensor>& inputs,
+                               bool cpu) {
+  const int64_t measured =
+      memory ? memory->scratch.load(std::memory_order_relaxed) : OpMemory::kUnmeasured;
+  if (measured >= 0) return {measured, false};
+  return {estimated_scratch(w, out_bytes, inputs),
+          memory != nullptr && cpu && scratch_measuring_enabled()};
 }
 
 ScratchWindow::ScratchWindow(bool open) {

@@ -39,6 +39,20 @@ int64_t estimated_scratch(const WorkspaceEstimate& w, int64_t out_bytes,
 // DTR_MEASURE_SCRATCH is not 0 (read once).
 bool scratch_measuring_enabled();
 
+struct OpMemory;
+
+// The scratch one call makes room for (as dtr/scratch.py's `planned`): what its
+// (op, input metadata) entry measured, else the estimate. `measure` says the
+// call is to be measured: it has an entry not yet measured, on CPU, with the
+// counting allocator installed.
+struct PlannedScratch {
+  int64_t bytes = 0;
+  bool measure = false;
+};
+PlannedScratch planned_scratch(const OpMemory* memory, const WorkspaceEstimate& w,
+                               int64_t out_bytes, const std::vector<at::Tensor>& inputs,
+                               bool cpu);
+
 // A measuring window on the counting allocator around one kernel call. Opened
 // only when `open` and no other thread is measuring; close() gives the
 // scratch (peak above the start minus what is still allocated at the end),

@@ -819,16 +819,8 @@ class Runtime:
             device = _device_of(vals)
             if device is None and kwargs.get("device") is not None:
                 device = torch.device(kwargs["device"])
-            measure = _scratch.should_measure(size_key, device)
-            start = _scratch.begin(device) if measure else None
-            try:
+            with _scratch.Window(size_key, device):
                 out = func(*args, **kwargs)
-            except BaseException:
-                if measure:
-                    _scratch.cancel(device, start)
-                raise
-            if measure:
-                _scratch.record(size_key, device, start)
             for o in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(o, torch.Tensor):
                     self.count_plain(o)
@@ -1004,27 +996,17 @@ class Runtime:
             rng = _rng.capture(kwargs.get("generator"), device)
             if _rng.host_bytes(device):
                 self.count_plain(rng.state)
-        measure = _scratch.should_measure(size_key, device)
-        if measure:
-            start = _scratch.begin(device)
-        t0 = perf_counter()
-        try:
-            out = func(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            if measure:
-                _scratch.cancel(device, start)
-                measure = False
-            if info.mutated:  # it may have written part of its output: See Note [Out of memory]
-                raise
-            out = self._retry_after_oom(exc, info.name, _SIZE_CACHE.get(size_key) or 0,
-                                        lambda: func(*args, **kwargs), rng)
-        except BaseException:
-            if measure:
-                _scratch.cancel(device, start)
-            raise
-        cost = perf_counter() - t0
-        if measure:
-            _scratch.record(size_key, device, start)
+        with _scratch.Window(size_key, device) as window:
+            t0 = perf_counter()
+            try:
+                out = func(*args, **kwargs)
+            except torch.OutOfMemoryError as exc:
+                window.cancel()
+                if info.mutated:  # it may have written part of its output: See Note [Out of memory]
+                    raise
+                out = self._retry_after_oom(exc, info.name, _SIZE_CACHE.get(size_key) or 0,
+                                            lambda: func(*args, **kwargs), rng)
+            cost = perf_counter() - t0
         fixed = _cost.FIXED
         if fixed is not None:  # Note [Fixed op costs]: a test and bench hook
             cost = fixed.cost_of(func, args, kwargs, cost)

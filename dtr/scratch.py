@@ -30,7 +30,7 @@ from . import _ext
 from . import device_memory as _devmem
 from .ops import OpInfo, workspace_bytes
 
-__all__ = ["enable", "planned", "should_measure", "begin", "cancel", "record", "measured"]
+__all__ = ["enable", "planned", "Window", "measured"]
 
 # (op, input shapes and strides, arguments) -> largest scratch bytes measured; shares its key
 # (and its clearing) with the runtime's output-size cache.
@@ -68,7 +68,7 @@ def planned(info: OpInfo, size_key: Optional[tuple], out_bytes: int, vals) -> in
     return 0
 
 
-def should_measure(size_key: Optional[tuple], device) -> bool:
+def _should_measure(size_key: Optional[tuple], device) -> bool:
     if size_key is None or size_key in MEASURED:
         return False
     if device is not None and device.type == "cuda":
@@ -76,21 +76,21 @@ def should_measure(size_key: Optional[tuple], device) -> bool:
     return _state["on"] and (device is None or device.type == "cpu")
 
 
-def begin(device):
+def _begin(device):
     if device is not None and device.type == "cuda":
         st = torch.cuda.memory_stats(device)
         return st.get("allocated_bytes.all.freed", 0)
     return _ext._C.meter_begin()
 
 
-def cancel(device, start) -> None:
-    """Close the window opened by ``begin`` without recording (the op raised)."""
+def _cancel(device, start) -> None:
+    """Close the window opened by ``_begin`` without recording (the op raised)."""
     if (device is None or device.type != "cuda") and start >= 0:
         _ext._C.meter_end(start)
 
 
-def record(size_key: tuple, device, start) -> int:
-    """End the window opened by ``begin``; remember and return the op's scratch bytes."""
+def _record(size_key: tuple, device, start) -> int:
+    """End the window opened by ``_begin``; remember and return the op's scratch bytes."""
     if device is not None and device.type == "cuda":
         scratch = torch.cuda.memory_stats(device).get("allocated_bytes.all.freed", 0) - start
     else:
@@ -101,3 +101,36 @@ def record(size_key: tuple, device, start) -> int:
     scratch = max(scratch, 0)
     MEASURED[size_key] = max(scratch, MEASURED.get(size_key, 0))
     return MEASURED[size_key]
+
+
+class Window:
+    """A measuring window around one kernel call, as csrc/scratch.h's ScratchWindow.
+
+    Open only for the first run of a (size key, device) that can be measured. Leaving it
+    normally records the op's scratch; leaving it by an exception, or ``cancel()`` (an
+    out-of-memory retry, whose window would hold the evictions), records nothing.
+    """
+
+    __slots__ = ("size_key", "device", "start")
+
+    def __init__(self, size_key: Optional[tuple], device):
+        self.size_key = size_key
+        self.device = device
+        self.start = _begin(device) if _should_measure(size_key, device) else None
+
+    def cancel(self) -> None:
+        if self.start is not None:
+            _cancel(self.device, self.start)
+            self.start = None
+
+    def __enter__(self) -> "Window":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.start is not None:
+            if exc_type is None:
+                _record(self.size_key, self.device, self.start)
+            else:
+                _cancel(self.device, self.start)
+            self.start = None
+        return False
