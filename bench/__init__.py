@@ -10,12 +10,12 @@ def checkouts(root: str, baseline) -> list:
     return trees
 
 
-def require_tools(command: str, *tools: str) -> None:
-    """Exit with what to install when one of ``tools`` (valgrind's) is not on PATH."""
+def require_tools(command: str, *tools: str, install: str = "apt install valgrind") -> None:
+    """Exit with what to install when one of ``tools`` is not on PATH."""
     import shutil
 
     if any(shutil.which(t) is None for t in tools):
-        raise SystemExit(f"{command} needs {' and '.join(tools)} on PATH (apt install valgrind)")
+        raise SystemExit(f"{command} needs {' and '.join(tools)} on PATH ({install})")
 
 
 def write_report(path: str, text: str) -> None:

@@ -296,7 +296,7 @@ void Runtime::wrapper_released(c10::intrusive_ptr<Cell> cell) {
   release_locked(std::move(cell));
 }
 
-bool Runtime::only_wrapper_sees(const Cell& cell) {
+bool Runtime::only_wrapper_sees(const Cell& cell, c10::function_ref<void()> then) {
   // Asked from autograd (and any caller of has_storage), which may hold the GIL
   // that an op holding the lock waits for (Note [Deferred releases]): never wait.
   // Not knowing is "no", which only costs the sum a new tensor.
@@ -304,7 +304,9 @@ bool Runtime::only_wrapper_sees(const Cell& cell) {
   if (!g.owns_lock()) return false;
   const StorageRecord& rec = *cell.storage;
   // A release still pending (Note [Deferred releases]) only overcounts: no harm.
-  return !closed_ && rec.nwrappers == 1 && !rec.escaped;
+  if (closed_ || rec.nwrappers != 1 || rec.escaped) return false;
+  then();
+  return true;
 }
 
 void Runtime::release_locked(c10::intrusive_ptr<Cell> cell) {

@@ -125,8 +125,9 @@ class Runtime : public c10::intrusive_ptr_target {
   bool closed() const { return closed_; }
   // Whether the one wrapper of `cell`'s storage is all that can see it: no
   // other wrapper, nothing escaped, the block still open (Note [Gradients
-  // accumulate in place] in wrapper.cpp).
-  bool only_wrapper_sees(const Cell& cell);
+  // accumulate in place] in wrapper.cpp). When it is, `then` runs before the
+  // lock is released.
+  bool only_wrapper_sees(const Cell& cell, c10::function_ref<void()> then);
   bool has_live_values();
 
   std::optional<int64_t> limit();

@@ -141,22 +141,21 @@ void DTRTensorImpl::release_resources() {
 // is the last) does the rest. The add_ then runs as any in-place op on a dtr
 // tensor. Everywhere else storage access still throws. The empty storage is
 // also storage_, so that raw data access, which reads storage_ directly after
-// asking has_storage(), fails with torch's error instead of reading null.
-bool DTRTensorImpl::accumulates_in_place() const {
-  return cell_ && !c10::GradMode::is_enabled() &&
-         torch::autograd::get_current_graph_task_id() >= 0 &&
-         cell_->storage->runtime->only_wrapper_sees(*cell_);
-}
-
+// asking has_storage(), fails with torch's error instead of reading null. It
+// is made under the runtime's lock, where it is decided: two threads asking
+// at once (the wrapper held elsewhere too) would otherwise both assign it.
 bool DTRTensorImpl::has_storage() const {
-  if (!accumulates_in_place()) return false;
-  if (!storage_) {
-    auto* self = const_cast<DTRTensorImpl*>(this);
-    self->storage_ = c10::Storage(c10::Storage::use_byte_size_t(), 0,
-                                  c10::DataPtr(nullptr, device()), /*allocator=*/nullptr,
-                                  /*resizable=*/false);
+  if (!cell_ || c10::GradMode::is_enabled() || torch::autograd::get_current_graph_task_id() < 0) {
+    return false;
   }
-  return true;
+  auto* self = const_cast<DTRTensorImpl*>(this);
+  return cell_->storage->runtime->only_wrapper_sees(*cell_, [self] {
+    if (!self->storage_) {
+      self->storage_ = c10::Storage(c10::Storage::use_byte_size_t(), 0,
+                                    c10::DataPtr(nullptr, self->device()), /*allocator=*/nullptr,
+                                    /*resizable=*/false);
+    }
+  });
 }
 
 const c10::Storage& DTRTensorImpl::storage() const {

@@ -73,7 +73,6 @@ class DTRTensorImpl final : public c10::TensorImpl, public bookkeeping::Object {
                                  c10::AutogradState& autograd);
   // Counts this wrapper in its storage record.
   void attach();
-  bool accumulates_in_place() const;
 
   c10::intrusive_ptr<Cell> cell_;
 };

@@ -228,3 +228,54 @@ def test_cache_misses_without_valgrind_says_what_to_install(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         cm.main(["--out", os.devnull])
+
+
+def test_step_profile_reads_perf_report():
+    from bench import step_profile as sp
+
+    text = """\
+# Samples: 1K of event 'cpu-clock'
+#
+# Overhead       Samples  Shared Object        Symbol
+# ........  ............  ...................  ......
+#
+    40.00%           400  libtorch_cpu.so      [.] mkl_blas_def_xsgemv
+     2.00%            20  _C.cpython-311.so    [.] dtr::Runtime::dispatch(c10::OperatorHandle const&)
+     1.00%            10  [kernel.kallsyms]    [k] clear_page_erms
+"""
+    samples = sp.parse_report(text, steps=10)
+    assert samples == {("libtorch_cpu.so", "mkl_blas_def_xsgemv"): 40.0,
+                       ("_C.cpython-311.so", "dtr::Runtime::dispatch(c10::OperatorHandle const&)"): 2.0,
+                       ("[kernel.kallsyms]", "clear_page_erms"): 1.0}
+
+
+def test_step_profile_without_perf_says_what_to_install(monkeypatch):
+    from bench import step_profile as sp
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs perf on PATH"):
+        sp.main(["--out", os.devnull])
+
+
+def _perf_can_sample() -> bool:
+    if shutil.which("perf") is None:
+        return False
+    p = subprocess.run(["perf", "record", "-e", "cpu-clock", "-o", os.devnull, "--", "true"],
+                       capture_output=True, text=True)
+    return p.returncode == 0
+
+
+@pytest.mark.skipif(not _perf_can_sample(), reason="needs perf allowed to sample its own processes")
+def test_step_profile_samples_eager_and_dtr_steps(tmp_path):
+    out = tmp_path / "profile.md"
+    p = subprocess.run([sys.executable, "-m", "bench.step_profile", "--steps", "1", "--top", "5",
+                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert row.count("ms (") == 2
+    objects = [line for line in text.splitlines() if line.startswith("| _C.")]
+    assert objects, text  # dtr's extension was sampled in the dtr steps
+    eager, dtr_samples = (float(c) for c in objects[0].strip("|").split("|")[1:3])
+    assert dtr_samples > eager
