@@ -25,10 +25,12 @@ StorageRecord::~StorageRecord() { release_resources(); }
 // freed with its last weak reference): 200,000 views of one value kept
 // 200,000 cells in one block's bookkeeping memory, which no budget counts.
 // Expired entries are pruned by the rule of Note [Pruning weak lists] (at
-// least 8 entries), so an append costs O(1) amortized.
+// least 8 entries), so an append costs O(1) amortized. Eviction empties the
+// list, and the threshold starts again from 8 (Runtime::evict): left at twice
+// the list's last length, the next dead views would pile up to it first.
 void StorageRecord::add_cell(const c10::intrusive_ptr<Cell>& cell) {
   cells.emplace_back(cell);
-  prune_when_doubled(cells, prune_cells_at, uint32_t{8});
+  prune_when_doubled(cells, prune_cells_at, kFirstCellPrune);
 }
 
 void StorageRecord::release_resources() {

@@ -90,7 +90,9 @@ struct StorageRecord : c10::intrusive_ptr_target, LiveCount<Counted::kStorageRec
   bool resident = true;
   bool escaped = false;      // handed out as a plain tensor: counted as plain memory
   bool banish_pending = false;
-  uint32_t prune_cells_at = 8;  // Note [Dead view cells] in records.cpp
+  // Note [Dead view cells] in records.cpp: the list's length that prunes it next.
+  static constexpr uint32_t kFirstCellPrune = 8;
+  uint32_t prune_cells_at = kFirstCellPrune;
   int64_t nwrappers = 0;     // live DTRTensorImpls whose cell lives here
   // Cells that hold a value now (dropped on eviction); added through add_cell.
   c10::SmallVector<c10::weak_intrusive_ptr<Cell>, 4> cells;

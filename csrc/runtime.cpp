@@ -366,6 +366,7 @@ void Runtime::evict(StorageRecord& rec, bool counted) {
     if (auto c = w.lock()) c->value.reset();
   }
   rec.cells.clear();
+  rec.prune_cells_at = StorageRecord::kFirstCellPrune;  // Note [Dead view cells]
   rec.resident = false;
   pool_.evicted(rec.entry);
   pool_bytes_ -= rec.nbytes;

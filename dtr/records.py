@@ -194,7 +194,8 @@ class StorageRecord:
         Only eviction empties ``cells``. A view taken and dropped (``v = y[0]`` in a
         loop) leaves a dead weak reference, which stays allocated while it is listed;
         dead ones are dropped when the list reaches twice its length after the last
-        pruning (at least 8): O(1) amortized. csrc/records.cpp does the same."""
+        pruning (at least 8): O(1) amortized. Eviction empties the list and starts the
+        threshold from 8 again. csrc/records.cpp does the same."""
         cells = self.cells
         cells.append(weakref.ref(cell))
         if len(cells) >= self.prune_cells_at:

@@ -451,6 +451,7 @@ class Runtime:
             if c is not None:
                 c.value = None
         rec.cells.clear()
+        rec.prune_cells_at = 8  # Note [Dead view cells]: from the start again
         rec.resident = False
         self.pool.evicted(rec.sid)
         self.pool_bytes -= rec.nbytes

@@ -410,6 +410,27 @@ def test_views_taken_and_dropped_do_not_pile_up_in_their_storage():
         assert torch.equal(dtr.unwrap(y[3]), (x * 2)[3].detach())
 
 
+def test_dead_views_do_not_pile_up_after_their_storage_was_evicted():
+    # Note [Dead view cells]: with many views alive, the list's next pruning is far
+    # off (twice its length). Eviction empties the list; the threshold must start
+    # again from its floor, or the views taken and dropped next pile up to it.
+    x = torch.randn(16, 16, requires_grad=True)
+    with dtr.budget(None) as session:
+        y = x * 2
+        live = [y[i % 16] for i in range(400)]
+        session.runtime.evict_all = True  # the next op evicts every value, y among them
+        live[0] + 1
+        session.runtime.evict_all = False
+        del live
+        before = _cells_listed(y)
+        for i in range(300):
+            v = y[i % 16]
+        del v
+        after = _cells_listed(y)
+        assert after - before < 64, (before, after)
+        assert torch.equal(dtr.unwrap(y[5]), (x * 2)[5].detach())
+
+
 @pytest.mark.parametrize("harsh", [False, True], ids=["no_limit", "evict_everything"])
 def test_gradients_summed_over_many_uses_match_eager(harsh):
     # Note [Gradients accumulate in place]: autograd sums a tensor's gradients in its
