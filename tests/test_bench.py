@@ -258,10 +258,22 @@ def test_step_profile_without_perf_says_what_to_install(monkeypatch):
 
 
 def _perf_can_sample() -> bool:
+    # perf on PATH, allowed to sample this user's processes, and new enough for the
+    # --control fifo that bench.step_profile switches sampling on and off with.
     if shutil.which("perf") is None:
         return False
-    p = subprocess.run(["perf", "record", "-e", "cpu-clock", "-o", os.devnull, "--", "true"],
-                       capture_output=True, text=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl, ack = os.path.join(tmp, "ctl"), os.path.join(tmp, "ack")
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        try:
+            p = subprocess.run(["perf", "record", "-e", "cpu-clock", "-D", "-1", "--control",
+                                f"fifo:{ctl},{ack}", "-o", os.path.join(tmp, "data"), "--", "true"],
+                               capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return False
     return p.returncode == 0
 
 
