@@ -26,6 +26,10 @@ c10::DispatchKeySet with_dtr(c10::DispatchKeySet ks) {
   return c10::DispatchKeySet(c10::DispatchKeySet::RAW, ks.raw_repr() | kDTRBits);
 }
 
+bool includes_dtr(c10::DispatchKeySet ks) {
+  return (ks.raw_repr() & kDTRBits) == kDTRBits;
+}
+
 }  // namespace
 
 Runtime* active_runtime() {
@@ -34,7 +38,7 @@ Runtime* active_runtime() {
 }
 
 bool captured_now() {
-  return (c10::impl::tls_local_dispatch_key_set().included_.raw_repr() & kDTRBits) == kDTRBits;
+  return includes_dtr(c10::impl::tls_local_dispatch_key_set().included_);
 }
 
 BlockToken enter_block(Runtime* rt) {
@@ -43,7 +47,7 @@ BlockToken enter_block(Runtime* rt) {
   token.previous = s.active_runtime;
   token.previous_hook = meter::set_allocation_hook({&Runtime::before_allocation, rt});
   auto local = c10::impl::tls_local_dispatch_key_set();
-  token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
+  token.was_included = includes_dtr(local.included_);
   local.included_ = with_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);
   s.active_runtime = rt;
@@ -56,7 +60,7 @@ BlockToken suspend_block() {
   token.previous = s.active_runtime;
   token.previous_hook = meter::set_allocation_hook({});
   auto local = c10::impl::tls_local_dispatch_key_set();
-  token.was_included = (local.included_.raw_repr() & kDTRBits) == kDTRBits;
+  token.was_included = includes_dtr(local.included_);
   local.included_ = without_dtr(local.included_);
   c10::impl::_force_tls_local_dispatch_key_set(local);
   s.active_runtime = nullptr;

@@ -133,11 +133,7 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
           // Note [Room for plain ops] (plain_ops.cpp), through the boxed path.
           torch::jit::Stack stack = c10::impl::boxArgs<Args...>(args...);
           active->run_plain(op_, traits_, &stack);
-          if constexpr (std::is_same_v<Return, at::Tensor>) {
-            return std::move(stack[0]).toTensor();
-          } else {
-            return std::move(stack[0]).toTensorVector();
-          }
+          return result_of(stack);
         }
         BelowDTRGuard below;
         return typed_.call(args...);
@@ -157,17 +153,22 @@ class UnboxedFallback<Return(Args...)> final : public c10::OperatorKernel {
       } else {
         rt->dispatch(op_, traits_, &stack, held);
       }
-      TORCH_INTERNAL_ASSERT(stack.size() == 1, "dtr: ", traits_.name, " left ", stack.size(),
-                            " results");
-      if constexpr (std::is_same_v<Return, at::Tensor>) {
-        return std::move(stack[0]).toTensor();
-      } else {
-        return std::move(stack[0]).toTensorVector();
-      }
+      return result_of(stack);
     });
   }
 
  private:
+  // The op's one result, left on the stack by the runtime.
+  Return result_of(torch::jit::Stack& stack) const {
+    TORCH_INTERNAL_ASSERT(stack.size() == 1, "dtr: ", traits_.name, " left ", stack.size(),
+                          " results");
+    if constexpr (std::is_same_v<Return, at::Tensor>) {
+      return std::move(stack[0]).toTensor();
+    } else {
+      return std::move(stack[0]).toTensorVector();
+    }
+  }
+
   // Note [Unboxed kernel runs]
   // The runtime runs the op's kernel on the values of its inputs. Through
   // op.callBoxed, the kernel's boxed wrapper converts every argument back from

@@ -13,6 +13,10 @@ from typing import List, Optional
 
 import torch
 
+# Note [Dead view cells] (StorageRecord.add_cell): a storage's cell list is first pruned
+# at this length, and again after an eviction empties it.
+FIRST_CELL_PRUNE = 8
+
 
 class Slot:
     """Placeholder for the i-th tensor input inside an argument template."""
@@ -179,7 +183,7 @@ class StorageRecord:
         self.sid = sid
         self.nbytes = nbytes
         self.cells: List[weakref.ref] = []  # cells currently holding a value; see add_cell
-        self.prune_cells_at = 8
+        self.prune_cells_at = FIRST_CELL_PRUNE
         self.resident = True
         self.pinned = pinned  # never evicted (no recipe, or escaped)
         self.escaped = False  # handed out as a plain tensor; counted as plain memory
@@ -200,7 +204,7 @@ class StorageRecord:
         cells.append(weakref.ref(cell))
         if len(cells) >= self.prune_cells_at:
             cells[:] = [r for r in cells if r() is not None]
-            self.prune_cells_at = max(8, 2 * len(cells))
+            self.prune_cells_at = max(FIRST_CELL_PRUNE, 2 * len(cells))
 
     def __del__(self):
         rt = self.runtime

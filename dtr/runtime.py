@@ -28,7 +28,8 @@ from . import scratch as _scratch
 from . import step_plan as _step_plan
 from .ops import arg_at, op_info
 from .policies import SearchOptions, make_pool
-from .records import Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args, flatten_args, slots_in
+from .records import (FIRST_CELL_PRUNE, Cell, PlainInput, Recipe, Slot, StorageRecord, fill_args,
+                      flatten_args, slots_in)
 from .tensor import DTRTensor
 
 _MIN_RECURSION = 20000
@@ -451,7 +452,7 @@ class Runtime:
             if c is not None:
                 c.value = None
         rec.cells.clear()
-        rec.prune_cells_at = 8  # Note [Dead view cells]: from the start again
+        rec.prune_cells_at = FIRST_CELL_PRUNE  # Note [Dead view cells]: from the start again
         rec.resident = False
         self.pool.evicted(rec.sid)
         self.pool_bytes -= rec.nbytes
